@@ -1,0 +1,36 @@
+# Two commands do everything on a fresh machine: `make reproduce` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+# One thread per torch job: the CI machine has 2 shared cores.
+export OMP_NUM_THREADS ?= 1
+export MPLBACKEND ?= Agg
+
+.PHONY: setup data test reproduce bench lab clean
+
+setup: $(STAMP) data
+
+$(STAMP): requirements.lock pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check -r requirements.lock
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+data:
+	@bash scripts/fetch_data.sh
+
+test: setup
+	$(PY) -m pytest -q
+
+reproduce: setup
+	$(PY) -m evit.summary --out results/presets
+
+bench: setup
+	$(PY) -m experiments.benchmark --quick
+
+lab: setup
+	$(VENV)/bin/jupyter lab notebooks/
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,27 @@
+"""evit: a parameterized EfficientViT builder (Liu et al., CVPR 2023).
+
+`import evit` registers `evit_m0` .. `evit_m5` and `evit_custom` with timm:
+
+    model = timm.create_model('evit_m0', num_classes=10)
+    model = timm.create_model('evit_custom', config=evit.get_preset('m4').replace(mixers='mhsa'))
+    deploy = evit.fuse(model)
+"""
+from .config import PAPER, PRESETS, ConfigError, EfficientViTConfig, get_preset
+from .convert import from_official, from_timm, load_checkpoint, to_official, to_timm
+from .efficientvit import (
+    AttentionProbe,
+    CascadedGroupAttention,
+    EfficientViT,
+    EfficientViTBlock,
+    MultiHeadSelfAttention,
+    create_evit,
+    fuse,
+)
+
+__all__ = [
+    "PAPER", "PRESETS", "ConfigError", "EfficientViTConfig", "get_preset",
+    "from_official", "from_timm", "load_checkpoint", "to_official", "to_timm",
+    "AttentionProbe", "CascadedGroupAttention", "EfficientViT", "EfficientViTBlock", "MultiHeadSelfAttention",
+    "create_evit", "fuse",
+]
+__version__ = "0.1.0"

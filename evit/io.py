@@ -1,0 +1,60 @@
+"""Atomic writes: a killed run never leaves a half-written CSV, JSON, figure or checkpoint behind."""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; rename it onto `path` only if the block finishes."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + path.suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[Path], Any]) -> Path:
+    """Call `write(tmp_path)` and move the result onto `path` atomically."""
+    with atomic_path(path) as tmp:
+        write(tmp)
+    return Path(path)
+
+
+def write_csv(df, path: str | os.PathLike, **kwargs: Any) -> Path:
+    """Write a pandas DataFrame to CSV atomically (index off unless asked)."""
+    kwargs.setdefault("index", False)
+    return atomic_write(path, lambda tmp: df.to_csv(tmp, **kwargs))
+
+
+def write_text(path: str | os.PathLike, text: str) -> Path:
+    return atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> Path:
+    return write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def save_figure(fig, path: str | os.PathLike, **kwargs: Any) -> Path:
+    """Save a matplotlib figure atomically (format taken from `path`'s suffix)."""
+    kwargs.setdefault("bbox_inches", "tight")
+    kwargs.setdefault("dpi", 150)
+    fmt = Path(path).suffix.lstrip(".") or "png"
+    return atomic_write(path, lambda tmp: fig.savefig(tmp, format=fmt, **kwargs))
+
+
+def torch_save(obj: Any, path: str | os.PathLike) -> Path:
+    """torch.save atomically: a checkpoint on disk is always complete."""
+    import torch
+
+    return atomic_write(path, lambda tmp: torch.save(obj, tmp))

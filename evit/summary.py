@@ -1,0 +1,87 @@
+"""Print the M0-M5 preset table: params and FLOPs (fvcore, BN-folded and unfolded) beside the paper's values.
+
+    python -m evit.summary [--img-size 224] [--out results/presets]
+"""
+from __future__ import annotations
+
+import argparse
+import warnings
+from pathlib import Path
+from typing import Optional
+
+import pandas as pd
+import torch
+import torch.nn as nn
+
+from .config import PAPER, PRESETS
+from .efficientvit import EfficientViT, fuse
+from .io import write_csv, write_text
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def count_flops(model: nn.Module, img_size: int = 224, in_chans: int = 3) -> float:
+    """fvcore FLOPs (one fused multiply-add = one FLOP, the paper's convention) for one image."""
+    from fvcore.nn import FlopCountAnalysis
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        analysis = FlopCountAnalysis(model.eval(), torch.zeros(1, in_chans, img_size, img_size))
+        analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
+        return float(analysis.total())
+
+
+def preset_table(img_size: int = 224) -> pd.DataFrame:
+    """One row per preset: params and FLOPs of the model as trained and as deployed, with the paper's values."""
+    rows = []
+    for name, config in PRESETS.items():
+        model = EfficientViT(config.replace(img_size=img_size)).eval()
+        deployed = fuse(model)
+        paper = PAPER[name]
+        row = dict(
+            model=f"evit_{name}",
+            params_m=count_params(model) / 1e6,
+            params_fused_m=count_params(deployed) / 1e6,
+            paper_params_m=paper["params_m"],
+            flops_m=count_flops(model, img_size) / 1e6,
+            flops_fused_m=count_flops(deployed, img_size) / 1e6,
+            paper_flops_m=paper["flops_m"],
+        )
+        row["flops_fused_vs_paper_pct"] = 100 * (row["flops_fused_m"] / paper["flops_m"] - 1)
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def to_markdown(df: pd.DataFrame) -> str:
+    header = ("| model | params (M) | params BN-folded (M) | paper params (M) | FLOPs (M) | FLOPs BN-folded (M) "
+              "| paper FLOPs (M) | folded vs paper |\n|---|---|---|---|---|---|---|---|\n")
+    lines = [
+        f"| {r.model} | {r.params_m:.3f} | {r.params_fused_m:.3f} | {r.paper_params_m:.1f} | {r.flops_m:.1f} "
+        f"| {r.flops_fused_m:.1f} | {r.paper_flops_m:.0f} | {r.flops_fused_vs_paper_pct:+.2f}% |"
+        for r in df.itertuples()
+    ]
+    return header + "\n".join(lines) + "\n"
+
+
+def main(argv: Optional[list[str]] = None) -> pd.DataFrame:
+    parser = argparse.ArgumentParser(prog="python -m evit.summary", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--img-size", type=int, default=224)
+    parser.add_argument("--out", type=Path, default=None,
+                        help="folder for presets.csv and presets.md (default: print only)")
+    args = parser.parse_args(argv)
+    df = preset_table(args.img_size)
+    table = to_markdown(df)
+    print(f"EfficientViT presets at {args.img_size}x{args.img_size} (fvcore FLOPs: one multiply-add = one FLOP)")
+    print(table)
+    if args.out is not None:
+        write_csv(df.round(4), args.out / "presets.csv")
+        write_text(args.out / "presets.md", table)
+        print(f"wrote {args.out / 'presets.csv'} and {args.out / 'presets.md'}")
+    return df
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Training, the proxy model zoo and benchmarks for the evit toolkit."""
