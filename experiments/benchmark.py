@@ -1,0 +1,270 @@
+"""Throughput and latency of evit against its peers, measured the way the paper does.
+
+The official method: random weights, BatchNorm folded, eval mode, `torch.jit.trace`, a warm-up, then a timed
+loop; throughput = batch / mean iteration time. GPU: batch 2048 under autocast; CPU: batch 16 on one thread.
+Beside it: batch-1 latency, peak memory and ONNX Runtime throughput of the same folded model, each the median
+of `--repeats` timed windows (min and max kept).
+
+    python -m experiments.benchmark --models evit_m0,efficientvit_m0,mobilenetv3_large_100 --device cpu --quick
+"""
+from __future__ import annotations
+
+import argparse
+import platform
+import resource
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import pandas as pd
+import torch
+import torch.nn as nn
+
+import evit
+from evit.config import PAPER
+from evit.io import save_figure, write_csv
+from evit.summary import count_flops, count_params
+from experiments.models import UnknownModelError, create_model
+
+DEFAULT_MODELS = (
+    [f"evit_m{i}" for i in range(6)] + [f"efficientvit_m{i}" for i in range(6)]
+    + ["mobilenetv3_large_100", "mobilenetv3_small_100", "efficientnet_b0", "deit_tiny_patch16_224",
+       "levit_128s", "mobilevit_xxs"]
+)
+BACKENDS = ("eager", "trace", "compile", "onnxruntime")
+# The paper's own numbers (FACTS.md): V100 GPU throughput per preset, and M0 on CPU (PyTorch, ONNX).
+PAPER_CPU_M0 = {"trace": 228.4, "onnxruntime": 340.1}
+
+
+@dataclass
+class Timing:
+    throughput: float  # images / s, median over repeats
+    throughput_min: float
+    throughput_max: float
+    latency_ms: float  # median time of one iteration
+
+
+def describe_machine(device: str, threads: int) -> str:
+    if device == "cuda":
+        hw = torch.cuda.get_device_name()
+    else:
+        hw = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() \
+            else platform.processor()
+    return f"{hw}; {threads} thread(s); torch {torch.__version__}; python {platform.python_version()}"
+
+
+def fold_batchnorm(model: nn.Module) -> tuple[nn.Module, bool]:
+    """The official method folds BN. evit and timm's EfficientViT port carry `fuse()` methods; other models
+    go through torch.fx's conv-bn folding when they trace, and run unfolded otherwise (reported)."""
+    if any(callable(getattr(m, "fuse", None)) for m in model.modules() if m is not model):
+        return evit.fuse(model), True
+    try:
+        from torch.fx.experimental.optimization import fuse as fx_fuse
+
+        return fx_fuse(model), True
+    except Exception:  # noqa: BLE001 - FX cannot trace some models; they are measured unfolded
+        return model, False
+
+
+def time_callable(fn: Callable[[], object], batch: int, warmup_s: float, seconds: float, repeats: int,
+                  sync: Callable[[], None]) -> Timing:
+    """Warm up, then `repeats` windows of about `seconds` each; throughput per window = batch * iters / time."""
+    end = time.perf_counter() + warmup_s
+    while True:
+        fn()
+        if time.perf_counter() >= end:
+            break
+    sync()
+    rates, latencies = [], []
+    for _ in range(repeats):
+        iters, start = 0, time.perf_counter()
+        while True:
+            fn()
+            iters += 1
+            sync()
+            elapsed = time.perf_counter() - start
+            if elapsed >= seconds:
+                break
+        rates.append(batch * iters / elapsed)
+        latencies.append(1000 * elapsed / iters)
+    s = pd.Series(rates)
+    return Timing(float(s.median()), float(s.min()), float(s.max()), float(pd.Series(latencies).median()))
+
+
+def _runner(model: nn.Module, backend: str, x: torch.Tensor, amp: bool) -> Callable[[], object]:
+    """A no-argument callable running one forward with `backend`."""
+    if backend == "onnxruntime":
+        import onnxruntime as ort
+
+        with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            path = f"{tmp}/model.onnx"
+            torch.onnx.export(model, (x,), path, dynamo=False, opset_version=17, input_names=["x"])
+            options = ort.SessionOptions()
+            options.intra_op_num_threads = torch.get_num_threads()
+            options.inter_op_num_threads = 1
+            session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+        feed = {"x": x.cpu().numpy()}
+        return lambda: session.run(None, feed)
+    if backend == "trace":
+        with torch.no_grad(), warnings.catch_warnings(), torch.autocast(x.device.type, enabled=amp):
+            warnings.simplefilter("ignore")
+            model = torch.jit.freeze(torch.jit.trace(model, x))
+    elif backend == "compile":
+        model = torch.compile(model)
+
+    def run() -> object:
+        with torch.inference_mode(), torch.autocast(x.device.type, enabled=amp):
+            return model(x)
+
+    return run
+
+
+def peak_memory_mb(device: str) -> float:
+    """GPU: peak allocated by torch. CPU: the process's peak resident set so far (an upper bound)."""
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated() / 2 ** 20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def paper_reference(model_name: str, device: str, backend: str) -> tuple[Optional[float], str]:
+    """The paper's throughput for this model where it has one, with the hardware it was measured on."""
+    if not model_name.startswith(("evit_m", "efficientvit_m")):
+        return None, ""
+    preset = model_name.split("_")[-1]
+    if device == "cuda":
+        return PAPER[preset]["v100_img_s"], "paper: V100, batch 2048 (different hardware)"
+    if preset == "m0" and backend in PAPER_CPU_M0:
+        return PAPER_CPU_M0[backend], "paper: CPU, batch 16, 1 thread (different hardware)"
+    return None, ""
+
+
+def benchmark_model(name: str, device: str = "cpu", batches: tuple[int, ...] = (16, 1),
+                    backends: tuple[str, ...] = ("trace", "onnxruntime"), img_size: int = 224,
+                    warmup_s: float = 5.0, seconds: float = 10.0, repeats: int = 3) -> list[dict]:
+    """All rows (one per batch size and backend) for one model."""
+    model = create_model(name, pretrained=False).eval().to(device)
+    params_m = count_params(model) / 1e6
+    model, folded = fold_batchnorm(model)
+    flops_m = count_flops(model.cpu(), img_size) / 1e6
+    model = model.to(device)
+    amp = device == "cuda"
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    rows = []
+    for backend in backends:
+        if backend == "onnxruntime" and device == "cuda":
+            continue  # the CPU build of onnxruntime is what we pin
+        for batch in batches:
+            x = torch.randn(batch, 3, img_size, img_size, device=device)
+            if device == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            try:
+                timing = time_callable(_runner(model, backend, x, amp), batch, warmup_s, seconds, repeats, sync)
+            except Exception as e:  # noqa: BLE001 - one backend failing on one model must not stop the table
+                print(f"  {name} {backend} batch {batch}: failed ({type(e).__name__}: {str(e)[:120]})")
+                continue
+            paper, paper_hw = paper_reference(name, device, backend)
+            rows.append(dict(
+                model=name, device=device, backend=backend, batch=batch, threads=torch.get_num_threads(),
+                amp=amp, bn_folded=folded, throughput=timing.throughput, throughput_min=timing.throughput_min,
+                throughput_max=timing.throughput_max, latency_ms=timing.latency_ms,
+                peak_mem_mb=peak_memory_mb(device), params_m=params_m, flops_m=flops_m,
+                paper_throughput=paper, paper_hardware=paper_hw,
+                ratio_to_paper=timing.throughput / paper if paper and batch == batches[0] else None,
+            ))
+    return rows
+
+
+def plot(df: pd.DataFrame, path: Path, accuracy: Optional[pd.Series] = None) -> Path:
+    """Throughput (main batch, first backend) against params and FLOPs, and accuracy where known."""
+    import matplotlib.pyplot as plt
+
+    main_rows = df[(df.batch == df.batch.max()) & (df.backend == df.backend.iloc[0])]
+    panels = [("params_m", "params (M)"), ("flops_m", "FLOPs (M)")]
+    if accuracy is not None:
+        main_rows = main_rows.assign(accuracy=main_rows.model.map(accuracy))
+        if main_rows.accuracy.notna().any():
+            panels.append(("accuracy", "accuracy (%)"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4))
+    for ax, (column, label) in zip(axes, panels):
+        for family, marker in (("evit_", "o"), ("efficientvit_", "s"), ("", "^")):
+            rows = main_rows[main_rows.model.str.startswith(family)] if family else main_rows[
+                ~main_rows.model.str.startswith(("evit_", "efficientvit_"))]
+            ax.scatter(rows[column], rows.throughput, marker=marker, label=family.rstrip("_") or "peers")
+            for r in rows.itertuples():
+                ax.annotate(r.model, (getattr(r, column), r.throughput), fontsize=6)
+        ax.set_xlabel(label)
+        ax.set_ylabel("images / s")
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    first = main_rows.iloc[0]
+    fig.suptitle(f"{first.device}, batch {first.batch}, {first.backend}, {first.threads} thread(s)")
+    save_figure(fig, path)
+    plt.close(fig)
+    return path
+
+
+def main(argv: Optional[list[str]] = None) -> pd.DataFrame:
+    parser = argparse.ArgumentParser(prog="python -m experiments.benchmark", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default=",".join(DEFAULT_MODELS), help="comma-separated model names")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--backends", default=None,
+                        help=f"comma-separated, from {', '.join(BACKENDS)} (default: trace,onnxruntime on CPU, "
+                             f"trace on CUDA)")
+    parser.add_argument("--batch", type=int, default=None, help="main batch (default 16 on CPU, 2048 on CUDA)")
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads (the paper uses 1)")
+    parser.add_argument("--img-size", type=int, default=224)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--seconds", type=float, default=10.0, help="length of one timed window")
+    parser.add_argument("--warmup", type=float, default=5.0, help="warm-up seconds")
+    parser.add_argument("--quick", action="store_true", help="about 3 s of timing per model and setting")
+    parser.add_argument("--accuracy-csv", type=Path, default=None,
+                        help="CSV with columns model, accuracy to add an accuracy panel")
+    parser.add_argument("--out", type=Path, default=Path("results/benchmark"))
+    args = parser.parse_args(argv)
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("error: --device cuda asked but no CUDA GPU is visible to torch; use --device cpu")
+    backends = tuple(args.backends.split(",")) if args.backends else (
+        ("trace", "onnxruntime") if args.device == "cpu" else ("trace",))
+    unknown = [b for b in backends if b not in BACKENDS]
+    if unknown:
+        sys.exit(f"error: unknown backend(s) {', '.join(unknown)}; valid: {', '.join(BACKENDS)}")
+    if args.quick:
+        args.warmup, args.seconds, args.repeats = 1.0, 1.0, 3
+    torch.set_num_threads(args.threads)
+    main_batch = args.batch or (2048 if args.device == "cuda" else 16)
+    machine = describe_machine(args.device, args.threads)
+    print(f"machine: {machine}")
+
+    from tqdm import tqdm
+
+    rows = []
+    for name in tqdm(args.models.split(","), desc="benchmark", unit="model"):
+        try:
+            rows += benchmark_model(name, args.device, (main_batch, 1), backends, args.img_size,
+                                    args.warmup, args.seconds, args.repeats)
+        except UnknownModelError as e:
+            sys.exit(f"error: {e}")
+    df = pd.DataFrame(rows).assign(machine=machine)
+    if df.empty:
+        sys.exit("error: no model could be measured")
+    stem = args.device if args.device == "cpu" else f"cuda_{torch.cuda.get_device_name().split()[-1].lower()}"
+    write_csv(df.round(3), args.out / f"{stem}.csv")
+    accuracy = pd.read_csv(args.accuracy_csv).set_index("model")["accuracy"] if args.accuracy_csv else None
+    plot(df, args.out / f"{stem}.png", accuracy)
+    show = df[["model", "backend", "batch", "throughput", "throughput_min", "throughput_max", "latency_ms",
+               "ratio_to_paper"]]
+    print(show.to_string(index=False, float_format=lambda v: f"{v:.1f}"))
+    print(f"wrote {args.out / (stem + '.csv')} and {args.out / (stem + '.png')}")
+    return df
+
+
+if __name__ == "__main__":
+    main()

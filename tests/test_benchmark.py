@@ -1,0 +1,66 @@
+"""The benchmark's method: BN folding keeps outputs, timing arithmetic, CSV columns, clear errors."""
+from __future__ import annotations
+
+import time
+
+import pandas as pd
+import pytest
+import torch
+import torch.nn as nn
+
+from experiments import benchmark
+
+
+def _conv_bn_net() -> nn.Module:
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+    with torch.no_grad():
+        net[1].running_mean.normal_()
+        net[1].running_var.uniform_(0.5, 2)
+    return net.eval()
+
+
+def test_fold_batchnorm_keeps_outputs_for_plain_torch_models():
+    net = _conv_bn_net()
+    folded, ok = benchmark.fold_batchnorm(net)
+    assert ok and not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), net(x), atol=1e-5, rtol=0)
+
+
+def test_timing_reports_batch_over_iteration_time():
+    timing = benchmark.time_callable(lambda: time.sleep(0.01), batch=8, warmup_s=0.0, seconds=0.1, repeats=3,
+                                     sync=lambda: None)
+    # 8 images every ~10 ms: about 800 img/s, never more
+    assert 250 < timing.throughput <= 800
+    assert timing.throughput_min <= timing.throughput <= timing.throughput_max
+    assert 10 <= timing.latency_ms < 30
+
+
+def test_cli_writes_csv_with_documented_columns(tmp_path):
+    df = benchmark.main(["--models", "evit_m0", "--backends", "eager,onnxruntime", "--batch", "2",
+                         "--img-size", "64", "--warmup", "0", "--seconds", "0.05", "--repeats", "2",
+                         "--out", str(tmp_path)])
+    csv = pd.read_csv(tmp_path / "cpu.csv")
+    assert {"model", "device", "batch", "threads", "throughput", "latency_ms", "backend"} <= set(csv.columns)
+    assert sorted(csv.batch.unique()) == [1, 2] and set(csv.backend) == {"eager", "onnxruntime"}
+    assert (csv.throughput > 0).all() and csv.bn_folded.all()
+    assert (tmp_path / "cpu.png").stat().st_size > 0
+    assert len(df) == 4
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--models", "evit_m9"], "unknown model 'evit_m9'"),
+    (["--models", "evit_m0", "--backends", "tensorrt"], "unknown backend(s) tensorrt"),
+])
+def test_cli_errors_are_one_clear_line(argv, message, tmp_path):
+    with pytest.raises(SystemExit) as exc:
+        benchmark.main(argv + ["--out", str(tmp_path)])
+    assert message in str(exc.value)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_cuda_without_gpu_is_a_clear_error(tmp_path):
+    with pytest.raises(SystemExit, match="no CUDA GPU"):
+        benchmark.main(["--models", "evit_m0", "--device", "cuda", "--out", str(tmp_path)])
