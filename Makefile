@@ -27,7 +27,7 @@ reproduce: setup
 	$(PY) -m evit.summary --out results/presets
 
 bench: setup
-	$(PY) -m experiments.benchmark --quick
+	$(PY) -m experiments.benchmark --fast-path --quick
 
 lab: setup
 	$(VENV)/bin/jupyter lab notebooks/

@@ -15,6 +15,7 @@ from .efficientvit import (
     EfficientViTBlock,
     MultiHeadSelfAttention,
     create_evit,
+    deploy,
     fuse,
 )
 
@@ -22,6 +23,6 @@ __all__ = [
     "PAPER", "PRESETS", "ConfigError", "EfficientViTConfig", "get_preset",
     "from_official", "from_timm", "load_checkpoint", "to_official", "to_timm",
     "AttentionProbe", "CascadedGroupAttention", "EfficientViT", "EfficientViTBlock", "MultiHeadSelfAttention",
-    "create_evit", "fuse",
+    "create_evit", "deploy", "fuse",
 ]
 __version__ = "0.1.0"

@@ -21,7 +21,7 @@ from timm.models._features_fx import register_notrace_module
 
 from .config import EfficientViTConfig, get_preset
 
-__all__ = ["EfficientViT", "fuse", "create_evit"]
+__all__ = ["EfficientViT", "fuse", "deploy", "create_evit"]
 
 ACT_LAYERS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "hardswish": nn.Hardswish, "gelu": nn.GELU}
 
@@ -507,6 +507,22 @@ def fuse(model: nn.Module, inplace: bool = False) -> nn.Module:
         model.head.bias.add_(model.head_dist.bias).mul_(0.5)
         model.head_dist = None
     return model
+
+
+@torch.no_grad()
+def deploy(model: nn.Module, example_input: torch.Tensor, channels_last: bool = True) -> torch.jit.ScriptModule:
+    """The fastest inference path measured here (README, performance): `fuse`, channels-last memory format
+    (oneDNN's depthwise and 1x1 convs run faster on NHWC), then `torch.jit.trace` + `freeze`.
+
+    The traced module is specialised to `example_input`'s spatial size (the window layout is fixed at trace
+    time); the batch size stays free. Channels-last inputs run fastest; contiguous NCHW inputs give the same
+    outputs.
+    """
+    model = fuse(model)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+        example_input = example_input.contiguous(memory_format=torch.channels_last)
+    return torch.jit.freeze(torch.jit.trace(model, example_input))
 
 
 # --- timm registration ---------------------------------------------------------------------------------------

@@ -71,29 +71,41 @@ def fold_batchnorm(model: nn.Module) -> tuple[nn.Module, bool]:
         return model, False
 
 
-def time_callable(fn: Callable[[], object], batch: int, warmup_s: float, seconds: float, repeats: int,
-                  sync: Callable[[], None]) -> Timing:
-    """Warm up, then `repeats` windows of about `seconds` each; throughput per window = batch * iters / time."""
-    end = time.perf_counter() + warmup_s
-    while True:
-        fn()
-        if time.perf_counter() >= end:
-            break
-    sync()
-    rates, latencies = [], []
-    for _ in range(repeats):
-        iters, start = 0, time.perf_counter()
+def time_interleaved(fns: dict[str, Callable[[], object]], batch: int, warmup_s: float, seconds: float,
+                     repeats: int, sync: Callable[[], None]) -> dict[str, Timing]:
+    """Warm each callable up, then `repeats` rounds in which each runs one window of about `seconds`;
+    throughput per window = batch * iterations / time. Interleaving makes ratios fair on a shared machine."""
+    for fn in fns.values():
+        end = time.perf_counter() + warmup_s
         while True:
             fn()
-            iters += 1
-            sync()
-            elapsed = time.perf_counter() - start
-            if elapsed >= seconds:
+            if time.perf_counter() >= end:
                 break
-        rates.append(batch * iters / elapsed)
-        latencies.append(1000 * elapsed / iters)
-    s = pd.Series(rates)
-    return Timing(float(s.median()), float(s.min()), float(s.max()), float(pd.Series(latencies).median()))
+    sync()
+    rates: dict[str, list[float]] = {k: [] for k in fns}
+    latencies: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for key, fn in fns.items():
+            iters, start = 0, time.perf_counter()
+            while True:
+                fn()
+                iters += 1
+                sync()
+                elapsed = time.perf_counter() - start
+                if elapsed >= seconds:
+                    break
+            rates[key].append(batch * iters / elapsed)
+            latencies[key].append(1000 * elapsed / iters)
+    out = {}
+    for key in fns:
+        r = pd.Series(rates[key])
+        out[key] = Timing(float(r.median()), float(r.min()), float(r.max()), float(pd.Series(latencies[key]).median()))
+    return out
+
+
+def time_callable(fn: Callable[[], object], batch: int, warmup_s: float, seconds: float, repeats: int,
+                  sync: Callable[[], None]) -> Timing:
+    return time_interleaved({"fn": fn}, batch, warmup_s, seconds, repeats, sync)["fn"]
 
 
 def _runner(model: nn.Module, backend: str, x: torch.Tensor, amp: bool) -> Callable[[], object]:
@@ -180,6 +192,41 @@ def benchmark_model(name: str, device: str = "cpu", batches: tuple[int, ...] = (
     return rows
 
 
+def fast_path_table(presets: tuple[str, ...] = tuple(f"m{i}" for i in range(6)), batch: int = 16,
+                    img_size: int = 224, warmup_s: float = 5.0, seconds: float = 10.0, repeats: int = 3,
+                    with_compile: bool = False) -> pd.DataFrame:
+    """evit's deploy path against timm's port given the same weights: throughput ratios to timm eager, and
+    the largest output difference (must stay <= 1e-4)."""
+    import timm
+
+    rows = []
+    for preset in presets:
+        reference = timm.create_model(f"efficientvit_{preset}").eval()
+        ours = timm.create_model(f"evit_{preset}").eval()
+        ours.load_state_dict(evit.from_timm(reference.state_dict()))
+        x = torch.randn(batch, 3, img_size, img_size)
+        fast = evit.deploy(ours, x)
+        x_cl = x.contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode():
+            diff = float((fast(x_cl) - reference(x)).abs().max())
+        variants = {
+            "timm eager": _runner(reference, "eager", x, False),
+            "timm BN-folded + trace (official)": _runner(fold_batchnorm(reference)[0], "trace", x, False),
+            "evit.deploy": lambda: fast(x_cl),
+            "onnxruntime (evit folded export)": _runner(evit.fuse(ours), "onnxruntime", x, False),
+        }
+        if with_compile:
+            variants["timm torch.compile"] = _runner(reference, "compile", x, False)
+        timings = time_interleaved(variants, batch, warmup_s, seconds, repeats, lambda: None)
+        base = timings["timm eager"].throughput
+        for variant, t in timings.items():
+            rows.append(dict(model=f"evit_{preset}", variant=variant, batch=batch, threads=torch.get_num_threads(),
+                             throughput=t.throughput, throughput_min=t.throughput_min,
+                             throughput_max=t.throughput_max, ratio_vs_timm_eager=t.throughput / base,
+                             max_abs_diff_vs_timm=diff if variant == "evit.deploy" else None))
+    return pd.DataFrame(rows)
+
+
 def plot(df: pd.DataFrame, path: Path, accuracy: Optional[pd.Series] = None) -> Path:
     """Throughput (main batch, first backend) against params and FLOPs, and accuracy where known."""
     import matplotlib.pyplot as plt
@@ -226,6 +273,10 @@ def main(argv: Optional[list[str]] = None) -> pd.DataFrame:
     parser.add_argument("--quick", action="store_true", help="about 3 s of timing per model and setting")
     parser.add_argument("--accuracy-csv", type=Path, default=None,
                         help="CSV with columns model, accuracy to add an accuracy panel")
+    parser.add_argument("--fast-path", action="store_true",
+                        help="compare evit.deploy with timm's port (eager, official trace, ONNX Runtime) for the "
+                             "evit presets among --models (all six by default) and print the ratios")
+    parser.add_argument("--with-compile", action="store_true", help="add torch.compile of timm's port to --fast-path")
     parser.add_argument("--out", type=Path, default=Path("results/benchmark"))
     args = parser.parse_args(argv)
 
@@ -242,6 +293,15 @@ def main(argv: Optional[list[str]] = None) -> pd.DataFrame:
     main_batch = args.batch or (2048 if args.device == "cuda" else 16)
     machine = describe_machine(args.device, args.threads)
     print(f"machine: {machine}")
+
+    if args.fast_path:
+        presets = tuple(m.removeprefix("evit_") for m in args.models.split(",") if m.startswith("evit_m"))
+        df = fast_path_table(presets or tuple(f"m{i}" for i in range(6)), main_batch, args.img_size,
+                             args.warmup, args.seconds, args.repeats, args.with_compile).assign(machine=machine)
+        write_csv(df.round(4), args.out / f"fast_path_{args.device}.csv")
+        print(df[["model", "variant", "throughput", "ratio_vs_timm_eager", "max_abs_diff_vs_timm"]].to_string(
+            index=False, float_format=lambda v: f"{v:.3g}"))
+        return df
 
     from tqdm import tqdm
 
