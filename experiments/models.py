@@ -1,4 +1,4 @@
-"""One place that turns a user's model name into a model: short names, evit presets/configs, any timm name."""
+"""One place that turns a user's model name into a model: short names, proxies, evit presets/configs, timm names."""
 from __future__ import annotations
 
 import difflib
@@ -18,6 +18,18 @@ SHORT_NAMES: dict[str, str] = {
     "swin_small": "swin_small_patch4_window7_224",
 }
 
+# Fashion-MNIST-scale proxies (the paper's width-downscaled DeiT-T / Swin-T subnetworks, and EfficientViT at a
+# small input): timm name + kwargs. 10 classes, 3 input channels (grayscale is repeated). Recipes: experiments.zoo.
+PROXY_MODELS: dict[str, tuple[str, dict[str, Any]]] = {
+    "deit_proxy": ("deit_tiny_patch16_224", dict(img_size=28, patch_size=7, embed_dim=96, depth=4, num_heads=3)),
+    # patch 4 + window 4 at 32 px: 8x8, 4x4, 2x2 tokens per stage (patch 2 costs 4x the time per epoch).
+    "swin_proxy": ("swin_tiny_patch4_window7_224", dict(img_size=32, patch_size=4, window_size=4, embed_dim=48,
+                                                        depths=(2, 2, 2), num_heads=(3, 6, 12))),
+    # 64 px: 4x4, 2x2, 1x1 tokens per stage (the paper's 224 px gives 14x14, 7x7, 4x4).
+    **{f"evit_m{i}_proxy": (f"evit_m{i}", dict(img_size=64)) for i in range(6)},
+}
+PROXY_NUM_CLASSES = 10
+
 
 class UnknownModelError(ValueError):
     """Raised for a model name that is neither a short name, an evit config file nor a timm model."""
@@ -33,17 +45,21 @@ def resolve_model_name(name: str) -> str:
         return SHORT_NAMES[name]
     if timm.is_model(name):
         return name
-    candidates = list(SHORT_NAMES) + timm.list_models()
+    candidates = list(SHORT_NAMES) + list(PROXY_MODELS) + timm.list_models()
     close = difflib.get_close_matches(name, candidates, n=5, cutoff=0.5)
     hint = f" Close matches: {', '.join(close)}." if close else ""
     raise UnknownModelError(
-        f"unknown model '{name}'.{hint} Valid: {', '.join(SHORT_NAMES)}, evit_m0..evit_m5, an evit config file "
-        f"(.yaml/.json), or any name from timm.list_models()."
+        f"unknown model '{name}'.{hint} Valid: {', '.join(SHORT_NAMES)}, evit_m0..evit_m5, proxies (deit_proxy, "
+        f"swin_proxy, evit_m0_proxy..evit_m5_proxy), an evit config file (.yaml/.json), or any name from "
+        f"timm.list_models()."
     )
 
 
 def create_model(name: str, **kwargs: Any) -> nn.Module:
-    """Create a model from a short name, an evit config file, or a timm name (kwargs go to timm.create_model)."""
+    """Create a model from a short name, a proxy, an evit config file, or a timm name (kwargs go to timm)."""
+    if name in PROXY_MODELS:
+        timm_name, proxy_kwargs = PROXY_MODELS[name]
+        return timm.create_model(timm_name, **{"num_classes": PROXY_NUM_CLASSES, **proxy_kwargs, **kwargs})
     if is_config_file(name):
         return timm.create_model("evit_custom", config=evit.EfficientViTConfig.from_file(name), **kwargs)
     return timm.create_model(resolve_model_name(name), **kwargs)

@@ -1,0 +1,165 @@
+"""Datasets for training: Fashion-MNIST (IDX files), sklearn digits (smoke set) and ImageNet-style folders.
+
+A data spec is `fashion_mnist`, `digits` or `imagefolder:PATH`. Every dataset yields 3-channel float images
+normalized like ImageNet, so any timm model (and pretrained weights) takes them unchanged.
+"""
+from __future__ import annotations
+
+import gzip
+import os
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, ImageDataset, create_transform
+from torch.utils.data import Dataset, Subset
+
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+FASHION_MNIST_FILES = {
+    True: ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+    False: ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
+}
+FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+                         "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
+NATIVE_SIZE = {"fashion_mnist": 28, "digits": 8, "imagefolder": 224}
+DATA_SPECS = "fashion_mnist, digits or imagefolder:PATH"
+# IDX type codes (http://yann.lecun.com/exdb/mnist/): values are big-endian.
+_IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+
+
+class DataError(RuntimeError):
+    """Data that is missing, empty or unreadable; the message names the path and how to fix it."""
+
+
+class Datasets(NamedTuple):
+    train: Dataset
+    val: Dataset
+    num_classes: int
+
+
+def read_idx(path: str | os.PathLike) -> np.ndarray:
+    """Read an IDX file (optionally gzipped): 2 zero bytes, a type code, the number of dims, dims, data."""
+    opener = gzip.open if str(path).endswith(".gz") else open
+    try:
+        with opener(path, "rb") as f:
+            raw = f.read()
+        zero, code, ndim = int.from_bytes(raw[:2], "big"), raw[2], raw[3]
+        if zero != 0 or code not in _IDX_DTYPES:
+            raise ValueError("bad magic number")
+        shape = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+        data = np.frombuffer(raw, dtype=_IDX_DTYPES[code], offset=4 + 4 * ndim)
+        return data.reshape(shape).astype(data.dtype.newbyteorder("="))
+    except (OSError, EOFError, ValueError, IndexError) as e:
+        raise DataError(f"cannot read IDX file {path} ({e}); re-download it or point --data-dir elsewhere") from e
+
+
+def load_fashion_mnist(root: str | os.PathLike | None = None, train: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Fashion-MNIST images (N, 28, 28) uint8 and labels (N,) from the four IDX .gz files in `root`."""
+    root = Path(root or FASHION_MNIST_DIR)
+    paths = [root / name for name in FASHION_MNIST_FILES[train]]
+    missing = [p.name for p in paths if not p.is_file()]
+    if missing:
+        raise DataError(
+            f"Fashion-MNIST not found in {root} (missing {', '.join(missing)}): install it with "
+            f"'sudo apt-get install dataset-fashion-mnist' or pass --data-dir DIR holding the four IDX .gz files")
+    images, labels = (read_idx(p) for p in paths)
+    if len(images) == 0 or len(images) != len(labels):
+        raise DataError(f"Fashion-MNIST files in {root} are empty or inconsistent; re-download them")
+    return images, labels.astype(np.int64)
+
+
+def load_digits_split(train: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """sklearn's 8x8 digits as uint8 images, split 80/20 by a fixed permutation (independent of any run seed)."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = (digits.images * (255 / 16)).round().astype(np.uint8)
+    order = np.random.default_rng(0).permutation(len(images))
+    cut = int(0.8 * len(images))
+    keep = order[:cut] if train else order[cut:]
+    return images[keep], digits.target[keep].astype(np.int64)
+
+
+class ArrayDataset(Dataset):
+    """Grayscale uint8 images (N, H, W) served as normalized 3-channel float tensors at `img_size`."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, img_size: int):
+        x = torch.from_numpy(np.ascontiguousarray(images)).unsqueeze(1).float()
+        if x.shape[-1] != img_size or x.shape[-2] != img_size:
+            # Resize once up front (antialiased), not per sample per epoch.
+            x = F.interpolate(x, size=(img_size, img_size), mode="bilinear", antialias=True, align_corners=False)
+        self.images = x.clamp_(0, 255).round_().to(torch.uint8)  # uint8 keeps 60k images at ~60 MB
+        self.labels = torch.from_numpy(labels)
+        self.mean = torch.tensor(IMAGENET_DEFAULT_MEAN).view(3, 1, 1)
+        self.std = torch.tensor(IMAGENET_DEFAULT_STD).view(3, 1, 1)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        gray = self.images[index].float().div_(255)
+        return (gray.expand(3, -1, -1) - self.mean) / self.std, int(self.labels[index])
+
+
+def image_folder(root: str | os.PathLike, img_size: int, train: bool, augment: dict | None = None,
+                 class_map: dict[str, int] | None = None) -> ImageDataset:
+    """ImageNet-style `root/{train,val}/<class>/<image>` folder with timm's train or eval transforms."""
+    names = ("train",) if train else ("val", "validation")
+    split_dir = next((Path(root) / n for n in names if (Path(root) / n).is_dir()), None)
+    if split_dir is None:
+        raise DataError(f"no {names[0]}/ folder in {root}: pass --data imagefolder:PATH with PATH/train and "
+                        f"PATH/val each holding one sub-folder of images per class")
+    # Eval shares only the resize settings with training (e.g. bicubic, resize 256 -> crop 224).
+    kwargs = dict(augment or {}) if train else {k: v for k, v in (augment or {}).items()
+                                                if k in ("interpolation", "crop_pct")}
+    transform = create_transform(img_size, is_training=train, **kwargs)
+    try:
+        return ImageDataset(str(split_dir), class_map=class_map, transform=transform)
+    except RuntimeError as e:  # timm's folder reader raises RuntimeError when it finds no images
+        raise DataError(f"no images in {split_dir}: expected one sub-folder of images per class") from e
+
+
+def data_kind(spec: str) -> str:
+    kind = spec.partition(":")[0]
+    if kind not in NATIVE_SIZE:
+        raise DataError(f"unknown data '{spec}': use {DATA_SPECS}")
+    return kind
+
+
+def default_img_size(spec: str) -> int:
+    return NATIVE_SIZE[data_kind(spec)]
+
+
+def parse_spec(spec: str, data_dir: str | None = None) -> tuple[str, str | None]:
+    """Split a data spec into (kind, root): `imagefolder:PATH` carries its root; `--data-dir` overrides any."""
+    kind, root = data_kind(spec), data_dir or spec.partition(":")[2] or None
+    if kind == "imagefolder" and not root:
+        raise DataError("imagefolder needs a path: --data imagefolder:PATH (or --data-dir PATH)")
+    return kind, root
+
+
+def build_datasets(spec: str, img_size: int, data_dir: str | None = None, augment: dict | None = None) -> Datasets:
+    """Train and validation sets for a data spec; `augment` holds timm create_transform kwargs (folders only)."""
+    kind, root = parse_spec(spec, data_dir)
+    if kind == "imagefolder":
+        train = image_folder(root, img_size, True, augment)
+        # The validation labels must use the training folder's class indices.
+        val = image_folder(root, img_size, False, augment, class_map=train.reader.class_to_idx)
+        return Datasets(train, val, len(train.reader.class_to_idx))
+    if kind == "fashion_mnist":
+        splits = [load_fashion_mnist(root, is_train) for is_train in (True, False)]
+    else:
+        splits = [load_digits_split(is_train) for is_train in (True, False)]
+    num_classes = int(max(labels.max() for _, labels in splits)) + 1
+    train, val = (ArrayDataset(images, labels, img_size) for images, labels in splits)
+    return Datasets(train, val, num_classes)
+
+
+def subset(dataset: Dataset, limit: int | None) -> Dataset:
+    """A fixed random subset of `limit` items (the same for every seed, so runs stay comparable)."""
+    if not limit or limit >= len(dataset):
+        return dataset
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))
+    return Subset(dataset, order[:limit].tolist())

@@ -1,0 +1,181 @@
+"""Trained models for the analyses: Fashion-MNIST proxies trained on first use and cached, or hub weights.
+
+    model = load_model("deit_proxy")                      # trains once (minutes on one core), then loads the cache
+    model = load_model("evit_m0", weights="pretrained")   # timm hub weights, if reachable
+    model = load_model("swin_proxy", weights="random")    # the same architecture, initial weights
+    model = load_model("deit_proxy", weights="runs/x/model.pth")
+
+    python -m experiments.zoo list
+    python -m experiments.zoo train deit_proxy swin_proxy
+
+A proxy's cache folder is keyed by a hash of its architecture, parameter shapes and training recipe, so a
+changed recipe or model retrains instead of loading stale weights. The folder holds the training run itself
+(`last.pth`, `metrics.csv`): an interrupted first use resumes where it stopped.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import os
+import socket
+from pathlib import Path
+from typing import Any, Sequence
+from unittest import mock
+from urllib.parse import urlparse
+
+import torch.nn as nn
+
+from experiments.models import PROXY_MODELS, PROXY_NUM_CLASSES, create_model
+from experiments.train import (FINAL, CheckpointError, TrainConfig, build_model, fit, load_checkpoint, load_weights,
+                               run_cli)
+
+KEYWORDS = ("proxy", "pretrained", "random")
+# Training recipes: short runs on Fashion-MNIST (every other TrainConfig field keeps its default).
+_FMNIST = dict(data="fashion_mnist", batch_size=128, lr=1e-3)
+PROXY_RECIPES: dict[str, dict[str, Any]] = {
+    "deit_proxy": dict(_FMNIST, img_size=28, epochs=5),
+    "swin_proxy": dict(_FMNIST, img_size=32, epochs=4),
+    **{f"evit_m{i}_proxy": dict(_FMNIST, img_size=64, epochs=5) for i in range(6)},
+}
+
+
+class WeightsUnavailableError(RuntimeError):
+    """Weights that cannot be had here (hub unreachable, unknown proxy); the message says what to pass instead."""
+
+
+def cache_dir() -> Path:
+    """Where trained proxies live: $EVIT_CACHE, else <repo>/.cache/zoo."""
+    return Path(os.environ.get("EVIT_CACHE") or Path(__file__).resolve().parents[1] / ".cache" / "zoo")
+
+
+def proxy_config(name: str) -> TrainConfig:
+    if name not in PROXY_RECIPES:
+        raise WeightsUnavailableError(f"'{name}' has no proxy recipe; proxies: {', '.join(PROXY_RECIPES)} (or pass "
+                                      f"weights='random', 'pretrained' or a checkpoint path)")
+    return TrainConfig(model=name, **PROXY_RECIPES[name])
+
+
+def proxy_key(cfg: TrainConfig) -> str:
+    """Hash of what determines the trained weights: architecture, parameter shapes and recipe (not paths)."""
+    shapes = {k: tuple(v.shape) for k, v in create_model(cfg.model).state_dict().items()}
+    recipe = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("out", "resume", "workers", "threads")}
+    blob = json.dumps([PROXY_MODELS[cfg.model], shapes, recipe], sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def proxy_dir(name: str) -> Path:
+    return cache_dir() / f"{name}-{proxy_key(proxy_config(name))}"
+
+
+def train_proxy(name: str, force: bool = False) -> Path:
+    """Train a proxy with its recipe unless cached; returns its final weights file (`model.pth`)."""
+    out = proxy_dir(name)
+    if force or not (out / FINAL).is_file():
+        cfg = dataclasses.replace(proxy_config(name), out=str(out), resume=None if force else "auto")
+        fit(cfg)
+    return out / FINAL
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub answers a TCP connection (False at once when HF_HUB_OFFLINE is set)."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def pretrained_model(name: str, **kwargs: Any) -> nn.Module:
+    """A timm model with hub weights, from the local HF cache when offline; one-line error when unavailable."""
+    from huggingface_hub import constants
+
+    # Without a network huggingface_hub retries for ~45 s; in offline mode it reads its cache or fails at once.
+    with mock.patch.object(constants, "HF_HUB_OFFLINE", not hub_reachable()):
+        try:
+            return create_model(name, pretrained=True, **kwargs)
+        except (OSError, RuntimeError) as e:
+            raise WeightsUnavailableError(
+                f"pretrained weights for '{name}' are unreachable (no connection to the Hugging Face hub and not in "
+                f"its local cache: {type(e).__name__}); download them where there is internet and pass the file, "
+                f"load_model('{name}', weights='/path/to/weights.pth')") from e
+
+
+def weights_from_file(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(state_dict, model kwargs) from model.pth (ours), a training checkpoint, or a bare state dict."""
+    if not Path(path).is_file():
+        raise CheckpointError(f"weights must be one of {', '.join(KEYWORDS)} or a checkpoint file; {path} not found")
+    ckpt = load_checkpoint(path)
+    if "num_classes" in ckpt:  # our model.pth records how the model was built
+        return ckpt["state_dict"], {"num_classes": ckpt["num_classes"], "img_size": ckpt["img_size"],
+                                    **ckpt["model_kwargs"]}
+    if isinstance(ckpt.get("model"), dict):  # a last.pth training checkpoint
+        return ckpt["model"], {}
+    return ckpt.get("state_dict", ckpt), {}  # timm train.py checkpoints keep the weights under state_dict
+
+
+def load_model(name: str, weights: str = "proxy", num_classes: int | None = None, **kwargs: Any) -> nn.Module:
+    """A model in eval mode with `weights`: 'proxy' (trained on Fashion-MNIST, cached), 'pretrained' (timm hub),
+    'random' (initial weights) or a checkpoint path. kwargs go to the model factory."""
+    if num_classes is not None:
+        kwargs["num_classes"] = num_classes
+    if weights == "random":
+        return create_model(name, **kwargs).eval()
+    if weights == "pretrained":
+        if name in PROXY_MODELS:
+            raise WeightsUnavailableError(f"'{name}' is a Fashion-MNIST proxy with no hub weights: use "
+                                          f"weights='proxy' (trains and caches it) or a checkpoint path")
+        return pretrained_model(name, **kwargs).eval()
+    if weights == "proxy":
+        if kwargs.get("num_classes", PROXY_NUM_CLASSES) != PROXY_NUM_CLASSES:
+            raise WeightsUnavailableError(f"proxies are trained on Fashion-MNIST's {PROXY_NUM_CLASSES} classes, "
+                                          f"not {kwargs['num_classes']}")
+        path = train_proxy(name)
+    else:
+        path = weights
+    state_dict, file_kwargs = weights_from_file(path)
+    model = build_model(name, **{**file_kwargs, **kwargs})
+    load_weights(model, state_dict, path)
+    return model.eval()
+
+
+# ------------------------------------------------------------------------------------------------------ CLI
+
+
+def list_proxies() -> None:
+    for name, recipe in PROXY_RECIPES.items():
+        path = proxy_dir(name) / FINAL
+        status = "not trained"
+        if path.is_file():
+            metrics = load_checkpoint(path).get("metrics", {})
+            status = f"val_acc {metrics.get('val_acc', float('nan')):.2f}%  {path}"
+        timm_name, kwargs = PROXY_MODELS[name]
+        print(f"{name:15s} {timm_name}{kwargs}  recipe {recipe}  [{status}]")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m experiments.zoo", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("list", help="proxies, their recipes and cached weights")
+    p_train = sub.add_parser("train", help="train proxies with their recipes (skips cached ones)")
+    p_train.add_argument("names", nargs="+", choices=list(PROXY_RECIPES), metavar="NAME")
+    p_train.add_argument("--force", action="store_true", help="retrain from scratch even if cached")
+    args = parser.parse_args(argv)
+
+    def body() -> None:
+        if args.command == "list":
+            list_proxies()
+        for name in getattr(args, "names", []):
+            print(f"{name}: {train_proxy(name, force=args.force)}")
+
+    run_cli(body)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,105 @@
+"""Proxy zoo: proxy names everywhere, train-once caching keyed by recipe, local weights, hub weights offline."""
+import time
+
+import pytest
+import torch
+from huggingface_hub import constants
+
+import experiments.zoo as zoo
+from experiments.models import PROXY_MODELS, UnknownModelError, create_model
+from experiments.train import CheckpointError, fit, load_checkpoint
+from experiments.zoo import PROXY_RECIPES, WeightsUnavailableError, load_model, main
+
+# Tiny stand-in for deit_proxy's recipe: the real one trains for minutes on Fashion-MNIST.
+TINY_RECIPE = dict(data="digits", img_size=28, epochs=1, batch_size=64, lr=1e-3, limit_train=128, limit_val=64)
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("EVIT_CACHE", str(tmp_path / "zoo"))
+    return tmp_path / "zoo"
+
+
+@pytest.mark.parametrize("name", sorted(PROXY_MODELS))
+def test_proxy_builds_at_its_recipe_size(name):
+    size = PROXY_RECIPES[name]["img_size"]
+    model = create_model(name).eval()
+    assert model(torch.randn(2, 3, size, size)).shape == (2, 10)
+
+
+def test_proxy_trains_once_then_loads_from_cache(cache, monkeypatch):
+    monkeypatch.setitem(PROXY_RECIPES, "deit_proxy", TINY_RECIPE)
+    first = load_model("deit_proxy")
+    assert not first.training
+    (trained,) = cache.iterdir()
+    assert trained.name.startswith("deit_proxy-") and (trained / "metrics.csv").is_file()
+
+    monkeypatch.setattr(zoo, "fit", lambda cfg: pytest.fail("a cached proxy must not be trained again"))
+    second = load_model("deit_proxy")
+    assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), second.state_dict().values()))
+    random = load_model("deit_proxy", weights="random")
+    assert not torch.equal(random.head.weight, first.head.weight)
+
+
+def test_changed_recipe_gets_a_new_cache_entry(cache, monkeypatch):
+    monkeypatch.setitem(PROXY_RECIPES, "deit_proxy", TINY_RECIPE)
+    key = zoo.proxy_dir("deit_proxy")
+    monkeypatch.setitem(PROXY_RECIPES, "deit_proxy", dict(TINY_RECIPE, lr=2e-3))
+    assert zoo.proxy_dir("deit_proxy") != key
+    monkeypatch.setitem(PROXY_RECIPES, "deit_proxy", TINY_RECIPE)
+    assert zoo.proxy_dir("deit_proxy") == key and key.parent == cache
+
+
+@pytest.mark.parametrize("model, model_kwargs", [
+    ("deit_proxy", {}),
+    ("vit_tiny_patch16_224", dict(patch_size=4, embed_dim=32, depth=1, num_heads=2)),  # rebuilt from model.pth
+])
+def test_weights_from_local_file(tmp_path, model, model_kwargs):
+    fit(dict(TINY_RECIPE, img_size=8, model=model, model_kwargs=model_kwargs, out=str(tmp_path)))
+    saved = load_checkpoint(tmp_path / "model.pth")["state_dict"]
+    loaded = load_model(model, weights=str(tmp_path / "model.pth"))
+    assert saved.keys() == loaded.state_dict().keys()
+    assert all(torch.equal(saved[k], v) for k, v in loaded.state_dict().items())
+    # A training checkpoint holds no build kwargs: pass them.
+    from_ckpt = load_model(model, weights=str(tmp_path / "last.pth"), img_size=8, num_classes=10, **model_kwargs)
+    assert all(torch.equal(saved[k], v) for k, v in from_ckpt.state_dict().items())
+
+
+def test_local_file_errors(tmp_path):
+    with pytest.raises(CheckpointError, match="missing.pth"):
+        load_model("deit_proxy", weights=str(tmp_path / "missing.pth"))
+    corrupt = tmp_path / "corrupt.pth"
+    corrupt.write_bytes(b"\x00" * 100)
+    with pytest.raises(CheckpointError, match="corrupt"):
+        load_model("deit_proxy", weights=str(corrupt))
+    torch.save(create_model("deit_proxy", embed_dim=48).state_dict(), tmp_path / "narrow.pth")
+    with pytest.raises(CheckpointError, match="shape mismatches"):
+        load_model("deit_proxy", weights=str(tmp_path / "narrow.pth"))
+
+
+def test_unknown_names():
+    with pytest.raises(UnknownModelError, match="deit_proxy"):
+        load_model("deit_proxxy", weights="random")
+    with pytest.raises(WeightsUnavailableError, match="no proxy recipe"):
+        load_model("resnet18", weights="proxy")
+
+
+def test_pretrained_unreachable_fails_fast_with_one_line(tmp_path, monkeypatch):
+    # An endpoint that refuses connections and an empty cache: the same answer with or without internet.
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    start = time.perf_counter()
+    with pytest.raises(WeightsUnavailableError) as err:
+        load_model("deit_tiny", weights="pretrained")
+    assert time.perf_counter() - start < 10  # huggingface_hub alone retries for ~45 s
+    message = str(err.value)
+    assert "unreachable" in message and "weights='/path/to/weights.pth'" in message and "\n" not in message
+    with pytest.raises(WeightsUnavailableError, match="weights='proxy'"):
+        load_model("deit_proxy", weights="pretrained")
+
+
+def test_cli_lists_proxies(cache, capsys):
+    main(["list"])
+    out = capsys.readouterr().out
+    assert all(name in out for name in PROXY_RECIPES) and "not trained" in out
