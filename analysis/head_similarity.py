@@ -1,0 +1,275 @@
+"""Attention-head similarity (paper Fig. 4): how alike are the heads of each block?
+
+For every block and head: the maximum cosine similarity of the head's attention map (flattened N x N, per
+image and per window) to the other heads of the block, averaged over images and windows. Reported raw (the
+paper's measure) and centred (each query's uniform distribution over the keys it can see, 1/N unless Swin's
+shifted-window mask hides some, removed first: near-uniform maps, as at random init, give raw ~0.999 for every
+pair), next to a random-init baseline of the same architecture over several seeds (mean, std). Blocks whose
+window holds a single token get NaN.
+
+    python -m analysis.head_similarity --model deit_tiny --weights pretrained
+    python -m analysis.head_similarity --model deit_proxy,swin_proxy        # trained proxies, side by side
+    python -m analysis.head_similarity --model evit_m0,results/head_similarity/evit_m0_mhsa.yaml  # CGA vs MHSA
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Optional, Sequence
+
+import pandas as pd
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.data import resolve_model_data_config
+
+from analysis.attention_capture import CapturedMaps, UnsupportedModelError, capture_attention
+from evit import EfficientViTConfig
+from evit.io import save_figure, write_csv
+from experiments.data import ArrayDataset, image_folder, load_digits_split, load_fashion_mnist, parse_spec, subset
+from experiments.models import is_config_file
+from experiments.train import USER_ERRORS
+from experiments.zoo import PROXY_RECIPES, WeightsUnavailableError, load_model
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+DEFAULT_OUT = "results/head_similarity"
+METRICS = ("max_cos_raw", "max_cos_centred")
+
+
+# ------------------------------------------------------------------------------------------------ similarity
+
+
+def pairwise_cosine(maps: torch.Tensor, centred: bool = False, visible: Optional[torch.Tensor] = None
+                    ) -> torch.Tensor:
+    """(B, H, N, N) attention maps -> (B, H, H) cosine similarity of the heads' flattened maps, per map.
+
+    `centred` subtracts from each query's row the uniform distribution over the keys it can see: 1/N, or over
+    `visible` (B, 1, N, N) where a mask hides keys (Swin's shifted windows), so the mask shared by all heads
+    does not count as similarity. The cosine is taken in float64: identical heads give 1 to ~1e-15.
+    """
+    if centred:  # in the maps' dtype, so a softmax of equal logits becomes exactly 0, not rounding noise
+        maps = maps - (1.0 / maps.shape[-1] if visible is None else visible / visible.sum(-1, keepdim=True))
+    x = F.normalize(maps.flatten(2).double(), dim=-1)  # a uniform head becomes the zero vector: similarity 0
+    return x @ x.transpose(1, 2)
+
+
+def _others(sim: torch.Tensor) -> torch.Tensor:
+    """Similarities with each head's similarity to itself masked out (-inf)."""
+    eye = torch.eye(sim.shape[-1], dtype=torch.bool, device=sim.device)
+    return sim.masked_fill(eye, float("-inf"))
+
+
+def max_other(sim: torch.Tensor) -> torch.Tensor:
+    """(..., H, H) similarities -> (..., H) maximum over the other heads (NaN for a block with one head)."""
+    values = _others(sim).amax(-1)
+    return values.masked_fill(values.isneginf(), float("nan"))
+
+
+def most_similar(sim: torch.Tensor) -> list[Optional[int]]:
+    """(H, H) mean similarities -> for each head the most similar other head (None for a block with one head)."""
+    if sim.shape[-1] < 2:
+        return [None] * sim.shape[-1]
+    return _others(sim).argmax(-1).tolist()
+
+
+def _sums(captured: CapturedMaps) -> dict[str, torch.Tensor]:
+    """Sums over one batch of maps: each metric per head (H,), centred similarities (H, H), number of maps."""
+    raw, centred = pairwise_cosine(captured.maps), pairwise_cosine(captured.maps, True, captured.visible)
+    return {"max_cos_raw": max_other(raw).sum(0), "max_cos_centred": max_other(centred).sum(0),
+            "pairs": centred.sum(0), "count": torch.tensor(len(raw))}
+
+
+@torch.no_grad()
+def head_similarity(model: nn.Module, images: torch.Tensor, batch_size: int = 16) -> pd.DataFrame:
+    """One row per (block, head) of `model`: its maximum raw and centred cosine similarity to another head of
+    the block, averaged over `images` and windows, and the head it resembles most (by mean centred similarity).
+    Blocks attending over a single token get NaN (one key: every map is 1).
+    """
+    model.eval()
+    sums: dict[str, dict[str, torch.Tensor]] = {}
+    tokens: dict[str, int] = {}
+    with capture_attention(model) as sites:
+        for batch in images.split(batch_size):  # reduce per batch: all maps of all images would not fit
+            model(batch)
+            for site in sites:
+                captured = site.take()
+                new, old = _sums(captured), sums.get(site.name)
+                sums[site.name] = new if old is None else {k: old[k] + v for k, v in new.items()}
+                tokens[site.name] = captured.maps.shape[-1]
+    rows = []
+    for block, site in enumerate(sites):
+        acc, n, count = sums[site.name], tokens[site.name], int(sums[site.name]["count"])
+        closest = most_similar(acc["pairs"] / count) if n > 1 else [None] * site.num_heads
+        for head in range(site.num_heads):
+            metrics = {m: float(acc[m][head] / count) if n > 1 else float("nan") for m in METRICS}
+            rows.append(dict(block=block, module=site.name, head=head, num_heads=site.num_heads, tokens=n,
+                             maps_per_image=count // len(images), **metrics, most_similar_head=closest[head]))
+    return pd.DataFrame(rows)
+
+
+# ------------------------------------------------------------------------------------------- models and data
+
+
+def random_model(model_name: str, seed: int = 0) -> nn.Module:
+    """The architecture with initial weights drawn with `seed`."""
+    torch.manual_seed(seed)
+    return load_model(model_name, weights="random")
+
+
+def load_weights(model_name: str, weights: str = "auto") -> tuple[nn.Module, str]:
+    """(model in eval mode, the weights actually used). 'auto': a proxy's trained weights, else the hub's
+    pretrained ones, else random init (said in the returned label and on stderr). Random init uses seed 0."""
+    if weights == "random":
+        return random_model(model_name), weights
+    if weights != "auto":
+        return load_model(model_name, weights=weights), weights
+    if model_name in PROXY_RECIPES:
+        return load_model(model_name, weights="proxy"), "proxy"
+    try:
+        return load_model(model_name, weights="pretrained"), "pretrained"
+    except WeightsUnavailableError as e:
+        print(f"note: {e}. Using random weights.", file=sys.stderr)
+        return random_model(model_name), "random"
+
+
+def model_img_size(model: nn.Module) -> int:
+    """The input size a model was built for (evit config, timm patch embed, else its pretrained cfg)."""
+    config = getattr(model, "config", None)
+    if isinstance(config, EfficientViTConfig):
+        return config.img_size
+    size = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    if size is not None:
+        return size if isinstance(size, int) else size[-1]
+    return resolve_model_data_config(model)["input_size"][-1]
+
+
+def load_images(spec: str, img_size: int, num_images: int, data_dir: Optional[str] = None) -> torch.Tensor:
+    """`num_images` validation images of a data spec (a fixed random choice), as (n, 3, img_size, img_size)."""
+    kind, root = parse_spec(spec, data_dir)
+    if kind == "imagefolder":
+        dataset = subset(image_folder(root, img_size, train=False), num_images)
+    else:
+        images, labels = load_fashion_mnist(root, False) if kind == "fashion_mnist" else load_digits_split(False)
+        keep = list(subset(range(len(images)), num_images))  # choose first: resizing all 10k images is slow
+        dataset = ArrayDataset(images[keep], labels[keep], img_size)
+    return torch.stack([dataset[i][0] for i in range(len(dataset))])
+
+
+def random_baseline(model_name: str, images: torch.Tensor, seeds: Sequence[int], batch_size: int) -> pd.DataFrame:
+    """Mean and std over seeds of each head's similarities with random weights (same architecture)."""
+    frames = [head_similarity(random_model(model_name, seed), images, batch_size) for seed in seeds]
+    stats = pd.concat(frames).groupby(["block", "head"])[list(METRICS)].agg(["mean", "std"])
+    stats.columns = [f"baseline_{metric.removeprefix('max_cos_')}_{stat}" for metric, stat in stats.columns]
+    return stats.reset_index()
+
+
+def model_label(model_name: str) -> str:
+    """File-name friendly name: a config file's stem, else the name."""
+    return Path(model_name).stem if is_config_file(model_name) else model_name
+
+
+def run(model_name: str, weights: str = "auto", data: str = "fashion_mnist", num_images: int = 64,
+        batch_size: int = 16, seeds: Sequence[int] = (0, 1, 2), img_size: Optional[int] = None,
+        data_dir: Optional[str] = None) -> pd.DataFrame:
+    """Head similarities of one model on real images, with the random-init baseline over `seeds`."""
+    model, used = load_weights(model_name, weights)
+    images = load_images(data, img_size or model_img_size(model), num_images, data_dir)
+    df = head_similarity(model, images, batch_size)
+    df.insert(0, "model", model_label(model_name))
+    df["weights"] = used
+    df["data"] = data
+    df["num_images"] = len(images)
+    if seeds:
+        df = df.merge(random_baseline(model_name, images, seeds, batch_size), on=["block", "head"], how="left")
+        df["baseline_seeds"] = len(seeds)
+    return df
+
+
+# ------------------------------------------------------------------------------------------------- figure
+
+
+def plot(frames: Sequence[pd.DataFrame]) -> Figure:
+    """Fig. 4 style: heads x blocks heat maps, one column per model, raw (top) and centred (bottom)."""
+    from matplotlib.figure import Figure  # not pyplot: no GUI backend, no global figure to close
+
+    width = sum(max(4.5, 2 + 0.35 * df.block.nunique()) for df in frames) + 1
+    fig = Figure(figsize=(width, 6.5), layout="constrained")
+    axes = fig.subplots(2, len(frames), squeeze=False)
+    for col, df in enumerate(frames):
+        for row, metric in enumerate(METRICS):
+            ax = axes[row, col]
+            grid = df.pivot(index="head", columns="block", values=metric)
+            image = ax.imshow(grid.to_numpy(), vmin=0, vmax=1, cmap="viridis", aspect="auto", origin="lower")
+            baseline = f"baseline_{metric.removeprefix('max_cos_')}_mean"
+            title = f"{df.model.iat[0]} ({df.weights.iat[0]})\n{metric}: mean {df[metric].mean():.3f}"
+            if baseline in df:
+                title += f" (random init {df[baseline].mean():.3f})"
+            ax.set(xlabel="block", ylabel="head", xticks=range(grid.shape[1]), yticks=range(grid.shape[0]))
+            ax.set_title(title, fontsize=9)
+            ax.tick_params(labelsize=7)
+    fig.colorbar(image, ax=axes, shrink=0.8, label="max cosine similarity to another head (< 0 shown as 0)")
+    return fig
+
+
+# ---------------------------------------------------------------------------------------------------- CLI
+
+
+def _int_list(text: str) -> list[int]:
+    return [int(s) for s in text.split(",") if s.strip()]
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m analysis.head_similarity", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", "--models", dest="models", required=True, metavar="NAME[,NAME...]",
+                   help="model name(s), comma separated: deit_tiny, swin_tiny, proxies (deit_proxy, ...), evit_m0.., "
+                        "an evit config file, or any timm ViT / Swin; several give a side-by-side figure")
+    p.add_argument("--weights", default="auto",
+                   help="auto (proxy for proxies, else pretrained if reachable, else random) | random | pretrained | "
+                        "proxy | PATH to a checkpoint")
+    p.add_argument("--data", default="fashion_mnist", help="fashion_mnist | digits | imagefolder:PATH")
+    p.add_argument("--data-dir", default=None, help="folder holding the data (overrides the default location)")
+    p.add_argument("--num-images", type=int, default=64, help="validation images (a fixed random choice)")
+    p.add_argument("--batch", type=int, default=16, help="images per forward (results do not depend on it)")
+    p.add_argument("--img-size", type=int, default=None, help="input size (default: the model's own)")
+    p.add_argument("--seeds", type=_int_list, default="0,1,2",
+                   help="seeds of the random-init baseline, comma separated ('' skips it)")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    p.add_argument("--out", default=DEFAULT_OUT, help="output folder")
+    args = p.parse_args(argv)
+    args.models = [n.strip() for n in args.models.split(",") if n.strip()]
+    if not args.models:
+        p.error("--model needs at least one model name")
+    return args
+
+
+def summarize(df: pd.DataFrame) -> str:
+    """One line: a model's mean similarities over all heads, and the baseline's."""
+    cols = [c for c in ("max_cos_raw", "max_cos_centred", "baseline_raw_mean", "baseline_centred_mean") if c in df]
+    means = ", ".join(f"{c} {df[c].mean():.3f}" for c in cols)
+    return f"{df.model.iat[0]} ({df.weights.iat[0]}, {df.num_images.iat[0]} images): mean {means}"
+
+
+def main(argv: Optional[Sequence[str]] = None) -> list[pd.DataFrame]:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    try:
+        frames = []
+        for name in args.models:
+            df = run(name, args.weights, args.data, args.num_images, args.batch, args.seeds, args.img_size,
+                     args.data_dir)
+            print(f"{summarize(df)}  -> {write_csv(df, out / f'{df.model.iat[0]}.csv')}")
+            frames.append(df)
+    except USER_ERRORS + (WeightsUnavailableError, UnsupportedModelError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    figure = out / f"{'_vs_'.join(df.model.iat[0] for df in frames)}.png"
+    print(f"figure -> {save_figure(plot(frames), figure)}")
+    return frames
+
+
+if __name__ == "__main__":
+    main()
