@@ -110,12 +110,19 @@ class AttentionProbe(nn.Identity):
 
 
 class RelativeBiasAttention(nn.Module):
-    """Shared machinery of CGA and MHSA: a learned bias per head and |dy|,|dx| offset (LeViT) in a window."""
+    """Shared machinery of CGA and MHSA: sizes, output projection, and a learned bias per head and |dy|,|dx|
+    offset (LeViT) in a window."""
 
-    def __init__(self, num_heads: int, resolution: int):
+    def __init__(self, dim: int, key_dim: int, num_heads: int, v_dim: int, resolution: int, norm: str,
+                 act_layer: type[nn.Module]):
         super().__init__()
         self.num_heads = num_heads
+        self.key_dim = key_dim
+        self.val_dim = v_dim
+        self.scale = key_dim ** -0.5
         self.resolution = resolution
+        # heads' outputs concatenated, activated, projected back; last norm at zero so the branch starts as identity
+        self.proj = nn.Sequential(act_layer(), ConvNorm(v_dim * num_heads, dim, norm=norm, norm_init=0.0))
         self.attention_biases = nn.Parameter(torch.zeros(num_heads, resolution * resolution))
         self.register_buffer("attention_bias_idxs", self._bias_index(resolution), persistent=False)
         self.attn_probe = AttentionProbe()
@@ -167,16 +174,12 @@ class CascadedGroupAttention(RelativeBiasAttention):
     def __init__(self, dim: int, key_dim: int, num_heads: int, v_dim: int, resolution: int,
                  kernels: tuple = (5, 5, 5, 5), q_conv: bool = True, norm: str = "bn",
                  act_layer: type[nn.Module] = nn.ReLU):
-        super().__init__(num_heads, resolution)
-        self.key_dim = key_dim
-        self.val_dim = v_dim
-        self.scale = key_dim ** -0.5
+        super().__init__(dim, key_dim, num_heads, v_dim, resolution, norm, act_layer)
         self.qkvs = nn.ModuleList(
             ConvNorm(dim // num_heads, 2 * key_dim + v_dim, norm=norm) for _ in range(num_heads))
         self.dws = nn.ModuleList(
             ConvNorm(key_dim, key_dim, kernels[i], groups=key_dim, norm=norm) if q_conv else nn.Identity()
             for i in range(num_heads))
-        self.proj = nn.Sequential(act_layer(), ConvNorm(v_dim * num_heads, dim, norm=norm, norm_init=0.0))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, _, H, W = x.shape
@@ -207,15 +210,11 @@ class MultiHeadSelfAttention(RelativeBiasAttention):
     def __init__(self, dim: int, key_dim: int, num_heads: int, v_dim: int, resolution: int,
                  kernels: tuple = (5, 5, 5, 5), q_conv: bool = True, norm: str = "bn",
                  act_layer: type[nn.Module] = nn.ReLU):
-        super().__init__(num_heads, resolution)
-        self.key_dim = key_dim
-        self.val_dim = v_dim
-        self.scale = key_dim ** -0.5
+        super().__init__(dim, key_dim, num_heads, v_dim, resolution, norm, act_layer)
         self.qkv = ConvNorm(dim, num_heads * (2 * key_dim + v_dim), norm=norm)
         self.dws = nn.ModuleList(
             ConvNorm(key_dim, key_dim, kernels[i], groups=key_dim, norm=norm) for i in range(num_heads)
         ) if q_conv else None
-        self.proj = nn.Sequential(act_layer(), ConvNorm(v_dim * num_heads, dim, norm=norm, norm_init=0.0))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, _, H, W = x.shape
