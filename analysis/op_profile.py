@@ -1,0 +1,412 @@
+"""Memory-access profile per operator (paper Fig. 2): where the runtime goes, and how much of it is memory-bound.
+
+    python -m analysis.op_profile --model deit_tiny
+    python -m analysis.op_profile --models deit_tiny,swin_tiny,evit_m0 --device cuda --batch 64
+
+Time: torch.profiler over warmed-up eval/no_grad iterations; each aten op's self time (CPU, or GPU kernel time
+on CUDA) is attributed to the *dispatch-level* op that ran it (aten::mkldnn_convolution -> aten::convolution,
+aten::copy_ inside aten::clone -> aten::clone), so every op below has a FLOP and byte count.
+Work: one forward under a TorchDispatchMode records, per dispatch-level op call, the bytes read and written
+(input + output tensors; views move nothing) and the FLOPs (torch.utils.flop_counter for matmul/conv/attention,
+a per-element cost for the rest, see OP_CLASSES). Roofline: an op is memory-bound when its arithmetic intensity
+(FLOP/byte) is below the device's ridge point, peak FLOP/s / peak bandwidth, both measured by a short
+micro-benchmark (a large matmul and a large copy) unless given with --peak-gflops / --peak-gbs.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import pandas as pd
+import torch
+import torch.nn as nn
+from torch.profiler import ProfilerActivity, profile
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+from torch.utils.flop_counter import flop_registry
+
+from evit.io import save_figure, write_csv
+from experiments.models import create_model
+from experiments.train import USER_ERRORS
+
+# The one table of operator classes. Each class: (memory-bound in the paper's sense, FLOPs per output element
+# for ops torch.utils.flop_counter does not count, aten op names). Unknown ops land in "other" and are listed.
+OP_CLASSES: dict[str, tuple[bool, float, tuple[str, ...]]] = {
+    "matmul": (False, 0, ("mm", "addmm", "bmm", "baddbmm", "matmul", "linear", "einsum",
+                          "scaled_dot_product_attention", "_scaled_dot_product_flash_attention",
+                          "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention",
+                          "_scaled_dot_product_flash_attention_for_cpu", "_flash_attention_forward",
+                          "_efficient_attention_forward", "mkldnn_linear", "_addmm_activation")),
+    "conv": (False, 0, ("conv1d", "conv2d", "convolution", "_convolution", "mkldnn_convolution",
+                        "cudnn_convolution", "_convolution_mode", "conv_depthwise2d", "_conv_depthwise2d",
+                        "_mps_convolution", "slow_conv2d_forward", "_slow_conv2d_forward", "thnn_conv2d")),
+    "data movement": (True, 0, (
+        "view", "_unsafe_view", "reshape", "permute", "transpose", "t", "contiguous", "clone", "copy_", "_to_copy",
+        "to", "expand", "expand_as", "unsqueeze", "squeeze", "flatten", "unflatten", "cat", "stack", "split",
+        "split_with_sizes", "chunk", "unbind", "slice", "select", "narrow", "index", "index_select", "gather",
+        "roll", "pad", "constant_pad_nd", "reflection_pad2d", "unfold", "as_strided", "repeat", "repeat_interleave",
+        "pixel_shuffle", "alias", "detach", "lift_fresh", "_reshape_alias", "view_as", "movedim", "im2col",
+        "channel_shuffle", "zeros_like", "empty_like", "resize_", "fill_", "zero_", "zeros", "empty",
+        "empty_strided", "new_zeros", "new_empty", "full", "ones", "arange", "masked_select", "item",
+        "_local_scalar_dense")),
+    "elementwise": (True, 1, ("add", "add_", "sub", "sub_", "rsub", "mul", "mul_", "div", "div_", "neg", "pow",
+                              "sqrt", "rsqrt", "exp", "log", "abs", "addcmul", "addcdiv", "where", "masked_fill",
+                              "masked_fill_", "lerp", "maximum", "minimum", "reciprocal", "floor_divide",
+                              "remainder", "eq", "ne", "lt", "gt", "le", "ge", "bitwise_not", "logical_not",
+                              "dropout", "feature_dropout")),
+    "normalization": (True, 5, ("layer_norm", "native_layer_norm", "batch_norm", "native_batch_norm",
+                                "_native_batch_norm_legit", "_native_batch_norm_legit_no_training",
+                                "_batch_norm_impl_index", "cudnn_batch_norm", "miopen_batch_norm", "group_norm",
+                                "native_group_norm", "instance_norm", "rms_norm", "_fused_rms_norm")),
+    "softmax": (True, 5, ("softmax", "_softmax", "log_softmax", "_log_softmax", "_safe_softmax")),
+    "activation": (True, 1, ("relu", "relu_", "gelu", "gelu_", "hardswish", "hardswish_", "silu", "silu_",
+                             "sigmoid", "sigmoid_", "tanh", "tanh_", "hardsigmoid", "hardsigmoid_", "hardtanh",
+                             "hardtanh_", "clamp", "clamp_", "clamp_min", "clamp_min_", "clamp_max",
+                             "leaky_relu", "leaky_relu_", "elu", "mish", "erf", "threshold")),
+    "pooling/reduction": (True, 1, ("mean", "sum", "amax", "max", "adaptive_avg_pool2d", "_adaptive_avg_pool2d",
+                                    "avg_pool2d", "max_pool2d", "max_pool2d_with_indices", "mkldnn_adaptive_avg_pool2d",
+                                    "adaptive_max_pool2d", "var_mean", "std", "var", "norm", "linalg_vector_norm",
+                                    "argmax", "logsumexp")),
+}
+OTHER = "other"
+CLASS_OF: dict[str, str] = {f"aten::{op}": cls for cls, (_, _, ops) in OP_CLASSES.items() for op in ops}
+CLASS_ORDER = list(OP_CLASSES) + [OTHER]
+DEVICES = ("cpu", "cuda")
+
+
+class ProfileError(ValueError):
+    """Bad profiling request (e.g. CUDA without a GPU); the message says what to do instead."""
+
+
+def op_class(name: str) -> str:
+    """Class of an aten op name ('aten::addmm' -> 'matmul'); unknown ops are 'other'."""
+    return CLASS_OF.get(name, OTHER)
+
+
+# --- work per op: FLOPs and bytes, by dispatch-level op ---------------------------------------------------------
+
+def _nbytes(tree) -> int:
+    return sum(t.numel() * t.element_size() for t in tree_flatten(tree)[0] if isinstance(t, torch.Tensor))
+
+
+def _numel(tree) -> int:
+    return sum(t.numel() for t in tree_flatten(tree)[0] if isinstance(t, torch.Tensor))
+
+
+def _aliases_input(func, args, out) -> bool:
+    """Whether a non-mutating op returned only tensors sharing storage with its inputs."""
+    if func._schema.is_mutable:
+        return False
+    storages = {t.untyped_storage().data_ptr() for t in tree_flatten(args)[0] if isinstance(t, torch.Tensor)}
+    outs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+    return bool(outs) and all(t.untyped_storage().data_ptr() in storages for t in outs)
+
+
+class WorkCounter(TorchDispatchMode):
+    """Per dispatch-level aten op: calls, FLOPs and bytes read + written, over the ops run under this mode."""
+
+    def __init__(self):
+        super().__init__()
+        self.work: dict[str, list[float]] = defaultdict(lambda: [0, 0.0, 0.0])  # name -> [calls, flops, bytes]
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        name = func._schema.name
+        if func.overloadpacket in flop_registry:
+            flops = flop_registry[func.overloadpacket](*args, **kwargs, out_val=out)
+        elif "scaled_dot_product" in name:
+            flops = attention_flops(*args[:3])
+        else:
+            flops = OP_CLASSES.get(op_class(name), (True, 0, ()))[1] * _numel(out)
+        # A view returns an alias (aten::_unsafe_view too, though not marked as a view): no data moves.
+        # Everything else reads its inputs and writes its outputs.
+        moved = 0 if func.is_view or _aliases_input(func, args, out) else _nbytes((args, kwargs)) + _nbytes(out)
+        entry = self.work[name]
+        entry[0] += 1
+        entry[1] += flops
+        entry[2] += moved
+        return out
+
+
+def attention_flops(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> int:
+    """q @ k^T and attn @ v of scaled_dot_product_attention (2 FLOPs per MAC), for the variants that
+    torch.utils.flop_counter does not cover (e.g. the CPU flash kernel); the softmax is not counted."""
+    batch_heads, queries = query.shape[:-2].numel(), query.shape[-2]
+    return 2 * batch_heads * queries * key.shape[-2] * (query.shape[-1] + value.shape[-1])
+
+
+def count_work(fn: Callable[[], object]) -> dict[str, list[float]]:
+    """{aten op: [calls, flops, bytes]} for one call of fn."""
+    with torch.no_grad(), WorkCounter() as counter:
+        fn()
+    return dict(counter.work)
+
+
+# --- time per op: torch.profiler, attributed to dispatch-level ops -------------------------------------------------
+
+def profile_times(fn: Callable[[], object], iters: int, device: str, dispatch_ops: set[str],
+                  trace: Optional[Path] = None) -> tuple[dict[str, float], dict[str, float]]:
+    """(self time in ms per iteration, calls per iteration) per op; an op's self time is summed onto its
+    outermost ancestor among `dispatch_ops` (the ops whose work WorkCounter measured)."""
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    with torch.no_grad(), profile(activities=activities) as prof:
+        for _ in range(iters):
+            fn()
+        sync()
+    if trace is not None:
+        trace.parent.mkdir(parents=True, exist_ok=True)
+        tmp = trace.with_name(trace.name + ".tmp")
+        prof.export_chrome_trace(str(tmp))
+        tmp.replace(trace)
+    times: dict[str, float] = defaultdict(float)
+    calls: dict[str, float] = defaultdict(float)
+    for event in prof.events():
+        if not event.name.startswith("aten::"):
+            continue
+        owner, node = event.name, event.cpu_parent
+        while node is not None:
+            if node.name in dispatch_ops:
+                owner = node.name
+            node = node.cpu_parent
+        if owner == event.name:
+            calls[owner] += 1 / iters
+        self_us = event.self_device_time_total if device == "cuda" else event.self_cpu_time_total
+        times[owner] += max(self_us, 0) / 1e3 / iters
+    return dict(times), dict(calls)
+
+
+# --- the device's roofline ---------------------------------------------------------------------------------------
+
+def _best_seconds(fn: Callable[[], object], sync: Callable[[], None], seconds: float) -> float:
+    fn()
+    sync()
+    best, start = math.inf, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def measure_peaks(device: str = "cpu", seconds: float = 0.5) -> tuple[float, float]:
+    """(peak GFLOP/s, peak GB/s) with the current thread count: the best of repeated fp32 matmuls and copies."""
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    n = 4096 if device == "cuda" else 1024
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    gflops = 2 * n ** 3 / _best_seconds(lambda: a @ b, sync, seconds) / 1e9
+    src = torch.randn(64 * 2 ** 20 // 4, device=device)  # 64 MiB: far beyond any CPU cache
+    dst = torch.empty_like(src)
+    gbs = 2 * src.nbytes / _best_seconds(lambda: dst.copy_(src), sync, seconds) / 1e9
+    return gflops, gbs
+
+
+# --- one model ---------------------------------------------------------------------------------------------------
+
+@dataclass
+class OpProfile:
+    """The profile of one model: per-op and per-class tables, the ridge point and the memory-bound share."""
+
+    model: str
+    device: str
+    ops: pd.DataFrame
+    classes: pd.DataFrame
+    peak_gflops: float
+    peak_gbs: float
+    unknown_ops: list[str]
+
+    @property
+    def memory_bound_share(self) -> float:
+        return float(self.ops.loc[self.ops.memory_bound, "share"].sum())
+
+    @property
+    def time_ms(self) -> float:
+        return float(self.ops.self_time_ms.sum())
+
+
+def check_device(device: str) -> None:
+    if device not in DEVICES:
+        raise ProfileError(f"unknown device '{device}'; valid: {', '.join(DEVICES)}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ProfileError("--device cuda asked but torch sees no GPU (torch.cuda.is_available() is False); "
+                           "use --device cpu")
+
+
+def profile_model(model: nn.Module | str, batch: int = 16, img_size: Optional[int] = None, iters: int = 10,
+                  warmup: int = 3, device: str = "cpu", fused: bool = False,
+                  peaks: Optional[tuple[float, float]] = None, trace: Optional[Path] = None,
+                  example: Optional[torch.Tensor] = None, name: Optional[str] = None,
+                  fused_attn: bool = False) -> OpProfile:
+    """Profile a model (or a model name, built with random weights) in eval mode on a random batch.
+
+    fused: evit deploy mode (BN folded, channels-last, traced and frozen), for models with `fuse()`.
+    peaks: (GFLOP/s, GB/s) of the device; measured when not given. example: the input (default: a random
+    `batch` x 3 x img_size x img_size image batch, img_size from the model's default config).
+    fused_attn: keep timm's fused attention (scaled_dot_product_attention). Off by default: q @ k^T, softmax
+    and attn @ v then run as separate ops, as in the implementations the paper profiled.
+    """
+    check_device(device)
+    label = name or (model if isinstance(model, str) else type(model).__name__)
+    if isinstance(model, str):
+        model = create_model(model, **({"img_size": img_size} if img_size else {}))
+    model = model.eval().to(device)
+    for module in model.modules():
+        if hasattr(module, "fused_attn"):  # timm's Attention, WindowAttention, ...
+            module.fused_attn = fused_attn
+    if example is None:
+        size = img_size or getattr(model, "pretrained_cfg", {}).get("input_size", (3, 224, 224))[-1]
+        example = torch.randn(batch, 3, size, size, device=device)
+    if fused:
+        if not hasattr(model, "fuse"):
+            raise ProfileError(f"--fused needs a model with fuse() (evit models); {label} has none")
+        import evit
+
+        with torch.no_grad():
+            model = evit.deploy(model, example)
+    run = lambda: model(example)  # noqa: E731
+    with torch.no_grad():
+        for _ in range(warmup):
+            run()
+    work = count_work(run)
+    times, calls = profile_times(run, iters, device, set(work), trace)
+    gflops, gbs = peaks or measure_peaks(device)
+    ridge = gflops / gbs  # FLOP per byte where the roofline turns from memory- to compute-bound
+
+    rows = []
+    for op in sorted(set(times) | set(work)):
+        _, flops, moved = work.get(op, (0, 0.0, 0.0))
+        cls = op_class(op)
+        intensity = flops / moved if moved else math.nan
+        if moved:
+            bound = intensity < ridge
+        else:  # a view, or a composite op's own dispatch overhead (aten::linear): judged by its class
+            bound = OP_CLASSES.get(cls, (True,))[0]
+        rows.append(dict(op=op, op_class=cls, calls=round(calls.get(op, 0.0), 3), self_time_ms=times.get(op, 0.0),
+                         flops=flops, bytes=moved, intensity=intensity, memory_bound=bound))
+    ops = pd.DataFrame(rows)
+    ops["share"] = ops.self_time_ms / ops.self_time_ms.sum()
+    ops = ops.sort_values("self_time_ms", ascending=False, ignore_index=True)
+    ops = ops[["op", "op_class", "calls", "self_time_ms", "share", "flops", "bytes", "intensity", "memory_bound"]]
+
+    classes = ops.assign(memory_bound_time_ms=ops.self_time_ms.where(ops.memory_bound, 0.0)).groupby(
+        "op_class", as_index=False).agg(self_time_ms=("self_time_ms", "sum"), share=("share", "sum"),
+                                         memory_bound_time_ms=("memory_bound_time_ms", "sum"),
+                                         flops=("flops", "sum"), bytes=("bytes", "sum"), ops=("op", "count"))
+    classes["intensity"] = classes.flops / classes.bytes.where(classes.bytes > 0)
+    # A class is memory-bound when most of its time is spent in memory-bound ops.
+    classes["memory_bound"] = classes.memory_bound_time_ms > 0.5 * classes.self_time_ms
+    classes["order"] = classes.op_class.map(CLASS_ORDER.index)
+    classes = classes.sort_values("order", ignore_index=True).drop(columns="order")
+    classes.insert(0, "model", label)
+    classes.insert(1, "device", device)
+    classes["fused_attn"] = fused_attn
+    ops.insert(0, "model", label)
+    unknown = sorted(ops.loc[ops.op_class == OTHER, "op"])
+    return OpProfile(label, device, ops, classes, gflops, gbs, unknown)
+
+
+# --- figure ------------------------------------------------------------------------------------------------------
+
+def plot(profiles: Sequence[OpProfile]):
+    """Fig. 2: one stacked bar of class shares per model; memory-bound classes hatched, their total printed."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(max(5.0, 1.3 * len(profiles) + 3), 4.5))
+    ax = fig.subplots()
+    colors = dict(zip(CLASS_ORDER, ("#4c72b0", "#55a868", "#c44e52", "#dd8452", "#8172b2", "#937860", "#da8bc3",
+                                    "#ccb974", "#8c8c8c")))
+    for x, prof in enumerate(profiles):
+        shares = prof.classes.set_index("op_class")
+        bottom = 0.0
+        for cls in CLASS_ORDER:
+            if cls not in shares.index:
+                continue
+            share = 100 * shares.at[cls, "share"]
+            memory = bool(shares.at[cls, "memory_bound"])
+            ax.bar(x, share, bottom=bottom, color=colors[cls], hatch="//" if memory else None, edgecolor="white",
+                   label=cls if x == 0 or cls not in ax.get_legend_handles_labels()[1] else None)
+            bottom += share
+        ax.text(x, 101, f"{100 * prof.memory_bound_share:.0f}%\nmemory-bound", ha="center", va="bottom", fontsize=8)
+    ax.set_xticks(range(len(profiles)), [p.model for p in profiles], rotation=15)
+    ax.set_ylim(0, 118)
+    ax.set_ylabel("share of runtime (%)")
+    ax.set_title(f"runtime by operator class ({profiles[0].device}); hatched: memory-bound", fontsize=10)
+    handles, labels = ax.get_legend_handles_labels()
+    ax.legend(handles[::-1], labels[::-1], fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    fig.tight_layout()
+    return fig
+
+
+# --- CLI ---------------------------------------------------------------------------------------------------------
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m analysis.op_profile", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", "--models", dest="models", default="deit_tiny",
+                        help="model(s), comma-separated: deit_tiny, swin_tiny, evit_m0..evit_m5, proxies, evit "
+                             "config files or any timm name (default: deit_tiny)")
+    parser.add_argument("--device", default="cpu", choices=DEVICES)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--img-size", type=int, default=None, help="input size (default: the model's own)")
+    parser.add_argument("--iters", type=int, default=10, help="profiled iterations (after --warmup)")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads (the paper's CPU setting is 1)")
+    parser.add_argument("--fused", action="store_true", help="evit deploy mode: BN folded, traced and frozen")
+    parser.add_argument("--fused-attn", action="store_true",
+                        help="keep timm's fused attention (SDPA); default: q@k^T, softmax, @v as separate ops")
+    parser.add_argument("--peak-gflops", type=float, default=None, help="device peak; measured if not given")
+    parser.add_argument("--peak-gbs", type=float, default=None, help="device bandwidth; measured if not given")
+    parser.add_argument("--trace", action="store_true", help="also write a Chrome trace per model (.json)")
+    parser.add_argument("--out", type=Path, default=Path("results/op_profile"))
+    args = parser.parse_args(argv)
+    if (args.peak_gflops is None) != (args.peak_gbs is None):
+        parser.error("give both --peak-gflops and --peak-gbs, or neither (then both are measured)")
+    if args.batch < 1 or args.iters < 1:
+        parser.error("--batch and --iters must be at least 1")
+    return args
+
+
+def main(argv: Optional[Sequence[str]] = None) -> list[OpProfile]:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    names = [m for m in args.models.split(",") if m]
+    suffix = args.device + ("_fused" if args.fused else "")
+    try:
+        check_device(args.device)
+        peaks = (args.peak_gflops, args.peak_gbs) if args.peak_gflops else measure_peaks(args.device)
+        print(f"roofline ({args.device}, {args.threads} thread(s)): {peaks[0]:.1f} GFLOP/s, {peaks[1]:.1f} GB/s, "
+              f"ridge {peaks[0] / peaks[1]:.2f} FLOP/byte")
+        profiles = []
+        for name in names:
+            stem = Path(name).stem if name.endswith((".yaml", ".yml", ".json")) else name
+            trace = args.out / f"{stem}_{suffix}_trace.json" if args.trace else None
+            prof = profile_model(name, args.batch, args.img_size, args.iters, args.warmup, args.device, args.fused,
+                                 peaks, trace, name=stem, fused_attn=args.fused_attn)
+            ops_csv = write_csv(prof.ops.round(6), args.out / f"{stem}_{suffix}.csv")
+            write_csv(prof.classes.round(6), args.out / f"{stem}_{suffix}_classes.csv")
+            print(f"{stem}: {prof.time_ms:.2f} ms/iter, memory-bound {100 * prof.memory_bound_share:.1f}%  "
+                  f"-> {ops_csv}")
+            print(prof.classes[["op_class", "self_time_ms", "share", "memory_bound"]].to_string(
+                index=False, float_format=lambda v: f"{v:.3f}"))
+            if prof.unknown_ops:
+                print(f"  ops not in OP_CLASSES (counted as other): {', '.join(prof.unknown_ops)}")
+            profiles.append(prof)
+    except USER_ERRORS + (ProfileError,) as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    figure = args.out / f"{'_vs_'.join(p.model for p in profiles) if len(profiles) > 1 else profiles[0].model}" \
+                        f"_{suffix}.png"
+    print(f"figure -> {save_figure(plot(profiles), figure)}")
+    return profiles
+
+
+if __name__ == "__main__":
+    main()

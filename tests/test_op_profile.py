@@ -1,0 +1,154 @@
+"""analysis.op_profile: planted op sequences land in the right classes with hand-computed FLOPs and bytes."""
+import pandas as pd
+import pytest
+import torch
+import torch.nn as nn
+
+from analysis import op_profile
+from analysis.op_profile import OTHER, ProfileError, attention_flops, op_class, profile_model
+
+M, K, N = 64, 32, 48
+PEAKS = (100.0, 10.0)  # GFLOP/s, GB/s: ridge at 10 FLOP/byte
+
+
+class Planted(nn.Module):
+    """A known sequence: one matmul, a permute + contiguous copy, an add, a LayerNorm."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(K, N))
+        self.norm = nn.LayerNorm(M)
+
+    def forward(self, x):
+        y = x @ self.weight                    # (M, K) @ (K, N): aten::mm
+        y = y.permute(1, 0).contiguous()      # a view, then a copy: aten::permute, aten::clone
+        y = y + 1.0                           # aten::add
+        return self.norm(y)                   # aten::native_layer_norm
+
+
+@pytest.fixture(scope="module")
+def planted():
+    return profile_model(Planted(), example=torch.randn(M, K), iters=3, warmup=1, peaks=PEAKS, name="planted")
+
+
+def test_planted_ops_land_in_their_classes(planted):
+    ops = planted.ops.set_index("op")
+    assert ops.at["aten::mm", "op_class"] == "matmul"
+    assert ops.at["aten::permute", "op_class"] == "data movement"
+    assert ops.at["aten::clone", "op_class"] == "data movement"
+    assert ops.at["aten::add", "op_class"] == "elementwise"
+    assert ops.at["aten::native_layer_norm", "op_class"] == "normalization"
+    assert planted.unknown_ops == []
+    for op in ("aten::mm", "aten::permute", "aten::clone", "aten::add", "aten::native_layer_norm"):
+        assert ops.at[op, "calls"] == 1
+        assert ops.at[op, "self_time_ms"] > 0
+
+
+def test_shares_sum_to_one(planted):
+    assert planted.ops.share.sum() == pytest.approx(1.0)
+    assert planted.classes.share.sum() == pytest.approx(1.0)
+    assert planted.ops.share.between(0, 1).all()
+    assert set(planted.classes.columns) >= {"op_class", "self_time_ms", "share", "memory_bound"}
+    mem = planted.ops.loc[planted.ops.memory_bound, "share"].sum()
+    assert planted.memory_bound_share == pytest.approx(mem)
+
+
+def test_matmul_flops_and_bytes_are_the_hand_computed_values(planted):
+    mm = planted.ops.set_index("op").loc["aten::mm"]
+    assert mm.flops == 2 * M * K * N
+    assert mm.bytes == 4 * (M * K + K * N + M * N)
+    assert mm.intensity == pytest.approx(2 * M * K * N / (4 * (M * K + K * N + M * N)))
+
+
+def test_views_move_nothing_and_copies_move_their_tensor_twice(planted):
+    ops = planted.ops.set_index("op")
+    assert ops.at["aten::permute", "bytes"] == 0
+    assert ops.at["aten::clone", "bytes"] == 2 * 4 * M * N
+    assert ops.at["aten::clone", "flops"] == 0
+
+
+def test_roofline_follows_the_given_peaks():
+    model, x = Planted(), torch.randn(M, K)
+    low_ridge = profile_model(model, example=x, iters=1, warmup=0, peaks=(1.0, 1e6)).ops.set_index("op")
+    high_ridge = profile_model(model, example=x, iters=1, warmup=0, peaks=(1e6, 1.0)).ops.set_index("op")
+    # intensity of the matmul is ~4.8 FLOP/byte: compute-bound under a ridge of 1e-6, memory-bound under 1e6
+    assert not low_ridge.at["aten::mm", "memory_bound"]
+    assert high_ridge.at["aten::mm", "memory_bound"]
+    assert low_ridge.at["aten::clone", "memory_bound"] and high_ridge.at["aten::clone", "memory_bound"]
+
+
+def test_unknown_ops_go_to_other_and_are_listed():
+    class Cumulative(nn.Module):
+        def forward(self, x):
+            return torch.cumsum(x, dim=0)
+
+    prof = profile_model(Cumulative(), example=torch.randn(8, 8), iters=1, warmup=0, peaks=PEAKS)
+    assert op_class("aten::cumsum") == OTHER
+    assert "aten::cumsum" in prof.unknown_ops
+
+
+def test_attention_flops_by_hand():
+    q, k, v = torch.empty(2, 3, 10, 8), torch.empty(2, 3, 12, 8), torch.empty(2, 3, 12, 4)
+    assert attention_flops(q, k, v) == 2 * 2 * 3 * 10 * 12 * 8 + 2 * 2 * 3 * 10 * 12 * 4
+
+
+def test_manual_attention_exposes_softmax_and_fused_keeps_sdpa():
+    kwargs = dict(batch=1, img_size=32, iters=1, warmup=0, peaks=PEAKS)
+    args = ("vit_tiny_patch16_224",)
+    from experiments.models import create_model
+
+    model = create_model(*args, img_size=32, patch_size=8, depth=1)
+    manual = profile_model(model, **kwargs).ops
+    fused = profile_model(model, fused_attn=True, **kwargs).ops
+    assert "softmax" in set(manual.op_class)
+    assert not fused.op.str.contains("softmax").any()
+    sdpa = fused[fused.op.str.contains("scaled_dot_product") & (fused.flops > 0)]
+    # the same attention, counted once as q@k^T + attn@v either way
+    assert sdpa.flops.sum() == manual[manual.op == "aten::bmm"].flops.sum()
+
+
+def test_cli_writes_ops_classes_figure_and_trace(tmp_path, capsys):
+    profiles = op_profile.main(["--models", "evit_m0,deit_tiny", "--img-size", "64", "--batch", "2", "--iters", "1",
+                                "--warmup", "1", "--peak-gflops", "100", "--peak-gbs", "10", "--trace",
+                                "--out", str(tmp_path)])
+    assert [p.model for p in profiles] == ["evit_m0", "deit_tiny"]
+    for name in ("evit_m0", "deit_tiny"):
+        ops = pd.read_csv(tmp_path / f"{name}_cpu.csv")
+        classes = pd.read_csv(tmp_path / f"{name}_cpu_classes.csv")
+        assert {"op", "op_class", "calls", "self_time_ms", "share", "flops", "bytes", "intensity",
+                "memory_bound"} <= set(ops.columns)
+        assert classes.share.sum() == pytest.approx(1.0, abs=1e-4)
+        assert (tmp_path / f"{name}_cpu_trace.json").stat().st_size > 0
+    assert (tmp_path / "evit_m0_vs_deit_tiny_cpu.png").is_file()
+    assert "memory-bound" in capsys.readouterr().out
+
+
+def test_fused_evit_keeps_the_work_and_drops_batchnorm(tmp_path):
+    kwargs = dict(batch=2, img_size=64, iters=1, warmup=1, peaks=PEAKS)
+    eager = profile_model("evit_m0", **kwargs)
+    fused = profile_model("evit_m0", fused=True, **kwargs)
+    assert "normalization" in set(eager.classes.op_class)
+    assert "normalization" not in set(fused.classes.op_class)  # BN folded into the convs
+    conv = lambda p: p.ops[p.ops.op_class == "conv"].flops.sum()  # noqa: E731
+    assert conv(fused) == pytest.approx(conv(eager), rel=1e-6)
+
+
+def test_unknown_model_is_one_clear_line(capsys):
+    with pytest.raises(SystemExit) as exc:
+        op_profile.main(["--model", "deit_tinny", "--peak-gflops", "1", "--peak-gbs", "1"])
+    assert exc.value.code != 0
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "unknown model 'deit_tinny'" in err and "deit_tiny" in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown without a GPU")
+def test_cuda_without_gpu_is_a_clear_message(capsys):
+    with pytest.raises(SystemExit) as exc:
+        op_profile.main(["--model", "evit_m0", "--device", "cuda"])
+    assert exc.value.code == 2
+    assert "no GPU" in capsys.readouterr().err
+
+
+def test_fused_needs_a_fuse_method():
+    with pytest.raises(ProfileError, match="fuse"):
+        profile_model(Planted(), example=torch.randn(M, K), fused=True, peaks=PEAKS)
