@@ -316,7 +316,8 @@ def profile_model(model: nn.Module | str, batch: int = 16, img_size: Optional[in
 # --- figure ------------------------------------------------------------------------------------------------------
 
 def plot(profiles: Sequence[OpProfile]):
-    """Fig. 2: one stacked bar of class shares per model; memory-bound classes hatched, their total printed."""
+    """Fig. 2: one stacked bar of class shares per model; the time in memory-bound ops hatched (per class, so
+    a memory-bound batched matmul shows too), its total printed above the bar."""
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(max(5.0, 1.3 * len(profiles) + 3), 4.5))
@@ -324,21 +325,24 @@ def plot(profiles: Sequence[OpProfile]):
     colors = dict(zip(CLASS_ORDER, ("#4c72b0", "#55a868", "#c44e52", "#dd8452", "#8172b2", "#937860", "#da8bc3",
                                     "#ccb974", "#8c8c8c")))
     for x, prof in enumerate(profiles):
-        shares = prof.classes.set_index("op_class")
+        classes = prof.classes.set_index("op_class")
+        total = classes.self_time_ms.sum()
         bottom = 0.0
         for cls in CLASS_ORDER:
-            if cls not in shares.index:
+            if cls not in classes.index:
                 continue
-            share = 100 * shares.at[cls, "share"]
-            memory = bool(shares.at[cls, "memory_bound"])
-            ax.bar(x, share, bottom=bottom, color=colors[cls], hatch="//" if memory else None, edgecolor="white",
-                   label=cls if x == 0 or cls not in ax.get_legend_handles_labels()[1] else None)
-            bottom += share
+            memory = 100 * classes.at[cls, "memory_bound_time_ms"] / total
+            compute = 100 * classes.at[cls, "share"] - memory
+            label = cls if cls not in ax.get_legend_handles_labels()[1] else None
+            for part, hatch in ((compute, None), (memory, "//")):
+                if part > 0:
+                    ax.bar(x, part, bottom=bottom, color=colors[cls], hatch=hatch, edgecolor="white", label=label)
+                    bottom, label = bottom + part, None
         ax.text(x, 101, f"{100 * prof.memory_bound_share:.0f}%\nmemory-bound", ha="center", va="bottom", fontsize=8)
     ax.set_xticks(range(len(profiles)), [p.model for p in profiles], rotation=15)
     ax.set_ylim(0, 118)
     ax.set_ylabel("share of runtime (%)")
-    ax.set_title(f"runtime by operator class ({profiles[0].device}); hatched: memory-bound", fontsize=10)
+    ax.set_title(f"runtime by operator class ({profiles[0].device}); hatched: time in memory-bound ops", fontsize=10)
     handles, labels = ax.get_legend_handles_labels()
     ax.legend(handles[::-1], labels[::-1], fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
     fig.tight_layout()
@@ -402,8 +406,8 @@ def main(argv: Optional[Sequence[str]] = None) -> list[OpProfile]:
     except USER_ERRORS + (ProfileError,) as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
-    figure = args.out / f"{'_vs_'.join(p.model for p in profiles) if len(profiles) > 1 else profiles[0].model}" \
-                        f"_{suffix}.png"
+    stem = "_vs_".join(p.model for p in profiles) if len(profiles) <= 3 else "comparison"
+    figure = args.out / f"{stem}_{suffix}.png"
     print(f"figure -> {save_figure(plot(profiles), figure)}")
     return profiles
 

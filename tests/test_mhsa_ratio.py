@@ -1,0 +1,44 @@
+"""MHSA-proportion study: which blocks keep attention, and that the others really lose it."""
+from __future__ import annotations
+
+import pytest
+import torch
+from timm.models.vision_transformer import Attention
+
+from analysis import mhsa_ratio
+from evit.efficientvit import CascadedGroupAttention, MultiHeadSelfAttention
+
+
+@pytest.mark.parametrize("depth, share, expected", [
+    (4, 0.0, []), (4, 0.25, [3]), (4, 0.5, [1, 3]), (4, 1.0, [0, 1, 2, 3]), (6, 0.5, [1, 3, 5]),
+])
+def test_attention_blocks_are_evenly_spaced_and_end_last(depth, share, expected):
+    assert mhsa_ratio.attention_blocks(depth, share) == expected
+
+
+@pytest.mark.parametrize("share", [0.0, 0.5, 1.0])
+def test_deit_variant_keeps_attention_only_where_asked(share):
+    model, keep = mhsa_ratio.build_variant("deit", share)
+    with_attention = [i for i, b in enumerate(model.blocks) if any(isinstance(m, Attention) for m in b.modules())]
+    assert with_attention == keep
+    assert model(torch.randn(2, 3, 28, 28)).shape == (2, 10)
+
+
+def test_ffn_only_block_is_the_block_without_its_attention_branch():
+    model, _ = mhsa_ratio.build_variant("deit", 1.0)
+    block = model.blocks[0].eval()
+    ffn_only = mhsa_ratio.FFNOnlyBlock(block)
+    x = torch.randn(2, 17, 96)
+    with torch.no_grad():
+        block.attn.proj.weight.zero_()
+        block.attn.proj.bias.zero_()  # attention branch now adds exactly zero
+        torch.testing.assert_close(ffn_only(x), block(x))
+
+
+@pytest.mark.parametrize("mixer, kind", [("cga", CascadedGroupAttention), ("mhsa", MultiHeadSelfAttention)])
+def test_evit_variant_uses_the_mixer_knob(mixer, kind):
+    model, keep = mhsa_ratio.build_variant("evit", 0.5, mixer)
+    assert keep == [1, 3, 5]
+    assert sum(isinstance(m, kind) for m in model.modules()) == 3
+    blocks = [b for stage in model.stages for b in stage.blocks]
+    assert [i for i, b in enumerate(blocks) if b.mixer_type != "none"] == keep
