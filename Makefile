@@ -24,7 +24,7 @@ test: setup
 	$(PY) -m pytest -q
 
 reproduce: setup
-	$(PY) -m evit.summary --out results/presets
+	$(PY) -m experiments.reproduce --scale quick
 
 bench: setup
 	$(PY) -m experiments.benchmark --fast-path --quick

@@ -1,7 +1,8 @@
 """MHSA proportion (paper Fig. 3): subnetworks of a fixed depth whose blocks use attention in 0..100% of blocks.
 
-Blocks without attention keep their FFN (DeiT proxy: the block becomes FFN-only; EfficientViT: the block's
-mixer is `none`, leaving its DWConv token interaction and FFNs). Every variant gets the same training budget
+Blocks without attention keep their FFN (DeiT proxy: the block becomes FFN-only, and every variant pools
+its tokens by averaging instead of a class token; EfficientViT: the block's mixer is `none`, leaving its DWConv
+token interaction and FFNs). Every variant gets the same training budget
 on Fashion-MNIST and several seeds; we report accuracy (mean ± std), CPU throughput and the runtime share of
 memory-bound operators (analysis.op_profile) per proportion.
 
@@ -59,7 +60,9 @@ def build_variant(family: str, share: float, mixer: str = "cga") -> tuple[nn.Mod
     depths = stage_depths(family)
     keep = attention_blocks(sum(depths), share)
     if family == "deit":
-        model = create_model(name)
+        # Average-pooled tokens, no class token: with a class token, blocks without attention would never let
+        # it see the image, and the 0% variant would sit at chance.
+        model = create_model(name, global_pool="avg", class_token=False)
         for i in range(len(model.blocks)):
             if i not in keep:
                 model.blocks[i] = FFNOnlyBlock(model.blocks[i])
@@ -166,13 +169,12 @@ def main(argv: Optional[list[str]] = None) -> pd.DataFrame:
     if any(not 0 <= s <= 1 for s in shares):
         parser.error(f"--shares must lie in [0, 1], got {args.shares}")
     seeds = [int(s) for s in args.seeds.split(",")]
-    frames = []
     for family in families:
         df = run_study(family, shares, seeds, args.epochs, args.limit_train or None, args.limit_val or None,
                        args.mixer, args.data_dir)
         write_csv(df.round(5), args.out / f"{FAMILIES[family][0]}.csv")
-        frames.append(df)
-    runs = pd.concat(frames)
+    # The summary and figure cover every family run so far in this folder, not only this call's.
+    runs = pd.concat(pd.read_csv(path) for name, _ in FAMILIES.values() if (path := args.out / f"{name}.csv").is_file())
     summary = summarize(runs)
     write_csv(summary.round(5), args.out / "summary.csv")
     plot(summary, args.out / "mhsa_ratio.png")

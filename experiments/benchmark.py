@@ -272,7 +272,8 @@ def main(argv: Optional[list[str]] = None) -> pd.DataFrame:
     parser.add_argument("--warmup", type=float, default=5.0, help="warm-up seconds")
     parser.add_argument("--quick", action="store_true", help="about 3 s of timing per model and setting")
     parser.add_argument("--accuracy-csv", type=Path, default=None,
-                        help="CSV with columns model, accuracy to add an accuracy panel")
+                        help="CSV with columns model and accuracy (or val_acc, as results/family/family.csv) to "
+                             "add an accuracy panel")
     parser.add_argument("--fast-path", action="store_true",
                         help="compare evit.deploy with timm's port (eager, official trace, ONNX Runtime) for the "
                              "evit presets among --models (all six by default) and print the ratios")
@@ -317,7 +318,10 @@ def main(argv: Optional[list[str]] = None) -> pd.DataFrame:
         sys.exit("error: no model could be measured")
     stem = args.device if args.device == "cpu" else f"cuda_{torch.cuda.get_device_name().split()[-1].lower()}"
     write_csv(df.round(3), args.out / f"{stem}.csv")
-    accuracy = pd.read_csv(args.accuracy_csv).set_index("model")["accuracy"] if args.accuracy_csv else None
+    accuracy = None
+    if args.accuracy_csv and args.accuracy_csv.is_file():  # ours (experiments.family: val_acc) or the user's
+        known = pd.read_csv(args.accuracy_csv).set_index("model")
+        accuracy = known["accuracy" if "accuracy" in known else "val_acc"]
     plot(df, args.out / f"{stem}.png", accuracy)
     show = df[["model", "backend", "batch", "throughput", "throughput_min", "throughput_max", "latency_ms",
                "ratio_to_paper"]]

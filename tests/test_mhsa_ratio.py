@@ -1,6 +1,7 @@
 """MHSA-proportion study: which blocks keep attention, and that the others really lose it."""
 from __future__ import annotations
 
+import pandas as pd
 import pytest
 import torch
 from timm.models.vision_transformer import Attention
@@ -42,3 +43,36 @@ def test_evit_variant_uses_the_mixer_knob(mixer, kind):
     assert sum(isinstance(m, kind) for m in model.modules()) == 3
     blocks = [b for stage in model.stages for b in stage.blocks]
     assert [i for i, b in enumerate(blocks) if b.mixer_type != "none"] == keep
+
+
+def test_attention_free_deit_still_sees_the_image():
+    # With a class token and no attention, the class token would never mix with the patches: constant output.
+    model, keep = mhsa_ratio.build_variant("deit", 0.0)
+    model.eval()
+    x = torch.randn(2, 3, 28, 28)
+    with torch.no_grad():
+        out, shuffled = model(x), model(x.flip(0))
+    assert keep == [] and not torch.allclose(out[0], out[1])
+    torch.testing.assert_close(shuffled, out.flip(0))
+
+
+def test_cli_writes_runs_summary_and_figure(tmp_path, monkeypatch):
+    monkeypatch.setattr(mhsa_ratio, "measure_speed", lambda model, img_size: dict(throughput=1.0,
+                                                                                 memory_bound_share=0.5))
+    args = ["--shares", "0,1", "--seeds", "0,1", "--epochs", "1", "--limit-train", "256", "--limit-val", "128",
+            "--out", str(tmp_path)]
+    mhsa_ratio.main(["--family", "deit"] + args)
+    runs = mhsa_ratio.main(["--family", "evit"] + args)
+    summary = pd.read_csv(tmp_path / "summary.csv")
+    assert set(runs.family) == {"deit", "evit"}  # the summary covers every family run in the folder
+    assert len(summary) == 4 and (summary.seeds == 2).all() and summary.val_acc_std.notna().all()
+    assert (tmp_path / "mhsa_ratio.png").stat().st_size > 0
+
+
+def test_bad_shares_and_families_are_clear_errors(capsys):
+    with pytest.raises(SystemExit):
+        mhsa_ratio.main(["--family", "resnet"])
+    assert "unknown family resnet; valid: deit, evit" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        mhsa_ratio.main(["--shares", "0.5,2"])
+    assert "[0, 1]" in capsys.readouterr().err

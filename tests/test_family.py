@@ -1,0 +1,53 @@
+"""experiments.family: one budget for every model, runs cached by model and budget, accuracy vs throughput."""
+import pandas as pd
+import pytest
+
+from evit import EfficientViTConfig, get_preset
+from experiments import family
+
+TINY = dict(epochs=1, limit_train=64, limit_val=32, batch_size=32)
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("EVIT_CACHE", str(tmp_path / "zoo"))
+    return tmp_path / "zoo"
+
+
+def test_presets_and_config_files_train_once_with_one_budget(cache, tmp_path, monkeypatch):
+    config = tmp_path / "narrow.yaml"
+    get_preset("m0").replace(embed_dims=(32, 64, 96), num_heads=(2, 2, 2), name="narrow").to_file(config)
+    df = family.evaluate(["evit_m0", str(config)], **TINY)
+    assert list(df.model) == ["evit_m0", "narrow"]
+    assert df.val_acc.between(0, 100).all() and (df.throughput_cpu > 0).all()
+    assert df.flops_m.iloc[1] < df.flops_m.iloc[0]  # the narrower config is cheaper
+    assert df.paper_top1.iloc[0] == 63.2 and pd.isna(df.paper_top1.iloc[1])
+    assert len(list((cache / "family").iterdir())) == 2
+
+    monkeypatch.setattr(family, "fit", lambda cfg: pytest.fail("a finished run must not be trained again"))
+    again = family.evaluate(["evit_m0"], **TINY)
+    assert again.val_acc.iloc[0] == df.val_acc.iloc[0]
+
+
+def test_run_key_follows_the_budget_and_the_config_content(tmp_path):
+    config = tmp_path / "c.yaml"
+    EfficientViTConfig().to_file(config)
+    first = family.run_dir(family.budget_config(str(config), **TINY))
+    assert family.run_dir(family.budget_config(str(config), **TINY)) == first
+    assert family.run_dir(family.budget_config(str(config), **dict(TINY, epochs=2))) != first
+    EfficientViTConfig(embed_dims=(32, 64, 96)).to_file(config)
+    assert family.run_dir(family.budget_config(str(config), **TINY)) != first
+
+
+def test_cli_writes_csv_and_figure(cache, tmp_path):
+    family.main(["--models", "evit_m0", "--epochs", "1", "--limit-train", "128", "--limit-val", "32",
+                 "--out", str(tmp_path / "out")])
+    df = pd.read_csv(tmp_path / "out" / "family.csv")
+    assert {"model", "val_acc", "throughput_cpu", "params_m", "flops_m"} <= set(df.columns)
+    assert (tmp_path / "out" / "family.png").stat().st_size > 0
+
+
+def test_unknown_model_is_one_clear_line(cache, capsys):
+    with pytest.raises(SystemExit):
+        family.main(["--models", "evit_m9"])
+    assert "unknown model 'evit_m9'" in capsys.readouterr().err
