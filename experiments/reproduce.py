@@ -25,43 +25,51 @@ RESULTS = Path("results")
 @dataclass
 class Step:
     name: str
-    outputs: tuple[str, ...]  # files (under results/) whose presence means the step is done
-    run: Callable[[Path], object]
+    outputs: tuple[str, ...]  # files under the output folder whose presence means the step is done ({device})
+    run: Callable[[Path, argparse.Namespace], object]
+    scales: tuple[str, ...] = ("quick", "paper")
 
 
-def _presets(out: Path) -> None:
+PROFILED = ("deit_tiny", "swin_tiny") + tuple(f"evit_m{i}" for i in range(6))
+# The models the analyses of trained networks use at each scale.
+QUICK_MODELS = dict(deit="deit_proxy", swin="swin_proxy", evit="evit_m0_proxy")
+PAPER_MODELS = dict(deit="deit_tiny", swin="swin_tiny", evit="evit_m4")
+
+
+def _presets(out: Path, opts: argparse.Namespace) -> None:
     from evit import summary
 
     summary.main(["--out", str(out / "presets")])
 
 
-def _proxies(out: Path) -> None:
+def _proxies(out: Path, opts: argparse.Namespace) -> None:
     from experiments import zoo
 
     zoo.main(["train", "deit_proxy", "swin_proxy", "evit_m0_proxy"])
 
 
-PROFILED = ("deit_tiny", "swin_tiny") + tuple(f"evit_m{i}" for i in range(6))
-
-
-def _op_profile(out: Path) -> None:
+def _op_profile(out: Path, opts: argparse.Namespace) -> None:
     from analysis import op_profile
 
-    folder = str(out / "op_profile")
-    op_profile.main(["--models", ",".join(PROFILED), "--iters", "5", "--out", folder])
-    op_profile.main(["--fused", "--models", ",".join(PROFILED[2:]), "--iters", "5", "--out", folder])
+    common = ["--device", opts.device, "--batch", "16" if opts.device == "cpu" else "256", "--iters", "5",
+              "--out", str(out / "op_profile")]
+    op_profile.main(["--models", ",".join(PROFILED)] + common)
+    op_profile.main(["--fused", "--models", ",".join(PROFILED[2:])] + common)
 
 
-def _head_similarity(out: Path) -> None:
+def _head_similarity(out: Path, opts: argparse.Namespace) -> None:
     from analysis import head_similarity
 
-    head_similarity.main(["--model", "deit_proxy,swin_proxy", "--num-images", "64", "--out",
-                          str(out / "head_similarity")])
-    head_similarity.main(["--model", "deit_proxy,evit_m0_proxy", "--num-images", "64", "--out",
-                          str(out / "head_similarity")])
+    folder = ["--out", str(out / "head_similarity")]
+    models = QUICK_MODELS if opts.scale == "quick" else PAPER_MODELS
+    # Quick: trained proxies on Fashion-MNIST. Paper: ImageNet weights on ImageNet validation images.
+    data = ["--num-images", "64"] if opts.scale == "quick" else ["--weights", "pretrained", "--data", opts.data,
+                                                                 "--num-images", "256"]
+    head_similarity.main(["--model", f"{models['deit']},{models['swin']}"] + data + folder)
+    head_similarity.main(["--model", f"{models['deit']},{models['evit']}"] + data + folder)
 
 
-def _mhsa_ratio(out: Path) -> None:
+def _mhsa_ratio(out: Path, opts: argparse.Namespace) -> None:
     from analysis import mhsa_ratio
 
     mhsa_ratio.main(["--family", "deit", "--seeds", "0,1,2", "--epochs", "4", "--limit-train", "20000",
@@ -70,28 +78,32 @@ def _mhsa_ratio(out: Path) -> None:
                      "--out", str(out / "mhsa_ratio")])
 
 
-def _family(out: Path) -> None:
+def _family(out: Path, opts: argparse.Namespace) -> None:
     from experiments import family
 
     family.main(["--out", str(out / "family")])
 
 
-def _benchmark(out: Path) -> None:
+def _benchmark(out: Path, opts: argparse.Namespace) -> None:
     from experiments import benchmark
 
-    benchmark.main(["--quick", "--accuracy-csv", str(out / "family" / "family.csv"), "--out", str(out / "benchmark")])
-    benchmark.main(["--fast-path", "--quick", "--out", str(out / "benchmark")])
+    device = ["--device", opts.device, "--out", str(out / "benchmark")]
+    benchmark.main(["--quick", "--accuracy-csv", str(out / "family" / "family.csv")] + device)
+    if opts.device == "cpu":
+        benchmark.main(["--fast-path", "--quick"] + device)
 
 
 STEPS = [
     Step("presets", ("presets/presets.csv",), _presets),
-    Step("proxies", (), _proxies),  # experiments.zoo skips cached and shipped proxies itself
-    Step("op_profile", tuple(f"op_profile/{m}_cpu_classes.csv" for m in PROFILED), _op_profile),
-    Step("head_similarity", ("head_similarity/deit_proxy.csv", "head_similarity/swin_proxy.csv",
-                             "head_similarity/evit_m0_proxy.csv"), _head_similarity),
-    Step("mhsa_ratio", ("mhsa_ratio/deit_proxy.csv", "mhsa_ratio/evit_m0_proxy.csv"), _mhsa_ratio),
-    Step("family", ("family/family.csv",), _family),
-    Step("benchmark", ("benchmark/cpu.csv", "benchmark/fast_path_cpu.csv"), _benchmark),
+    Step("proxies", (), _proxies, ("quick",)),  # experiments.zoo skips cached and shipped proxies itself
+    Step("op_profile", tuple(f"op_profile/{m}_{{device}}_classes.csv" for m in PROFILED), _op_profile),
+    Step("head_similarity", ("head_similarity/{deit}.csv", "head_similarity/{swin}.csv",
+                             "head_similarity/{evit}.csv"), _head_similarity),
+    # Training 15 subnetworks, or M0-M5, on ImageNet is a cluster job: at paper scale these run through
+    # torchrun (see README), not here.
+    Step("mhsa_ratio", ("mhsa_ratio/deit_proxy.csv", "mhsa_ratio/evit_m0_proxy.csv"), _mhsa_ratio, ("quick",)),
+    Step("family", ("family/family.csv",), _family, ("quick",)),
+    Step("benchmark", ("benchmark/{device}.csv",), _benchmark),
 ]
 
 
@@ -122,20 +134,22 @@ def _section_op_profile(out: Path) -> Optional[str]:
     if not paths:
         return None
     df = pd.concat(pd.read_csv(p).assign(setting="fused" if "_fused_" in p.name else "eager") for p in paths)
-    df["memory_bound_share"] = df.memory_bound_time_ms / df.groupby(["model", "setting"]).self_time_ms.transform("sum")
-    shares = df.pivot_table(index=["model", "setting"], columns="op_class", values="share", fill_value=0.0)
-    shares["memory-bound"] = df.groupby(["model", "setting"]).memory_bound_share.sum()
-    shares = shares.reset_index().sort_values(["setting", "model"])
+    keys = ["model", "device", "setting"]
+    df["memory_bound_share"] = df.memory_bound_time_ms / df.groupby(keys).self_time_ms.transform("sum")
+    shares = df.pivot_table(index=keys, columns="op_class", values="share", fill_value=0.0)
+    shares["memory-bound"] = df.groupby(keys).memory_bound_share.sum()
+    shares = shares.reset_index().sort_values(["device", "setting", "model"])
     baselines = shares[(shares.setting == "eager") & shares.model.isin(["deit_tiny", "swin_tiny"])]
     text = ("## Memory-bound operators (Fig. 2)\n\nShare of runtime per operator class and the share spent in "
-            "memory-bound ops (arithmetic intensity below the measured roofline ridge), CPU, batch 16, 1 thread; "
+            "memory-bound ops (arithmetic intensity below the measured roofline ridge); CPU: batch 16, 1 thread; "
             "`fused` = evit deploy mode (BN folded, traced).\n\n" + _table(shares))
-    if len(baselines) == 2:
+    if len(baselines) >= 2:
         low = baselines["memory-bound"].min()
         verdict = "confirmed" if low >= 0.25 else "refuted"
         text += (f"\nClaim: memory-bound operators (reshape/copy, element-wise, normalization, softmax) take a large "
-                 f"share of DeiT-T's and Swin-T's runtime. **{verdict}** on this CPU (threshold 25%): "
-                 + ", ".join(f"{r.model} {100 * r['memory-bound']:.0f}%" for _, r in baselines.iterrows()) + ".\n")
+                 f"share of DeiT-T's and Swin-T's runtime. **{verdict}** (threshold 25%): "
+                 + ", ".join(f"{r.model} ({r.device}) {100 * r['memory-bound']:.0f}%" for _, r in baselines.iterrows())
+                 + ".\n")
     figures = sorted(p.name for p in folder.glob("*.png"))
     return text + "\n" + "\n".join(f"![{name}](op_profile/{name})" for name in figures) + "\n"
 
@@ -205,14 +219,16 @@ def _section_family(out: Path) -> Optional[str]:
 def _section_benchmark(out: Path) -> Optional[str]:
     folder = out / "benchmark"
     text = ""
-    if (folder / "cpu.csv").is_file():
-        df = pd.read_csv(folder / "cpu.csv")
+    for path in sorted(folder.glob("*.csv")) if folder.is_dir() else []:
+        if path.name.startswith("fast_path"):
+            continue
+        df = pd.read_csv(path)
         main = df[df.batch == df.batch.max()].pivot_table(index="model", columns="backend", values="throughput")
         latency = df[df.batch == 1].pivot_table(index="model", columns="backend", values="latency_ms")
         table = main.join(latency, rsuffix=" batch-1 ms").reset_index()
-        text += (f"## Speed against peers (CPU, batch {df.batch.max()} images/s and batch-1 latency, "
-                 f"{df.threads.iloc[0]} thread)\n\n{df.machine.iloc[0]}; quick timing on a shared machine.\n\n"
-                 + _table(table, ".1f") + "\n![cpu](benchmark/cpu.png)\n\n")
+        text += (f"## Speed against peers ({path.stem}: images/s at batch {df.batch.max()}, and batch-1 latency "
+                 f"in ms)\n\n{df.machine.iloc[0]}. Quick timing.\n\n"
+                 + _table(table, ".1f") + f"\n![{path.stem}](benchmark/{path.stem}.png)\n\n")
     if (folder / "fast_path_cpu.csv").is_file():
         df = pd.read_csv(folder / "fast_path_cpu.csv")
         pivot = df.pivot(index="model", columns="variant", values="ratio_vs_timm_eager").reset_index()
@@ -230,9 +246,11 @@ SECTIONS = (_section_presets, _section_op_profile, _section_head_similarity, _se
             _section_benchmark)
 
 
-def write_report(out: Path = RESULTS) -> Path:
-    parts = ["# evit report\n\nGenerated by `python -m experiments.reproduce` from the CSVs under results/; "
-             "re-run it to regenerate. Verdicts are at proxy scale (Fashion-MNIST, CPU), not ImageNet.\n"]
+def write_report(out: Path = RESULTS, scale: str = "quick") -> Path:
+    where = ("proxy scale (Fashion-MNIST, CPU), not ImageNet" if scale == "quick" else
+             "paper scale (ImageNet weights and data)")
+    parts = [f"# evit report\n\nGenerated by `python -m experiments.reproduce --scale {scale}` from the CSVs in "
+             f"this folder; re-run it to regenerate. Verdicts are at {where}.\n"]
     parts += [text for section in SECTIONS if (text := section(out))]
     return write_text(out / "REPORT.md", "\n".join(parts))
 
@@ -240,29 +258,43 @@ def write_report(out: Path = RESULTS) -> Path:
 def main(argv: Optional[list[str]] = None) -> Path:
     parser = argparse.ArgumentParser(prog="python -m experiments.reproduce", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--scale", default="quick", choices=["quick"],
-                        help="quick: proxies on Fashion-MNIST, CPU (the paper scale is not wired yet)")
-    parser.add_argument("--steps", default=",".join(s.name for s in STEPS), help="comma-separated steps to run")
+    parser.add_argument("--scale", default="quick", choices=["quick", "paper"],
+                        help="quick: proxies on Fashion-MNIST, this machine. paper: the paper's models with "
+                             "pretrained weights on ImageNet-format --data, on --device (default cuda)")
+    parser.add_argument("--data", default=None, help="paper scale: imagefolder:PATH (PATH/train, PATH/val)")
+    parser.add_argument("--device", default=None, choices=["cpu", "cuda"],
+                        help="where op profiles and benchmarks run (default: cpu at quick scale, cuda at paper)")
+    parser.add_argument("--steps", default=None, help="comma-separated steps to run (default: all of the scale)")
     parser.add_argument("--force", default="", help="comma-separated steps to redo even if their outputs exist")
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--out", type=Path, default=None, help="results folder (default: results/, or "
+                                                                 "results/paper at paper scale)")
     args = parser.parse_args(argv)
-    known = {s.name for s in STEPS}
-    wanted, forced = set(args.steps.split(",")), set(filter(None, args.force.split(",")))
+    args.device = args.device or ("cpu" if args.scale == "quick" else "cuda")
+    args.out = args.out or (RESULTS if args.scale == "quick" else RESULTS / "paper")
+    if args.scale == "paper" and not (args.data or "").startswith("imagefolder:"):
+        parser.error("--scale paper needs --data imagefolder:PATH (ImageNet-format folders PATH/train, PATH/val)")
+    steps = [s for s in STEPS if args.scale in s.scales]
+    known = {s.name for s in steps}
+    wanted = set(args.steps.split(",")) if args.steps else known
+    forced = set(filter(None, args.force.split(",")))
     unknown = sorted((wanted | forced) - known)
     if unknown:
-        parser.error(f"unknown step(s) {', '.join(unknown)}; valid: {', '.join(s.name for s in STEPS)}")
-    for step in STEPS:
+        parser.error(f"unknown step(s) {', '.join(unknown)} at {args.scale} scale; valid: "
+                     f"{', '.join(s.name for s in steps)}")
+    for step in steps:
         if step.name not in wanted:
             continue
-        done = step.outputs and all((args.out / o).is_file() for o in step.outputs)
+        names = PAPER_MODELS if args.scale == "paper" else QUICK_MODELS
+        done = step.outputs and all((args.out / o.format(device=args.device, **names)).is_file()
+                                    for o in step.outputs)
         if done and step.name not in forced:
             print(f"[reproduce] {step.name}: cached, skipped (--force {step.name} to redo)")
             continue
         start = time.perf_counter()
         print(f"[reproduce] {step.name} ...", flush=True)
-        step.run(args.out)
+        step.run(args.out, args)
         print(f"[reproduce] {step.name}: {time.perf_counter() - start:.0f} s", flush=True)
-    report = write_report(args.out)
+    report = write_report(args.out, args.scale)
     print(f"[reproduce] wrote {report}")
     return report
 

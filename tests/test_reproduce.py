@@ -1,6 +1,7 @@
 """make reproduce's driver: cached steps are skipped, the report reads the CSVs back with verdicts."""
 from __future__ import annotations
 
+import pandas as pd
 import pytest
 
 from evit.summary import preset_table
@@ -13,8 +14,9 @@ def test_steps_with_outputs_are_skipped_and_forced_ones_rerun(tmp_path, monkeypa
     (tmp_path / "a").mkdir()
     (tmp_path / "a" / "done.csv").write_text("x\n1\n")
     monkeypatch.setattr(reproduce, "STEPS", [
-        reproduce.Step("cached", ("a/done.csv",), lambda out: calls.append("cached")),
-        reproduce.Step("missing", ("b/none.csv",), lambda out: calls.append("missing")),
+        reproduce.Step("cached", ("a/done.csv",), lambda out, opts: calls.append("cached")),
+        reproduce.Step("missing", ("b/none.csv",), lambda out, opts: calls.append("missing")),
+        reproduce.Step("paper_only", (), lambda out, opts: calls.append("paper_only"), ("paper",)),
     ])
     reproduce.main(["--out", str(tmp_path)])
     assert calls == ["missing"]
@@ -26,7 +28,13 @@ def test_steps_with_outputs_are_skipped_and_forced_ones_rerun(tmp_path, monkeypa
 def test_unknown_step_names_the_valid_ones(tmp_path, capsys):
     with pytest.raises(SystemExit):
         reproduce.main(["--out", str(tmp_path), "--steps", "everything"])
-    assert "unknown step(s) everything; valid: presets" in capsys.readouterr().err
+    assert "unknown step(s) everything at quick scale; valid: presets" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        reproduce.main(["--scale", "paper", "--out", str(tmp_path)])
+    assert "--scale paper needs --data imagefolder:PATH" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # the proxy zoo has no place at paper scale
+        reproduce.main(["--scale", "paper", "--data", "imagefolder:/x", "--steps", "proxies"])
+    assert "unknown step(s) proxies at paper scale" in capsys.readouterr().err
 
 
 def test_report_gives_the_presets_claim_a_verdict(tmp_path):
@@ -34,3 +42,18 @@ def test_report_gives_the_presets_claim_a_verdict(tmp_path):
     report = reproduce.write_report(tmp_path).read_text()
     assert "## M0-M5: params and FLOPs" in report and "**confirmed**" in report
     assert "evit_m5" in report and "Head similarity" not in report  # sections only for results that exist
+
+
+def test_report_sections_read_the_analysis_csvs(tmp_path):
+    from analysis.op_profile import profile_model
+
+    for model in ("deit_tiny", "swin_tiny"):
+        prof = profile_model(model, batch=1, img_size=64, iters=1, warmup=0, peaks=(100.0, 10.0))
+        write_csv(prof.classes, tmp_path / "op_profile" / f"{model}_cpu_classes.csv")
+    write_csv(pd.DataFrame(dict(model=["evit_m0", "evit_m1", "evit_m2"], params_m=[2.3, 3.0, 4.2],
+                                flops_m=[79, 167, 201], val_acc=[80.0, 82.0, 84.0], throughput_cpu=[400, 300, 250],
+                                paper_top1=[63.2, 68.4, 70.8], paper_v100_img_s=[27644, 20093, 18218], epochs=3,
+                                limit_train=20000, img_size=64)), tmp_path / "family" / "family.csv")
+    report = reproduce.write_report(tmp_path).read_text()
+    assert "## Memory-bound operators (Fig. 2)" in report and "deit_tiny (cpu)" in report
+    assert "## The M0-M5 family" in report and "**confirmed** at proxy scale (Spearman" in report
