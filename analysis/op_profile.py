@@ -32,8 +32,7 @@ from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import flop_registry
 
 from evit.io import save_figure, write_csv
-from experiments.models import create_model
-from experiments.train import USER_ERRORS
+from experiments.train import USER_ERRORS, build_model
 
 # The one table of operator classes. Each class: (memory-bound in the paper's sense, FLOPs per output element
 # for ops torch.utils.flop_counter does not count, aten op names). Unknown ops land in "other" and are listed.
@@ -256,7 +255,7 @@ def profile_model(model: nn.Module | str, batch: int = 16, img_size: Optional[in
     check_device(device)
     label = name or (model if isinstance(model, str) else type(model).__name__)
     if isinstance(model, str):
-        model = create_model(model, **({"img_size": img_size} if img_size else {}))
+        model = build_model(model, img_size)  # CNNs take any input size and no img_size argument
     model = model.eval().to(device)
     for module in model.modules():
         if hasattr(module, "fused_attn"):  # timm's Attention, WindowAttention, ...
@@ -270,7 +269,7 @@ def profile_model(model: nn.Module | str, batch: int = 16, img_size: Optional[in
         import evit
 
         with torch.no_grad():
-            model = evit.deploy(model, example)
+            model = evit.deploy(model, example, backend="trace")  # aten ops the profiler can attribute
     run = lambda: model(example)  # noqa: E731
     with torch.no_grad():
         for _ in range(warmup):

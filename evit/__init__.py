@@ -4,11 +4,13 @@
 
     model = timm.create_model('evit_m0', num_classes=10)
     model = timm.create_model('evit_custom', config=evit.get_preset('m4').replace(mixers='mhsa'))
-    deploy = evit.fuse(model)
+    deployed = evit.fuse(model)                      # BN folded: same outputs, fewer ops
+    fastest = evit.deploy(model, example_batch)      # fused + channels-last + torch.compile (or trace)
 """
 from .config import PAPER, PRESETS, ConfigError, EfficientViTConfig, get_preset
 from .convert import from_official, from_timm, load_checkpoint, to_official, to_timm
 from .efficientvit import (
+    DEPLOY_BACKENDS,
     AttentionProbe,
     CascadedGroupAttention,
     EfficientViT,
@@ -23,6 +25,6 @@ __all__ = [
     "PAPER", "PRESETS", "ConfigError", "EfficientViTConfig", "get_preset",
     "from_official", "from_timm", "load_checkpoint", "to_official", "to_timm",
     "AttentionProbe", "CascadedGroupAttention", "EfficientViT", "EfficientViTBlock", "MultiHeadSelfAttention",
-    "create_evit", "deploy", "fuse",
+    "DEPLOY_BACKENDS", "create_evit", "deploy", "fuse",
 ]
 __version__ = "0.1.0"

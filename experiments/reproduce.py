@@ -235,10 +235,11 @@ def _section_benchmark(out: Path) -> Optional[str]:
         text += (f"## Fast path: evit.deploy vs timm's port (CPU, batch {df.batch.iloc[0]}, {df.threads.iloc[0]} "
                  f"thread)\n\nThroughput ratio to timm eager, same weights (quick timing: indicative only).\n\n"
                  + _table(pivot, ".2f"))
-        ratio = df[df.variant == "evit.deploy"].ratio_vs_timm_eager
-        verdict = "met" if (ratio >= 1.5).all() else "not met"
-        text += (f"\nTarget: evit.deploy >= 1.5x timm eager on every preset: **{verdict}** (min {ratio.min():.2f}x, "
-                 f"max {ratio.max():.2f}x).\n")
+        ratio = df[df.variant == "evit.deploy (compile)"].ratio_vs_timm_eager
+        if not ratio.empty:
+            verdict = "met" if (ratio >= 1.5).all() else "not met"
+            text += (f"\nTarget: evit.deploy >= 1.5x timm eager on every preset: **{verdict}** (min "
+                     f"{ratio.min():.2f}x, max {ratio.max():.2f}x).\n")
     return text or None
 
 

@@ -88,14 +88,17 @@ def test_fuse_merges_distillation_head_and_keeps_layernorm():
         torch.testing.assert_close(evit.fuse(ln)(x), ln(x), atol=1e-4, rtol=0)
 
 
-def test_deploy_path_equals_unfused_model():
-    model = randomize_(timm.create_model("evit_m0", num_classes=10), seed=4)
-    fast = evit.deploy(model, torch.randn(4, 3, 224, 224))
-    x = torch.randn(3, 3, 224, 224)  # another batch size than traced with
+@pytest.mark.parametrize("backend, size", [("trace", 224), ("compile", 64)])  # compiling takes ~30 s
+def test_deploy_path_equals_unfused_model(backend, size):
+    model = randomize_(timm.create_model("evit_m0", num_classes=10, img_size=size), seed=4)
+    fast = evit.deploy(model, torch.randn(4, 3, size, size), backend=backend)
+    x = torch.randn(3, 3, size, size)  # another batch size than deployed with
     with torch.no_grad():
         expected = model(x)
         torch.testing.assert_close(fast(x.contiguous(memory_format=torch.channels_last)), expected, atol=1e-4, rtol=0)
         torch.testing.assert_close(fast(x), expected, atol=1e-4, rtol=0)
+    with pytest.raises(ValueError, match="valid: compile, trace"):
+        evit.deploy(model, x, backend="onnx")
 
 
 def test_fused_model_runs_in_onnxruntime(tmp_path):
