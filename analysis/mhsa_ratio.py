@@ -74,16 +74,17 @@ def build_variant(family: str, share: float, mixer: str = "cga") -> tuple[nn.Mod
     return create_model(name, mixers=tuple(mixers)), keep
 
 
-def measure_speed(model: nn.Module, img_size: int, batch: int = 16) -> dict[str, float]:
-    """CPU throughput (eager, one thread) and the memory-bound runtime share from the op profiler."""
+def measure_speed(model: nn.Module, img_size: int, peaks: tuple[float, float], batch: int = 16) -> dict[str, float]:
+    """CPU throughput (eager, one thread) and the memory-bound runtime share from the op profiler, against
+    the roofline `peaks` (measured once per study, so every variant is judged by the same ridge point)."""
     from analysis.op_profile import profile_model
     from experiments.benchmark import time_callable
 
     model = model.eval()
     x = torch.randn(batch, 3, img_size, img_size)
     with torch.inference_mode():
-        timing = time_callable(lambda: model(x), batch, warmup_s=0.5, seconds=1.0, repeats=3, sync=lambda: None)
-    profile = profile_model(model, batch=batch, img_size=img_size, iters=3)
+        timing = time_callable(lambda: model(x), batch, warmup_s=0.5, seconds=1.0, repeats=5, sync=lambda: None)
+    profile = profile_model(model, batch=batch, img_size=img_size, iters=5, peaks=peaks)
     return dict(throughput=timing.throughput, memory_bound_share=profile.memory_bound_share)
 
 
@@ -99,9 +100,12 @@ def run_study(family: str = "deit", shares: Sequence[float] = SHARES, seeds: Seq
     data = build_datasets("fashion_mnist", img_size, data_dir)
     budget = TrainConfig(model=name, data="fashion_mnist", img_size=img_size, epochs=epochs, batch_size=128,
                          lr=1e-3, limit_train=limit_train, limit_val=limit_val, threads=1)
+    from analysis.op_profile import measure_peaks
+
+    peaks = measure_peaks("cpu")
     rows = []
     for share in tqdm(shares, desc=f"{family} MHSA proportions", unit="share"):
-        speed = measure_speed(build_variant(family, share, mixer)[0], img_size)
+        speed = measure_speed(build_variant(family, share, mixer)[0], img_size, peaks)
         for seed in seeds:
             torch.manual_seed(seed)  # the same initial weights for a given seed across runs
             model, keep = build_variant(family, share, mixer)

@@ -509,7 +509,6 @@ def fuse(model: nn.Module, inplace: bool = False) -> nn.Module:
     return model
 
 
-@torch.no_grad()
 class Compiled(nn.Module):
     """A torch.compile'd model that always runs under inference_mode (the mode its frozen weights need)."""
 
@@ -526,6 +525,7 @@ class Compiled(nn.Module):
 DEPLOY_BACKENDS = ("compile", "trace")
 
 
+@torch.no_grad()
 def deploy(model: nn.Module, example_input: torch.Tensor, channels_last: bool = True,
            backend: str = "compile") -> nn.Module:
     """The fastest inference path measured here (README, performance): `fuse` (BN folded, attention bias

@@ -57,7 +57,7 @@ def test_attention_free_deit_still_sees_the_image():
 
 
 def test_cli_writes_runs_summary_and_figure(tmp_path, monkeypatch):
-    monkeypatch.setattr(mhsa_ratio, "measure_speed", lambda model, img_size: dict(throughput=1.0,
+    monkeypatch.setattr(mhsa_ratio, "measure_speed", lambda model, img_size, peaks: dict(throughput=1.0,
                                                                                  memory_bound_share=0.5))
     args = ["--shares", "0,1", "--seeds", "0,1", "--epochs", "1", "--limit-train", "256", "--limit-val", "128",
             "--out", str(tmp_path)]
