@@ -69,6 +69,16 @@ def _head_similarity(out: Path, opts: argparse.Namespace) -> None:
     head_similarity.main(["--model", f"{models['deit']},{models['evit']}"] + data + folder)
 
 
+def _taylor_prune(out: Path, opts: argparse.Namespace) -> None:
+    from analysis import taylor_prune
+
+    models = QUICK_MODELS if opts.scale == "quick" else PAPER_MODELS
+    data = ["--finetune-epochs", "1"] if opts.scale == "quick" else ["--weights", "pretrained", "--data", opts.data,
+                                                                     "--img-size", "224", "--batch", "32"]
+    for model in (models["deit"], models["swin"]):
+        taylor_prune.main(["--model", model, "--out", str(out / "taylor_prune")] + data)
+
+
 def _mhsa_ratio(out: Path, opts: argparse.Namespace) -> None:
     from analysis import mhsa_ratio
 
@@ -82,6 +92,9 @@ def _family(out: Path, opts: argparse.Namespace) -> None:
     from experiments import family
 
     family.main(["--out", str(out / "family")])
+    # The pruning-derived allocations beside the preset whose FLOPs they were scaled to.
+    derived = [str(out / "taylor_prune" / f"{QUICK_MODELS[m]}_allocation.yaml") for m in ("deit", "swin")]
+    family.main(["--models", ",".join(["evit_m0"] + derived), "--name", "allocation", "--out", str(out / "family")])
 
 
 def _benchmark(out: Path, opts: argparse.Namespace) -> None:
@@ -101,8 +114,9 @@ STEPS = [
                              "head_similarity/{evit}.csv"), _head_similarity),
     # Training 15 subnetworks, or M0-M5, on ImageNet is a cluster job: at paper scale these run through
     # torchrun (see README), not here.
+    Step("taylor_prune", ("taylor_prune/{deit}.csv", "taylor_prune/{swin}.csv"), _taylor_prune),
     Step("mhsa_ratio", ("mhsa_ratio/deit_proxy.csv", "mhsa_ratio/evit_m0_proxy.csv"), _mhsa_ratio, ("quick",)),
-    Step("family", ("family/family.csv",), _family, ("quick",)),
+    Step("family", ("family/family.csv", "family/allocation.csv"), _family, ("quick",)),
     Step("benchmark", ("benchmark/{device}.csv",), _benchmark),
 ]
 
@@ -197,6 +211,42 @@ def _section_mhsa_ratio(out: Path) -> Optional[str]:
     return text + "\n![mhsa_ratio](mhsa_ratio/mhsa_ratio.png)\n"
 
 
+def _section_taylor_prune(out: Path) -> Optional[str]:
+    folder = out / "taylor_prune"
+    paths = sorted(folder.glob("*_summary.csv")) if folder.is_dir() else []
+    if not paths:
+        return None
+    text = ("## Taylor structured pruning (Fig. 5)\n\nEach model pruned to 50% of its MACs (Q/K, V and FFN hidden "
+            "as separate groups, 5 steps), accuracy on 2000 validation images before, after, and after a one-epoch "
+            "fine-tune; kept widths relative to each block's input width, averaged over early/middle/late thirds "
+            "of the blocks.\n\n")
+    summaries = pd.concat(pd.read_csv(p) for p in paths)
+    cols = [c for c in ("model", "weights", "macs_before_m", "macs_after_m", "params_before_m", "params_after_m",
+                        "acc_before", "acc_after", "acc_finetuned", "normalizer", "reduction") if c in summaries]
+    text += _table(summaries[cols], ".2f")
+    rows, claims = [], {}
+    for path in paths:
+        model = path.name.removesuffix("_summary.csv")
+        blocks = pd.read_csv(folder / f"{model}.csv").sort_values("block")
+        thirds = [blocks.iloc[round(i * len(blocks) / 3):max(round((i + 1) * len(blocks) / 3),
+                                                             round(i * len(blocks) / 3) + 1)] for i in range(3)]
+        means = {k: [float(t[f"{k}_kept"].mean()) for t in thirds] for k in ("qk", "v", "ffn")}
+        rows += [dict(model=model, group=k, early=v[0], middle=v[1], late=v[2]) for k, v in means.items()]
+        claims[model] = dict(v_above_qk=means["v"][0] > means["qk"][0],
+                             early_above_late=sum(v[0] for v in means.values()) > sum(v[2] for v in means.values()))
+    text += ("\nFraction of each group's channels kept (early / middle / late blocks):\n\n"
+             + _table(pd.DataFrame(rows), ".2f"))
+    for claim, key in (("V is kept closer to the input width than Q/K (early blocks)", "v_above_qk"),
+                       ("early blocks keep more channels than late ones", "early_above_late")):
+        agree = [m for m, c in claims.items() if c[key]]
+        verdict = "confirmed" if len(agree) == len(claims) else ("refuted" if not agree else "inconclusive")
+        other = [m for m in claims if m not in agree]
+        text += (f"\nClaim: {claim}. **{verdict}** at proxy scale (holds for {', '.join(agree) or 'none'}; not for "
+                 f"{', '.join(other) or 'none'}).\n")
+    figures = sorted(p.name for p in folder.glob("*.png"))
+    return text + "\n" + "\n".join(f"![{name}](taylor_prune/{name})" for name in figures) + "\n"
+
+
 def _section_family(out: Path) -> Optional[str]:
     path = out / "family" / "family.csv"
     if not path.is_file():
@@ -213,7 +263,18 @@ def _section_family(out: Path) -> Optional[str]:
         text += (f"\nClaim: larger presets trade speed for accuracy. **{verdict}** at proxy scale (Spearman rank "
                  f"correlation of accuracy with throughput {faster_is_worse:+.2f}; a short budget on 28 px images "
                  f"favours models that converge fast, so this is a weak test).\n")
-    return text + "\n![family](family/family.png)\n"
+    text += "\n![family](family/family.png)\n"
+    derived = out / "family" / "allocation.csv"
+    if derived.is_file():
+        df = pd.read_csv(derived)
+        base = df.iloc[0]
+        df["vs_m0_throughput"] = df.throughput_cpu / base.throughput_cpu
+        text += ("\n### Pruning-derived allocations vs M0 at equal FLOPs\n\nThe Taylor-pruning ratios turned into "
+                 "EfficientViT configs (analysis.taylor_prune.allocation_config, scaled to M0's FLOPs), trained with the "
+                 "same budget and timed the same way.\n\n"
+                 + _table(df[["model", "params_m", "flops_m", "val_acc", "throughput_cpu", "vs_m0_throughput"]], ".2f")
+                 + "\n![allocation](family/allocation.png)\n")
+    return text
 
 
 def _section_benchmark(out: Path) -> Optional[str]:
@@ -243,8 +304,8 @@ def _section_benchmark(out: Path) -> Optional[str]:
     return text or None
 
 
-SECTIONS = (_section_presets, _section_op_profile, _section_head_similarity, _section_mhsa_ratio, _section_family,
-            _section_benchmark)
+SECTIONS = (_section_presets, _section_op_profile, _section_head_similarity, _section_taylor_prune, _section_mhsa_ratio,
+            _section_family, _section_benchmark)
 
 
 def write_report(out: Path = RESULTS, scale: str = "quick") -> Path:
