@@ -7,7 +7,6 @@
 
     python -m experiments.zoo list
     python -m experiments.zoo train deit_proxy swin_proxy
-    python -m experiments.zoo ship deit_proxy              # copy its weights into zoo/ to commit them
 
 A proxy's cache folder is keyed by a hash of its architecture, parameter shapes and training recipe, so a
 changed recipe or model retrains instead of loading stale weights. The folder holds the training run itself
@@ -20,9 +19,7 @@ import dataclasses
 import hashlib
 import json
 import os
-import shutil
 import socket
-import sys
 from pathlib import Path
 from typing import Any, Sequence
 from unittest import mock
@@ -48,15 +45,9 @@ class WeightsUnavailableError(RuntimeError):
     """Weights that cannot be had here (hub unreachable, unknown proxy); the message says what to pass instead."""
 
 
-REPO = Path(__file__).resolve().parents[1]
-# Proxies trained with the current recipes ship with the repo (model.pth + metrics.csv, a few MB each), so a
-# fresh clone runs the analyses without half an hour of training. A changed recipe changes the key: it retrains.
-SHIPPED_DIR = REPO / "zoo"
-
-
 def cache_dir() -> Path:
     """Where trained proxies live: $EVIT_CACHE, else <repo>/.cache/zoo."""
-    return Path(os.environ.get("EVIT_CACHE") or REPO / ".cache" / "zoo")
+    return Path(os.environ.get("EVIT_CACHE") or Path(__file__).resolve().parents[1] / ".cache" / "zoo")
 
 
 def proxy_config(name: str) -> TrainConfig:
@@ -78,15 +69,9 @@ def proxy_dir(name: str) -> Path:
     return cache_dir() / f"{name}-{proxy_key(proxy_config(name))}"
 
 
-def shipped_weights(name: str) -> Path:
-    return SHIPPED_DIR / proxy_dir(name).name / FINAL
-
-
 def train_proxy(name: str, force: bool = False) -> Path:
-    """Train a proxy with its recipe unless cached or shipped; returns its final weights file (`model.pth`)."""
+    """Train a proxy with its recipe unless cached; returns its final weights file (`model.pth`)."""
     out = proxy_dir(name)
-    if not force and not (out / FINAL).is_file() and shipped_weights(name).is_file():
-        return shipped_weights(name)
     if force or not (out / FINAL).is_file():
         cfg = dataclasses.replace(proxy_config(name), out=str(out), resume=None if force else "auto")
         fit(cfg)
@@ -160,26 +145,12 @@ def load_model(name: str, weights: str = "proxy", num_classes: int | None = None
     return model.eval()
 
 
-def ship(name: str) -> Path:
-    """Copy a cached proxy's model.pth and metrics.csv into SHIPPED_DIR; returns the shipped weights file."""
-    source, target = proxy_dir(name), shipped_weights(name)
-    if not (source / FINAL).is_file():
-        raise WeightsUnavailableError(f"'{name}' is not trained in {cache_dir()}; run: python -m experiments.zoo "
-                                      f"train {name}")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    for file in (FINAL, "metrics.csv"):
-        shutil.copyfile(source / file, target.parent / (file + ".tmp"))
-        (target.parent / (file + ".tmp")).replace(target.parent / file)
-    return target
-
-
 # ------------------------------------------------------------------------------------------------------ CLI
 
 
 def list_proxies() -> None:
     for name, recipe in PROXY_RECIPES.items():
         path = proxy_dir(name) / FINAL
-        path = path if path.is_file() else shipped_weights(name)
         status = "not trained"
         if path.is_file():
             metrics = load_checkpoint(path).get("metrics", {})
@@ -195,22 +166,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     p_train = sub.add_parser("train", help="train proxies with their recipes (skips cached ones)")
     p_train.add_argument("names", nargs="+", choices=list(PROXY_RECIPES), metavar="NAME")
     p_train.add_argument("--force", action="store_true", help="retrain from scratch even if cached")
-    p_ship = sub.add_parser("ship", help=f"copy trained proxies' weights into {SHIPPED_DIR} (to commit them)")
-    p_ship.add_argument("names", nargs="+", choices=list(PROXY_RECIPES), metavar="NAME")
     args = parser.parse_args(argv)
 
     def body() -> None:
         if args.command == "list":
             list_proxies()
         for name in getattr(args, "names", []):
-            if args.command == "train":
-                print(f"{name}: {train_proxy(name, force=args.force)}")
-            else:
-                try:
-                    print(f"{name}: {ship(name)}")
-                except WeightsUnavailableError as e:
-                    print(f"error: {e}", file=sys.stderr)
-                    raise SystemExit(2) from None
+            print(f"{name}: {train_proxy(name, force=args.force)}")
 
     run_cli(body)
 
