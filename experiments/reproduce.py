@@ -1,11 +1,14 @@
-"""One command for every analysis: proxy zoo, analyses, benchmarks, figures, and results/REPORT.md.
+"""One command for every analysis: op profiles, head similarity, Taylor pruning, MHSA proportion, the M0-M5
+family, benchmarks, figures, and results/REPORT.md.
 
-    python -m experiments.reproduce              # quick scale, this machine; cached steps are skipped
+    python -m experiments.reproduce                        # quick scale, this machine; finished steps are skipped
     python -m experiments.reproduce --force head_similarity
+    python -m experiments.reproduce --force all            # everything again (about 1.5 h on 2 cores)
+    python -m experiments.reproduce --scale paper --data imagefolder:/data/imagenet   # pretrained, GPU
 
-Each step writes its own CSVs and figures under results/ and is skipped when they exist (proxies are cached
-by experiments.zoo), so a re-run only redoes what is missing. The report reads the CSVs back, puts the paper's
-values beside ours and gives each claim a verdict at this scale.
+Each step writes its own CSVs and figures under the results folder and is skipped when they exist; trained
+proxies and training runs are cached (experiments.zoo), so a re-run only redoes what is missing. The report
+reads the CSVs back, puts the paper's values beside ours and gives each claim a verdict at this scale.
 """
 from __future__ import annotations
 
@@ -30,7 +33,7 @@ class Step:
     scales: tuple[str, ...] = ("quick", "paper")
 
 
-PROFILED = ("deit_tiny", "swin_tiny") + tuple(f"evit_m{i}" for i in range(6))
+PROFILED = ("deit_tiny", "swin_tiny", "deit_proxy", "swin_proxy") + tuple(f"evit_m{i}" for i in range(6))
 # The models the analyses of trained networks use at each scale.
 QUICK_MODELS = dict(deit="deit_proxy", swin="swin_proxy", evit="evit_m0_proxy")
 PAPER_MODELS = dict(deit="deit_tiny", swin="swin_tiny", evit="evit_m4")
@@ -42,19 +45,13 @@ def _presets(out: Path, opts: argparse.Namespace) -> None:
     summary.main(["--out", str(out / "presets")])
 
 
-def _proxies(out: Path, opts: argparse.Namespace) -> None:
-    from experiments import zoo
-
-    zoo.main(["train", "deit_proxy", "swin_proxy", "evit_m0_proxy"])
-
-
 def _op_profile(out: Path, opts: argparse.Namespace) -> None:
     from analysis import op_profile
 
     common = ["--device", opts.device, "--batch", "16" if opts.device == "cpu" else "256", "--iters", "5",
               "--out", str(out / "op_profile")]
     op_profile.main(["--models", ",".join(PROFILED)] + common)
-    op_profile.main(["--fused", "--models", ",".join(PROFILED[2:])] + common)
+    op_profile.main(["--fused", "--models", ",".join(m for m in PROFILED if m.startswith("evit"))] + common)
 
 
 def _head_similarity(out: Path, opts: argparse.Namespace) -> None:
@@ -108,7 +105,6 @@ def _benchmark(out: Path, opts: argparse.Namespace) -> None:
 
 STEPS = [
     Step("presets", ("presets/presets.csv",), _presets),
-    Step("proxies", (), _proxies, ("quick",)),  # experiments.zoo skips cached and shipped proxies itself
     Step("op_profile", tuple(f"op_profile/{m}_{{device}}_classes.csv" for m in PROFILED), _op_profile),
     Step("head_similarity", ("head_similarity/{deit}.csv", "head_similarity/{swin}.csv",
                              "head_similarity/{evit}.csv"), _head_similarity),
@@ -327,7 +323,8 @@ def main(argv: Optional[list[str]] = None) -> Path:
     parser.add_argument("--device", default=None, choices=["cpu", "cuda"],
                         help="where op profiles and benchmarks run (default: cpu at quick scale, cuda at paper)")
     parser.add_argument("--steps", default=None, help="comma-separated steps to run (default: all of the scale)")
-    parser.add_argument("--force", default="", help="comma-separated steps to redo even if their outputs exist")
+    parser.add_argument("--force", default="", help="comma-separated steps to redo even if their outputs exist, "
+                                                    "or 'all'")
     parser.add_argument("--out", type=Path, default=None, help="results folder (default: results/, or "
                                                                  "results/paper at paper scale)")
     args = parser.parse_args(argv)
@@ -338,7 +335,7 @@ def main(argv: Optional[list[str]] = None) -> Path:
     steps = [s for s in STEPS if args.scale in s.scales]
     known = {s.name for s in steps}
     wanted = set(args.steps.split(",")) if args.steps else known
-    forced = set(filter(None, args.force.split(",")))
+    forced = known if args.force == "all" else set(filter(None, args.force.split(",")))
     unknown = sorted((wanted | forced) - known)
     if unknown:
         parser.error(f"unknown step(s) {', '.join(unknown)} at {args.scale} scale; valid: "

@@ -22,6 +22,8 @@ def test_steps_with_outputs_are_skipped_and_forced_ones_rerun(tmp_path, monkeypa
     assert calls == ["missing"]
     reproduce.main(["--out", str(tmp_path), "--force", "cached", "--steps", "cached"])
     assert calls == ["missing", "cached"]
+    reproduce.main(["--out", str(tmp_path), "--force", "all"])
+    assert calls == ["missing", "cached", "cached", "missing"]  # every step of the scale, in order
     assert (tmp_path / "REPORT.md").is_file()
 
 
