@@ -88,6 +88,16 @@ def measure_speed(model: nn.Module, img_size: int, peaks: tuple[float, float], b
     return dict(throughput=timing.throughput, memory_bound_share=profile.memory_bound_share)
 
 
+def speed_table(family: str, shares: Sequence[float] = SHARES, mixer: str = "cga") -> pd.DataFrame:
+    """Throughput and memory-bound share per proportion, all judged by one roofline measured here."""
+    from analysis.op_profile import measure_peaks
+
+    peaks = measure_peaks("cpu")
+    img_size = FAMILIES[family][1]
+    return pd.DataFrame([dict(share=share, **measure_speed(build_variant(family, share, mixer)[0], img_size, peaks))
+                         for share in shares])
+
+
 def run_study(family: str = "deit", shares: Sequence[float] = SHARES, seeds: Sequence[int] = (0, 1, 2),
               epochs: int = 2, limit_train: Optional[int] = 10000, limit_val: Optional[int] = 2000,
               mixer: str = "cga", data_dir: Optional[str] = None) -> pd.DataFrame:
@@ -100,12 +110,8 @@ def run_study(family: str = "deit", shares: Sequence[float] = SHARES, seeds: Seq
     data = build_datasets("fashion_mnist", img_size, data_dir)
     budget = TrainConfig(model=name, data="fashion_mnist", img_size=img_size, epochs=epochs, batch_size=128,
                          lr=1e-3, limit_train=limit_train, limit_val=limit_val, threads=1)
-    from analysis.op_profile import measure_peaks
-
-    peaks = measure_peaks("cpu")
     rows = []
     for share in tqdm(shares, desc=f"{family} MHSA proportions", unit="share"):
-        speed = measure_speed(build_variant(family, share, mixer)[0], img_size, peaks)
         for seed in seeds:
             torch.manual_seed(seed)  # the same initial weights for a given seed across runs
             model, keep = build_variant(family, share, mixer)
@@ -113,8 +119,9 @@ def run_study(family: str = "deit", shares: Sequence[float] = SHARES, seeds: Seq
             rows.append(dict(
                 family=family, model=name, share=share, attention_blocks=" ".join(map(str, keep)),
                 actual_share=len(keep) / sum(stage_depths(family)), seed=seed, epochs=epochs, limit_train=limit_train,
-                val_acc=metrics["val_acc"], params_m=sum(p.numel() for p in model.parameters()) / 1e6, **speed))
-    return pd.DataFrame(rows)
+                val_acc=metrics["val_acc"], params_m=sum(p.numel() for p in model.parameters()) / 1e6))
+    # Speed after training, all variants back to back: timings taken together compare best.
+    return pd.DataFrame(rows).merge(speed_table(family, shares, mixer), on="share")
 
 
 def summarize(df: pd.DataFrame) -> pd.DataFrame:
@@ -163,6 +170,8 @@ def main(argv: Optional[list[str]] = None) -> pd.DataFrame:
     parser.add_argument("--limit-val", type=int, default=2000, help="validation images (0: all 10k)")
     parser.add_argument("--mixer", default="cga", choices=["cga", "mhsa"], help="attention type in evit blocks")
     parser.add_argument("--data-dir", default=None, help="folder with the Fashion-MNIST IDX .gz files")
+    parser.add_argument("--speed-only", action="store_true",
+                        help="keep the trained accuracies in --out, measure throughput and memory-bound share again")
     parser.add_argument("--out", type=Path, default=Path("results/mhsa_ratio"))
     args = parser.parse_args(argv)
     families = args.family.split(",")
@@ -174,9 +183,16 @@ def main(argv: Optional[list[str]] = None) -> pd.DataFrame:
         parser.error(f"--shares must lie in [0, 1], got {args.shares}")
     seeds = [int(s) for s in args.seeds.split(",")]
     for family in families:
-        df = run_study(family, shares, seeds, args.epochs, args.limit_train or None, args.limit_val or None,
-                       args.mixer, args.data_dir)
-        write_csv(df.round(5), args.out / f"{FAMILIES[family][0]}.csv")
+        path = args.out / f"{FAMILIES[family][0]}.csv"
+        if args.speed_only:
+            if not path.is_file():
+                parser.error(f"--speed-only needs the study's results in {path}; run it without --speed-only first")
+            trained = pd.read_csv(path).drop(columns=["throughput", "memory_bound_share"])
+            df = trained.merge(speed_table(family, sorted(trained.share.unique()), args.mixer), on="share")
+        else:
+            df = run_study(family, shares, seeds, args.epochs, args.limit_train or None, args.limit_val or None,
+                           args.mixer, args.data_dir)
+        write_csv(df.round(5), path)
     # The summary and figure cover every family run so far in this folder, not only this call's.
     runs = pd.concat(pd.read_csv(path) for name, _ in FAMILIES.values() if (path := args.out / f"{name}.csv").is_file())
     summary = summarize(runs)

@@ -57,8 +57,9 @@ def test_attention_free_deit_still_sees_the_image():
 
 
 def test_cli_writes_runs_summary_and_figure(tmp_path, monkeypatch):
-    monkeypatch.setattr(mhsa_ratio, "measure_speed", lambda model, img_size, peaks: dict(throughput=1.0,
-                                                                                 memory_bound_share=0.5))
+    speeds = iter(range(1, 100))
+    monkeypatch.setattr(mhsa_ratio, "measure_speed", lambda model, img_size, peaks: dict(
+        throughput=float(next(speeds)), memory_bound_share=0.5))
     args = ["--shares", "0,1", "--seeds", "0,1", "--epochs", "1", "--limit-train", "256", "--limit-val", "128",
             "--out", str(tmp_path)]
     mhsa_ratio.main(["--family", "deit"] + args)
@@ -67,6 +68,10 @@ def test_cli_writes_runs_summary_and_figure(tmp_path, monkeypatch):
     assert set(runs.family) == {"deit", "evit"}  # the summary covers every family run in the folder
     assert len(summary) == 4 and (summary.seeds == 2).all() and summary.val_acc_std.notna().all()
     assert (tmp_path / "mhsa_ratio.png").stat().st_size > 0
+    again = mhsa_ratio.main(["--family", "deit", "--speed-only", "--out", str(tmp_path)])
+    deit = runs[runs.family == "deit"]
+    assert list(again[again.family == "deit"].val_acc) == list(deit.val_acc)  # accuracies kept, not retrained
+    assert (again[again.family == "deit"].throughput > deit.throughput.max()).all()  # speeds measured again
 
 
 def test_bad_shares_and_families_are_clear_errors(capsys):
