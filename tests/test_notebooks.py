@@ -1,33 +1,56 @@
-"""Every notebook runs top to bottom in quick mode, and is committed without outputs."""
+"""Every notebook runs top to bottom in quick mode (EVIT_QUICK=1), within about two minutes, shows its figure
+inline, and is committed without outputs."""
 import os
 import time
 from pathlib import Path
 
 import nbformat
 import pytest
-from nbclient import NotebookClient
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
+QUICK_LIMIT_S = 120  # the issue's budget per notebook in quick mode
+SLACK_S = 30  # kernel start-up and a loaded shared machine
+
+
+def _code_cells(nb):
+    return [c for c in nb.cells if c.cell_type == "code"]
 
 
 def test_there_is_a_notebook_per_analysis():
     names = " ".join(p.stem for p in NOTEBOOKS)
     for topic in ("memory_access", "mhsa", "head_similarity", "taylor", "family"):
-        assert topic in names
+        assert topic in names, f"no notebook for {topic}"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_notebook_is_committed_without_outputs(path):
+    nb = nbformat.read(path, as_version=4)
+    nbformat.validate(nb)
+    for cell in _code_cells(nb):
+        assert not cell.outputs and cell.execution_count is None, f"{path.name}: commit notebooks without outputs"
+    first = nb.cells[0]
+    assert first.cell_type == "markdown" and "claim" in first.source.lower(), "starts with what the paper claims"
+    assert any('os.environ.get("EVIT_QUICK"' in c.source for c in _code_cells(nb)), "has a quick-mode switch"
+    assert "What our run shows" in nb.cells[-1].source, "ends with how to read the results"
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
 def test_notebook_runs_in_quick_mode(path, monkeypatch):
+    nbclient = pytest.importorskip("nbclient")
     nb = nbformat.read(path, as_version=4)
-    code = [c for c in nb.cells if c.cell_type == "code"]
-    assert all(not c.outputs and c.execution_count is None for c in code), "commit notebooks without outputs"
-    monkeypatch.setenv("EVIT_QUICK", "1")  # the kernel inherits the environment
+    # The kernel inherits this process's environment: quick sizes, one torch thread, inline figures.
+    monkeypatch.setenv("EVIT_QUICK", "1")
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     monkeypatch.setenv("MPLBACKEND", "module://matplotlib_inline.backend_inline")
+    assert os.environ["EVIT_QUICK"] == "1"
     start = time.perf_counter()
-    NotebookClient(nb, timeout=240, kernel_name="python3",
-                   resources={"metadata": {"path": str(path.parent)}}).execute()
-    assert time.perf_counter() - start < 150, "quick mode must stay around two minutes"
+    # Started in notebooks/, as `make lab` does: the notebooks find the repository root themselves.
+    nbclient.NotebookClient(nb, timeout=300, kernel_name="python3",
+                            resources={"metadata": {"path": str(path.parent)}}).execute()
+    elapsed = time.perf_counter() - start
+    assert elapsed < QUICK_LIMIT_S + SLACK_S, f"{path.name} took {elapsed:.0f} s in quick mode"
+    outputs = [o for c in _code_cells(nb) for o in c.outputs]
+    assert not [o for o in outputs if o.get("output_type") == "error"]
     assert any(o.get("output_type") in ("display_data", "execute_result") and "image/png" in o.get("data", {})
-               for c in nb.cells if c.cell_type == "code" for o in c.outputs), "the figure is shown inline"
+               for o in outputs), f"{path.name}: the figure is shown inline"
