@@ -22,13 +22,11 @@ import pandas as pd
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.data import resolve_model_data_config
 
 from analysis.attention_capture import CapturedMaps, UnsupportedModelError, capture_attention
-from evit import EfficientViTConfig
 from evit.io import save_figure, write_csv
 from experiments.data import ArrayDataset, image_folder, load_digits_split, load_fashion_mnist, parse_spec, subset
-from experiments.models import is_config_file
+from experiments.models import is_config_file, model_img_size
 from experiments.train import USER_ERRORS
 from experiments.zoo import PROXY_RECIPES, WeightsUnavailableError, load_model
 
@@ -133,17 +131,6 @@ def load_weights(model_name: str, weights: str = "auto") -> tuple[nn.Module, str
     except WeightsUnavailableError as e:
         print(f"note: {e}. Using random weights.", file=sys.stderr)
         return random_model(model_name), "random"
-
-
-def model_img_size(model: nn.Module) -> int:
-    """The input size a model was built for (evit config, timm patch embed, else its pretrained cfg)."""
-    config = getattr(model, "config", None)
-    if isinstance(config, EfficientViTConfig):
-        return config.img_size
-    size = getattr(getattr(model, "patch_embed", None), "img_size", None)
-    if size is not None:
-        return size if isinstance(size, int) else size[-1]
-    return resolve_model_data_config(model)["input_size"][-1]
 
 
 def load_images(spec: str, img_size: int, num_images: int, data_dir: Optional[str] = None) -> torch.Tensor:

@@ -32,6 +32,7 @@ from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import flop_registry
 
 from evit.io import save_figure, write_csv
+from experiments.models import model_img_size
 from experiments.train import USER_ERRORS, build_model
 
 # The one table of operator classes. Each class: (memory-bound in the paper's sense, FLOPs per output element
@@ -261,7 +262,7 @@ def profile_model(model: nn.Module | str, batch: int = 16, img_size: Optional[in
         if hasattr(module, "fused_attn"):  # timm's Attention, WindowAttention, ...
             module.fused_attn = fused_attn
     if example is None:
-        size = img_size or getattr(model, "pretrained_cfg", {}).get("input_size", (3, 224, 224))[-1]
+        size = img_size or model_img_size(model)
         example = torch.randn(batch, 3, size, size, device=device)
     if fused:
         if not hasattr(model, "fuse"):

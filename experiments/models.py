@@ -7,6 +7,7 @@ from typing import Any
 
 import timm
 import torch.nn as nn
+from timm.data import resolve_model_data_config
 
 import evit  # noqa: F401  (registers evit_m0..evit_m5 and evit_custom with timm)
 
@@ -63,3 +64,14 @@ def create_model(name: str, **kwargs: Any) -> nn.Module:
     if is_config_file(name):
         return timm.create_model("evit_custom", config=evit.EfficientViTConfig.from_file(name), **kwargs)
     return timm.create_model(resolve_model_name(name), **kwargs)
+
+
+def model_img_size(model: nn.Module) -> int:
+    """The input size a model was built for (evit config, timm patch embed, else its pretrained cfg)."""
+    config = getattr(model, "config", None)
+    if isinstance(config, evit.EfficientViTConfig):
+        return config.img_size
+    size = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    if size is not None:
+        return size if isinstance(size, int) else size[-1]
+    return resolve_model_data_config(model)["input_size"][-1]
