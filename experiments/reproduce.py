@@ -277,8 +277,8 @@ def _section_family(out: Path) -> Optional[str]:
         faster_is_worse = presets.val_acc.corr(presets.throughput_cpu, method="spearman")
         verdict = "confirmed" if faster_is_worse <= -0.6 else "inconclusive"
         text += (f"\nClaim: larger presets trade speed for accuracy. **{verdict}** at proxy scale (Spearman rank "
-                 f"correlation of accuracy with throughput {faster_is_worse:+.2f}; a short budget on 28 px images "
-                 f"favours models that converge fast, so this is a weak test).\n")
+                 f"correlation of accuracy with throughput {faster_is_worse:+.2f}, threshold -0.6; one seed and a short budget "
+                 f"on upsampled 28 px images favour models that converge fast, so this is a weak test).\n")
     text += "\n![family](family/family.png)\n"
     derived = out / "family" / "allocation.csv"
     if derived.is_file():
@@ -302,7 +302,7 @@ def _section_benchmark(out: Path) -> Optional[str]:
         df = pd.read_csv(path)
         main = df[df.batch == df.batch.max()].pivot_table(index="model", columns="backend", values="throughput")
         latency = df[df.batch == 1].pivot_table(index="model", columns="backend", values="latency_ms")
-        table = main.join(latency, rsuffix=" batch-1 ms").reset_index()
+        table = main.join(latency.add_suffix(" batch-1 ms")).reset_index()
         text += (f"## Speed against peers ({path.stem}: images/s at batch {df.batch.max()}, and batch-1 latency "
                  f"in ms)\n\n{df.machine.iloc[0]}. Quick timing.\n\n"
                  + _table(table, ".1f") + f"\n![{path.stem}](benchmark/{path.stem}.png)\n\n")
