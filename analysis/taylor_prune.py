@@ -14,6 +14,14 @@ so heads stay equal, or one FFN channel) and removes the lowest until the step's
 below a floor per group. torch-pruning's layer pruners do the surgery; the MAC counter includes q @ k^T and
 attn @ v at their pruned widths. Swin: per-window attention, relative-position bias untouched (heads are kept).
 
+EfficientViT (evit_m0.., evit_m0_proxy.., evit config files; BatchNorm only): per block a Q/K group (each head's
+Q and K rows of its qkv Conv-BN and its depthwise Q Conv-BN; all heads lose the same dims, `key_dim` follows and
+the softmax scale stays the original), one FFN-hidden group per FFN of the sandwich (pw1 out + BN, pw2 in) and,
+for MHSA mixers, a V group (qkv V rows + BN, proj in; `val_dim` follows). Cascaded group attention's V is NOT
+pruned (head i's output is added to head i+1's input split, so V dim = C / heads): its V ratio is reported as
+kept. Only the blocks are pruned, not the FFNs inside the stage transitions (Subsample) nor the patch embedding,
+so at small inputs a low MAC target can be out of reach: every group then ends at its floor (said on stderr).
+
 Outputs results/taylor_prune/<model>.csv (one row per block: kept Q/K, V and FFN widths relative to the block's
 input width), <model>_summary.csv, <model>.png and <model>_allocation.yaml, an EfficientViT config built from
 the kept ratios (`python -m experiments.family --models evit_m0,<that yaml>` trains and times both).
@@ -26,7 +34,7 @@ import sys
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Optional, Sequence
+from typing import Callable, Iterable, Optional, Sequence
 
 import pandas as pd
 import torch
@@ -99,59 +107,163 @@ class SplitAttention(nn.Module):
 # --- pruning groups ---------------------------------------------------------------------------------------------
 
 @dataclass
-class Group:
-    """Channels pruned together: output rows of `outputs` and input columns of `inputs`, `heads` equal parts."""
+class Slice:
+    """Where `count` consecutive channels of a group, starting at group channel `first`, live in one layer:
+    weight rows (axis 'out': Linear/Conv outputs, BatchNorm channels) or columns (axis 'in': Linear/Conv inputs)
+    from index `offset`."""
 
-    kind: str                # qk | v | ffn
-    block: str               # module name of the block
+    layer: nn.Module
+    axis: str
+    offset: int
+    first: int
+    count: int
+
+
+@dataclass
+class Group:
+    """Channels pruned together (one Q/K, V or FFN-hidden group of a block), in `heads` equal parts.
+
+    `layout()` gives the group's slices from the layers' current sizes; `on_prune(n)` updates the owning
+    module after n channels per head were removed. A group with `prunable=False` is only reported."""
+
+    kind: str                                # qk | v | ffn
+    block: str                               # module name of the block
     stage: int
     heads: int
-    outputs: list[nn.Linear]
-    inputs: list[nn.Linear]
-    in_dim: int              # width of the block's input (the residual stream)
-    original: int = 0        # channels before pruning
-    tokens: float = 0.0      # tokens per image through this block (measured)
-    keys: float = 0.0        # keys each query attends to (N for ViT, the window area for Swin)
+    in_dim: int                              # width of the block's input (the residual stream)
+    site: nn.Module                          # the module whose input sets tokens (and keys, for attention)
+    layout: Callable[[], list[Slice]]
+    count: Callable[[], int]
+    on_prune: Callable[[int], None] = lambda removed_per_head: None
+    prunable: bool = True
+    original: int = 0                        # channels before pruning
+    tokens: float = 0.0                      # positions per image through this group's layers (measured)
+    keys: float = 0.0                        # keys each query attends to (N for ViT, the window area otherwise)
 
     @property
     def channels(self) -> int:
-        return self.outputs[0].out_features
+        return self.count()
 
     def macs_per_channel(self) -> float:
-        """MACs per image one channel costs: its rows and columns in the Linears, and its share of the
-        attention matmuls (q @ k^T for a Q/K channel, attn @ v for a V channel)."""
-        linear = self.tokens * (sum(layer.in_features for layer in self.outputs)
-                                + sum(layer.out_features for layer in self.inputs))
-        return linear + (self.tokens * self.keys if self.kind in ("qk", "v") else 0.0)
+        """MACs per image one channel costs: its rows and columns in the layers, and its share of the attention
+        matmuls (q @ k^T for a Q/K channel, attn @ v for a V channel)."""
+        per_position = sum(s.count * _fan(s.layer, s.axis) for s in self.layout()) / max(self.channels, 1)
+        return self.tokens * (per_position + (self.keys if self.kind in ("qk", "v") else 0.0))
+
+
+def _fan(layer: nn.Module, axis: str) -> float:
+    """Multiply-adds per position for one output row ('out') or one input column ('in') of a layer."""
+    if isinstance(layer, nn.Linear):
+        return layer.in_features if axis == "out" else layer.out_features
+    if isinstance(layer, nn.Conv2d):
+        kernel = math.prod(layer.kernel_size)
+        return kernel * layer.in_channels // layer.groups if axis == "out" else kernel * layer.out_channels
+    return 0.0  # norms
 
 
 def _stage_of(name: str) -> int:
     parts = name.split(".")
-    return int(parts[1]) if parts[0] == "layers" else 0
+    return int(parts[1]) if parts[0] in ("layers", "stages") else 0
+
+
+def _timm_groups(name: str, block: nn.Module) -> list[Group]:
+    """timm ViT / Swin block: fused qkv split into q, k, v Linears; Q/K, V and FFN-hidden groups."""
+    if not isinstance(block.attn, SplitAttention):
+        if not hasattr(block.attn, "qkv") or not isinstance(getattr(block.attn, "q_norm", nn.Identity()),
+                                                             nn.Identity):
+            raise UnsupportedModelError(f"{name}.attn ({type(block.attn).__name__}) is not a plain fused-qkv "
+                                        f"attention")
+        block.attn = SplitAttention(block.attn)
+    attn, mlp = block.attn, block.mlp
+    if not isinstance(mlp, Mlp) or not isinstance(mlp.norm, nn.Identity):
+        raise UnsupportedModelError(f"{name}.mlp ({type(mlp).__name__}) is not a plain timm Mlp")
+
+    def whole(*layers_axes: tuple[nn.Module, str]) -> Callable[[], list[Slice]]:
+        return lambda: [Slice(layer, axis, 0, 0, layers_axes[0][0].out_features) for layer, axis in layers_axes]
+
+    common = dict(block=name, stage=_stage_of(name), in_dim=attn.q.in_features)
+    return [Group("qk", heads=attn.num_heads, site=attn, layout=whole((attn.q, "out"), (attn.k, "out")),
+                  count=lambda: attn.q.out_features, **common),
+            Group("v", heads=attn.num_heads, site=attn, layout=whole((attn.v, "out"), (attn.proj, "in")),
+                  count=lambda: attn.v.out_features, **common),
+            Group("ffn", heads=1, site=mlp, layout=whole((mlp.fc1, "out"), (mlp.fc2, "in")),
+                  count=lambda: mlp.fc1.out_features, **common)]
+
+
+def _conv_norm(module: nn.Module, axis: str, offset: int, first: int, count: int) -> list[Slice]:
+    """Slices of an evit ConvNorm: the conv's rows or columns and, for outputs, the BatchNorm's channels."""
+    slices = [Slice(module.conv, axis, offset, first, count)]
+    return slices + [Slice(module.bn, "out", offset, first, count)] if axis == "out" else slices
+
+
+def _evit_groups(name: str, block: nn.Module) -> list[Group]:
+    """evit block: both FFNs of the sandwich, and the mixer's Q/K (per head: the Q and K rows of the head's
+    qkv conv and its depthwise Q conv) and V groups. Cascaded group attention's V width is fixed by the cascade
+    (head i's output is added to head i+1's input split, so V = dim / heads): reported, not pruned."""
+    from evit.efficientvit import CascadedGroupAttention, ConvMlp, ConvNorm
+
+    if not all(isinstance(m.bn, nn.BatchNorm2d) for m in block.modules() if isinstance(m, ConvNorm)):
+        # a LayerNorm normalizes over channels: removing one changes every other channel's output
+        raise UnsupportedModelError(f"{name}: only BatchNorm evit blocks can be pruned (this one has LayerNorm)")
+    ffns = [m.m for n, m in block.named_children() if n.startswith("ffn")]
+    assert all(isinstance(f, ConvMlp) for f in ffns), name
+    if not ffns and block.mixer_type == "none":
+        return []  # an empty block (or DWConv only): nothing to prune
+    in_dim = ffns[0].pw1.conv.in_channels if ffns else block.mixer.m.attn.proj[1].conv.out_channels
+    common = dict(block=name, stage=_stage_of(name), in_dim=in_dim)
+    groups = [Group("ffn", heads=1, site=f, count=lambda f=f: f.pw1.conv.out_channels,
+                    layout=lambda f=f: _conv_norm(f.pw1, "out", 0, 0, f.pw1.conv.out_channels)
+                    + _conv_norm(f.pw2, "in", 0, 0, f.pw1.conv.out_channels), **common) for f in ffns]
+    if block.mixer_type == "none":
+        return groups
+    attn = block.mixer.m.attn  # Residual -> WindowAttention -> CGA / MHSA
+    heads = attn.num_heads
+
+    def shrink(field: str) -> Callable[[int], None]:
+        return lambda removed: setattr(attn, field, getattr(attn, field) - removed)
+
+    if isinstance(attn, CascadedGroupAttention):
+        def qk_layout() -> list[Slice]:
+            kd = attn.key_dim
+            return [s for h in range(heads) for s in
+                    _conv_norm(attn.qkvs[h], "out", 0, h * kd, kd) + _conv_norm(attn.qkvs[h], "out", kd, h * kd, kd)
+                    + (_conv_norm(attn.dws[h], "out", 0, h * kd, kd) if hasattr(attn.dws[h], "conv") else [])]
+
+        v = Group("v", heads=heads, site=attn, layout=lambda: [], count=lambda: heads * attn.val_dim,
+                  prunable=False, **common)
+    else:  # MHSA: one qkv conv laid out as [Q of all heads | K of all heads | V of all heads]
+        def qk_layout() -> list[Slice]:
+            kd, qk = attn.key_dim, heads * attn.key_dim
+            dws = [s for h in range(heads) for s in _conv_norm(attn.dws[h], "out", 0, h * kd, kd)] \
+                if attn.dws is not None else []
+            return _conv_norm(attn.qkv, "out", 0, 0, qk) + _conv_norm(attn.qkv, "out", qk, 0, qk) + dws
+
+        def v_layout() -> list[Slice]:
+            vd = heads * attn.val_dim
+            return _conv_norm(attn.qkv, "out", 2 * heads * attn.key_dim, 0, vd) + [
+                Slice(attn.proj[1].conv, "in", 0, 0, vd)]
+
+        v = Group("v", heads=heads, site=attn, layout=v_layout, count=lambda: heads * attn.val_dim,
+                  on_prune=shrink("val_dim"), **common)
+    qk = Group("qk", heads=heads, site=attn, layout=qk_layout, count=lambda: heads * attn.key_dim,
+               on_prune=shrink("key_dim"), **common)
+    return [qk, v] + groups
 
 
 def prepare(model: nn.Module) -> list[Group]:
-    """Split every attention's qkv (in place) and return the Q/K, V and FFN groups of every block."""
+    """Split every timm attention's qkv (in place) and return the Q/K, V and FFN groups of every block."""
+    from evit.efficientvit import EfficientViTBlock
+
     groups: list[Group] = []
-    blocks = [(name, m) for name, m in model.named_modules() if hasattr(m, "attn") and hasattr(m, "mlp")]
-    if not blocks:
-        raise UnsupportedModelError(f"{type(model).__name__} has no timm ViT/Swin blocks (attn + mlp); supported: "
-                                    f"timm VisionTransformer (deit_*, vit_*, deit_proxy) and SwinTransformer "
-                                    f"(swin_*, swin_proxy)")
-    for name, block in blocks:
-        if not isinstance(block.attn, SplitAttention):
-            if not hasattr(block.attn, "qkv") or not isinstance(getattr(block.attn, "q_norm", nn.Identity()),
-                                                                 nn.Identity):
-                raise UnsupportedModelError(f"{name}.attn ({type(block.attn).__name__}) is not a plain fused-qkv "
-                                            f"attention")
-            block.attn = SplitAttention(block.attn)
-        attn, mlp = block.attn, block.mlp
-        if not isinstance(mlp, Mlp) or not isinstance(mlp.norm, nn.Identity):
-            raise UnsupportedModelError(f"{name}.mlp ({type(mlp).__name__}) is not a plain timm Mlp")
-        common = dict(block=name, stage=_stage_of(name), in_dim=attn.q.in_features)
-        groups += [Group("qk", heads=attn.num_heads, outputs=[attn.q, attn.k], inputs=[], **common),
-                   Group("v", heads=attn.num_heads, outputs=[attn.v], inputs=[attn.proj], **common),
-                   Group("ffn", heads=1, outputs=[mlp.fc1], inputs=[mlp.fc2], **common)]
+    for name, module in model.named_modules():
+        if isinstance(module, EfficientViTBlock):
+            groups += _evit_groups(name, module)
+        elif hasattr(module, "attn") and hasattr(module, "mlp"):
+            groups += _timm_groups(name, module)
+    if not groups:
+        raise UnsupportedModelError(f"{type(model).__name__} has no prunable blocks; supported: timm "
+                                    f"VisionTransformer (deit_*, vit_*, deit_proxy), SwinTransformer (swin_*, "
+                                    f"swin_proxy) and evit models with BatchNorm (evit_m*, proxies, configs)")
     for group in groups:
         group.original = group.channels
     return groups
@@ -159,8 +271,24 @@ def prepare(model: nn.Module) -> list[Group]:
 
 # --- MACs -------------------------------------------------------------------------------------------------------
 
+def _forward_with_hooks(model: nn.Module, example: torch.Tensor, hooks: dict[nn.Module, Callable]) -> None:
+    handles = [module.register_forward_hook(hook) for module, hook in hooks.items()]
+    try:
+        with torch.no_grad():
+            model(example)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _attention_modules() -> tuple[type, ...]:
+    from evit.efficientvit import RelativeBiasAttention
+
+    return SplitAttention, RelativeBiasAttention
+
+
 def count_macs(model: nn.Module, example: torch.Tensor) -> dict[str, float]:
-    """MACs per image by module name: Linear and Conv layers from their output sizes, and for SplitAttention
+    """MACs per image by module name: Linear and Conv layers from their output sizes, and for attention modules
     the two attention matmuls at their current (pruned) widths."""
     macs: dict[str, float] = defaultdict(float)
     batch = example.shape[0]
@@ -171,44 +299,37 @@ def count_macs(model: nn.Module, example: torch.Tensor) -> dict[str, float]:
                 macs[name] += out.numel() / batch * module.in_features
             elif isinstance(module, nn.Conv2d):
                 macs[name] += out.numel() / batch * module.in_channels // module.groups * math.prod(module.kernel_size)
-            else:  # SplitAttention: q @ k^T and attn @ v over every window of every image
+            elif isinstance(module, SplitAttention):  # q @ k^T and attn @ v over every window of every image
                 x = args[0]
-                windows, tokens = x.shape[0] / batch, x.shape[1]
                 per_head = (module.q.out_features + module.v.out_features) / module.num_heads
-                macs[name] += windows * module.num_heads * tokens * tokens * per_head
+                macs[name] += x.shape[0] / batch * module.num_heads * x.shape[1] ** 2 * per_head
+            else:  # evit CGA / MHSA on (windows, C, ws, ws)
+                x = args[0]
+                tokens = x.shape[2] * x.shape[3]
+                macs[name] += (x.shape[0] / batch * module.num_heads * tokens ** 2
+                               * (module.key_dim + module.val_dim))
         return count
 
-    handles = [m.register_forward_hook(hook(n)) for n, m in model.named_modules()
-               if isinstance(m, (nn.Linear, nn.Conv2d, SplitAttention))]
-    try:
-        with torch.no_grad():
-            model(example)
-    finally:
-        for handle in handles:
-            handle.remove()
+    _forward_with_hooks(model, example, {m: hook(n) for n, m in model.named_modules()
+                                         if isinstance(m, (nn.Linear, nn.Conv2d) + _attention_modules())})
     return dict(macs)
 
 
 def measure_tokens(model: nn.Module, groups: Sequence[Group], example: torch.Tensor) -> None:
-    """Tokens per image and keys per query of every group's block, from one forward."""
-    sizes: dict[str, tuple[float, float]] = {}
-    attns = {g.block: dict(model.named_modules())[g.block].attn for g in groups}
+    """Positions per image and keys per query at every group's site, from one forward."""
+    sizes: dict[nn.Module, tuple[float, float]] = {}
+    batch = example.shape[0]
 
-    def hook(name: str):
-        def record(module: nn.Module, args: tuple, out: torch.Tensor) -> None:
-            x = args[0]
-            sizes[name] = (x.shape[0] * x.shape[1] / example.shape[0], float(x.shape[1]))
-        return record
+    def record(module: nn.Module, args: tuple, out: torch.Tensor) -> None:
+        x = args[0]
+        if x.dim() == 4 and not isinstance(module, Mlp):  # evit: (B or windows, C, H, W)
+            sizes[module] = (x.shape[0] * x.shape[2] * x.shape[3] / batch, float(x.shape[2] * x.shape[3]))
+        else:  # timm: channels last, (B or windows, N, C) or (B, H, W, C)
+            sizes[module] = (x.numel() / x.shape[-1] / batch, float(x.shape[1]))
 
-    handles = [attn.register_forward_hook(hook(name)) for name, attn in attns.items()]
-    try:
-        with torch.no_grad():
-            model(example)
-    finally:
-        for handle in handles:
-            handle.remove()
+    _forward_with_hooks(model, example, {g.site: record for g in groups})
     for group in groups:
-        group.tokens, group.keys = sizes[group.block]
+        group.tokens, group.keys = sizes[group.site]
 
 
 # --- importance -------------------------------------------------------------------------------------------------
@@ -220,17 +341,31 @@ def accumulate_gradients(model: nn.Module, batches: Iterable[tuple[torch.Tensor,
             F.cross_entropy(model(images), labels).backward()
 
 
+def _taylor(layer: nn.Module, axis: str) -> torch.Tensor:
+    """|w * dL/dw| summed per output row or input column (a row's bias, or a norm's shift, included)."""
+    weight = layer.weight
+    score = (weight * weight.grad).abs()
+    if weight.dim() > 1:
+        score = score.sum(dim=[d for d in range(weight.dim()) if d != (0 if axis == "out" else 1)])
+    bias = getattr(layer, "bias", None)
+    if axis == "out" and bias is not None and bias.grad is not None:
+        score = score + (bias * bias.grad).abs()
+    return score.detach()
+
+
 def channel_importance(group: Group, normalizer: str = "mean", reduction: str = "sum") -> torch.Tensor:
-    """|w * dL/dw| summed per channel in each layer, reduced over the group's layers, then normalized within
-    the group (so groups of different sizes compete fairly in the global ranking)."""
-    per_layer = []
-    for layer, dim in [(m, 1) for m in group.outputs] + [(m, 0) for m in group.inputs]:
-        score = (layer.weight * layer.weight.grad).abs().sum(dim)
-        if dim == 1 and layer.bias is not None:
-            score = score + (layer.bias * layer.bias.grad).abs()
-        per_layer.append(score.detach())
-    stacked = torch.stack(per_layer)
-    importance = {"sum": stacked.sum, "mean": stacked.mean, "max": lambda dim: stacked.max(dim).values}[reduction](0)
+    """Taylor scores of the group's channels in each layer they live in, reduced over those layers, then
+    normalized within the group (so groups of different sizes compete fairly in the global ranking)."""
+    slices = group.layout()
+    per_layer = torch.full((len(slices), group.channels), math.nan)
+    for row, s in enumerate(slices):
+        per_layer[row, s.first:s.first + s.count] = _taylor(s.layer, s.axis)[s.offset:s.offset + s.count]
+    if reduction == "sum":
+        importance = per_layer.nansum(0)
+    elif reduction == "mean":
+        importance = per_layer.nanmean(0)
+    else:
+        importance = per_layer.nan_to_num(-math.inf).amax(0)
     if normalizer == "mean":
         importance = importance / importance.mean().clamp_min(1e-30)
     elif normalizer == "max":
@@ -241,10 +376,22 @@ def channel_importance(group: Group, normalizer: str = "mean", reduction: str = 
 
 
 def prune_channels(group: Group, idxs: list[int]) -> None:
-    for layer in group.outputs:
-        tp.prune_linear_out_channels(layer, idxs)
-    for layer in group.inputs:
-        tp.prune_linear_in_channels(layer, idxs)
+    """Remove the group's channels `idxs` from every layer (one torch-pruning call per layer and axis)."""
+    rows: dict[tuple[int, str], tuple[nn.Module, list[int]]] = {}
+    for s in group.layout():
+        picked = [s.offset + c - s.first for c in idxs if s.first <= c < s.first + s.count]
+        rows.setdefault((id(s.layer), s.axis), (s.layer, []))[1].extend(picked)
+    for (_, axis), (layer, picked) in rows.items():
+        picked = sorted(set(picked))
+        if isinstance(layer, nn.Linear):
+            (tp.prune_linear_out_channels if axis == "out" else tp.prune_linear_in_channels)(layer, picked)
+        elif isinstance(layer, nn.BatchNorm2d):
+            tp.prune_batchnorm_out_channels(layer, picked)
+        elif layer.groups == layer.in_channels and layer.groups > 1:  # depthwise: in, out and groups together
+            tp.prune_depthwise_conv_out_channels(layer, picked)
+        else:
+            (tp.prune_conv_out_channels if axis == "out" else tp.prune_conv_in_channels)(layer, picked)
+    group.on_prune(len(idxs) // group.heads)
 
 
 @dataclass
@@ -309,8 +456,9 @@ def taylor_prune(model: nn.Module, batches: Sequence[tuple[torch.Tensor, torch.T
         goal = total_before * (1 - (1 - target_macs) * step / steps)
         excess = sum(count_macs(model, example).values()) - goal
         accumulate_gradients(model, batches)
-        units = sorted((u for g in groups for u in candidate_units(g, channel_importance(g, normalizer, reduction),
-                                                                   floor)), key=lambda u: u.importance)
+        units = sorted((u for g in groups if g.prunable
+                        for u in candidate_units(g, channel_importance(g, normalizer, reduction), floor)),
+                       key=lambda u: u.importance)
         chosen: dict[int, list[int]] = defaultdict(list)
         for unit in units:
             if excess <= 0:
@@ -322,6 +470,10 @@ def taylor_prune(model: nn.Module, batches: Sequence[tuple[torch.Tensor, torch.T
                 prune_channels(group, sorted(chosen[id(group)]))
         model.zero_grad(set_to_none=True)
     macs_after = count_macs(model, example)
+    if sum(macs_after.values()) > 1.01 * target_macs * total_before:
+        print(f"note: MAC target {target_macs:.2f} not reached ({sum(macs_after.values()) / total_before:.3f} "
+              f"kept): the prunable groups are at their floor ({floor:g}), the rest of the model is not pruned",
+              file=sys.stderr)
     blocks = block_table(groups, macs_before, macs_after)
     summary = dict(macs_before_m=total_before / 1e6, macs_after_m=sum(macs_after.values()) / 1e6,
                    macs_kept=sum(macs_after.values()) / total_before, params_before_m=params_before / 1e6,
@@ -333,19 +485,26 @@ def taylor_prune(model: nn.Module, batches: Sequence[tuple[torch.Tensor, torch.T
 
 
 def block_table(groups: Sequence[Group], macs_before: dict[str, float], macs_after: dict[str, float]) -> pd.DataFrame:
-    """One row per block: channels kept per group, each relative to the block's input width, and MACs."""
+    """One row per block: channels kept per group kind (an evit sandwich's two FFNs summed), each relative to
+    the block's input width (per FFN), and MACs."""
     rows: dict[str, dict] = {}
     for group in groups:
         row = rows.setdefault(group.block, dict(block=len(rows), name=group.block, stage=group.stage,
-                                                in_dim=group.in_dim, heads=group.heads))
-        row[f"{group.kind}_dim_before"], row[f"{group.kind}_dim"] = group.original, group.channels
-        row[f"{group.kind}_ratio"] = group.channels / group.in_dim
-        row[f"{group.kind}_kept"] = group.channels / group.original
+                                                in_dim=group.in_dim, heads=1))
+        if group.kind != "ffn":
+            row["heads"] = group.heads
+        n = row.get(f"_{group.kind}_groups", 0) + 1
+        row[f"_{group.kind}_groups"] = n
+        row[f"{group.kind}_dim_before"] = row.get(f"{group.kind}_dim_before", 0) + group.original
+        row[f"{group.kind}_dim"] = row.get(f"{group.kind}_dim", 0) + group.channels
+        row[f"{group.kind}_ratio"] = row[f"{group.kind}_dim"] / (n * group.in_dim)
+        row[f"{group.kind}_kept"] = row[f"{group.kind}_dim"] / row[f"{group.kind}_dim_before"]
     for row in rows.values():
         prefix = row["name"] + "."
         row["macs_before_m"] = sum(v for k, v in macs_before.items() if k.startswith(prefix)) / 1e6
         row["macs_after_m"] = sum(v for k, v in macs_after.items() if k.startswith(prefix)) / 1e6
-    return pd.DataFrame(rows.values())
+    df = pd.DataFrame(rows.values())
+    return df.loc[:, ~df.columns.str.startswith("_")]
 
 
 def stage_table(blocks: pd.DataFrame) -> pd.DataFrame:
@@ -440,7 +599,8 @@ def load_batches(spec: str, img_size: int, count: int, batch: int, train: bool, 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m analysis.taylor_prune", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="deit_proxy", help="deit_proxy, swin_proxy, deit_tiny, swin_tiny, a timm "
+    p.add_argument("--model", default="deit_proxy", help="deit_proxy, swin_proxy, evit_m0_proxy.., deit_tiny, "
+                                                         "swin_tiny, evit_m0.., an evit config file, a timm "
                                                          "ViT/Swin name (default: deit_proxy)")
     p.add_argument("--weights", default="auto", help="auto (proxy for proxies, else pretrained) | proxy | "
                                                      "pretrained | random | PATH")

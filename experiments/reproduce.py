@@ -72,7 +72,7 @@ def _taylor_prune(out: Path, opts: argparse.Namespace) -> None:
     models = QUICK_MODELS if opts.scale == "quick" else PAPER_MODELS
     data = ["--finetune-epochs", "1"] if opts.scale == "quick" else ["--weights", "pretrained", "--data", opts.data,
                                                                      "--img-size", "224", "--batch", "32"]
-    for model in (models["deit"], models["swin"]):
+    for model in models.values():
         taylor_prune.main(["--model", model, "--out", str(out / "taylor_prune")] + data)
 
 
@@ -110,7 +110,8 @@ STEPS = [
                              "head_similarity/{evit}.csv"), _head_similarity),
     # Training 15 subnetworks, or M0-M5, on ImageNet is a cluster job: at paper scale these run through
     # torchrun (see README), not here.
-    Step("taylor_prune", ("taylor_prune/{deit}.csv", "taylor_prune/{swin}.csv"), _taylor_prune),
+    Step("taylor_prune", ("taylor_prune/{deit}.csv", "taylor_prune/{swin}.csv", "taylor_prune/{evit}.csv"),
+         _taylor_prune),
     Step("mhsa_ratio", ("mhsa_ratio/deit_proxy.csv", "mhsa_ratio/evit_m0_proxy.csv"), _mhsa_ratio, ("quick",)),
     Step("family", ("family/family.csv", "family/allocation.csv"), _family, ("quick",)),
     Step("benchmark", ("benchmark/{device}.csv",), _benchmark),
@@ -248,15 +249,16 @@ def _section_taylor_prune(out: Path) -> Optional[str]:
                                                              round(i * len(blocks) / 3) + 1)] for i in range(3)]
         means = {k: [float(t[f"{k}_kept"].mean()) for t in thirds] for k in ("qk", "v", "ffn")}
         rows += [dict(model=model, group=k, early=v[0], middle=v[1], late=v[2]) for k, v in means.items()]
-        claims[model] = dict(v_above_qk=means["v"][0] > means["qk"][0],
-                             early_above_late=sum(v[0] for v in means.values()) > sum(v[2] for v in means.values()))
+        claims[model] = dict(early_above_late=sum(v[0] for v in means.values()) > sum(v[2] for v in means.values()))
+        if not (blocks.v_kept == 1).all():  # CGA's V is fixed by its cascade: no evidence either way
+            claims[model]["v_above_qk"] = means["v"][0] > means["qk"][0]
     text += ("\nFraction of each group's channels kept (early / middle / late blocks):\n\n"
              + _table(pd.DataFrame(rows), ".2f"))
     for claim, key in (("V is kept closer to the input width than Q/K (early blocks)", "v_above_qk"),
                        ("early blocks keep more channels than late ones", "early_above_late")):
-        agree = [m for m, c in claims.items() if c[key]]
-        verdict = "confirmed" if len(agree) == len(claims) else ("refuted" if not agree else "inconclusive")
-        other = [m for m in claims if m not in agree]
+        agree = [m for m, c in claims.items() if c.get(key)]
+        other = [m for m, c in claims.items() if key in c and not c[key]]
+        verdict = "refuted" if not agree else ("confirmed" if not other else "inconclusive")
         text += (f"\nClaim: {claim}. **{verdict}** at proxy scale (holds for {', '.join(agree) or 'none'}; not for "
                  f"{', '.join(other) or 'none'}).\n")
     figures = sorted(p.name for p in folder.glob("*.png"))

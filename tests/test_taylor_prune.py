@@ -37,15 +37,16 @@ def test_planted_zero_channels_are_pruned_first_and_change_nothing():
     model = tiny_vit()
     groups = tpr.prepare(model)
     qk, v, ffn = groups[:3]  # block 0
+    attn, mlp = model.blocks[0].attn, model.blocks[0].mlp
     with torch.no_grad():
         for h in range(2):  # one Q/K dim in every head: q . k loses nothing
-            for layer in qk.outputs:
+            for layer in (attn.q, attn.k):
                 layer.weight[h * 6 + 4].zero_()
                 layer.bias[h * 6 + 4].zero_()
-            v.outputs[0].weight[h * 6 + 1].zero_()
-            v.outputs[0].bias[h * 6 + 1].zero_()
-        ffn.outputs[0].weight[[3, 7]] = 0
-        ffn.outputs[0].bias[[3, 7]] = -10.0  # GELU(-10) = 0: the hidden channel is dead
+            attn.v.weight[h * 6 + 1].zero_()
+            attn.v.bias[h * 6 + 1].zero_()
+        mlp.fc1.weight[[3, 7]] = 0
+        mlp.fc1.bias[[3, 7]] = -10.0  # GELU(-10) = 0: the hidden channel is dead
     x = torch.randn(4, 3, 16, 16)
     with torch.no_grad():
         before = model(x)
@@ -131,8 +132,227 @@ def test_clear_errors(capsys):
         tpr.main(["--model", "deit_tinny", "--weights", "random"])
     assert "unknown model 'deit_tinny'" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        tpr.main(["--model", "evit_m0", "--weights", "random"])
-    assert "supported: timm VisionTransformer" in capsys.readouterr().err
+        tpr.main(["--model", "resnet18", "--weights", "random"])
+    assert "no prunable blocks; supported: timm VisionTransformer" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         tpr.main(["--target-macs", "1.5"])
     assert "(0, 1)" in capsys.readouterr().err
+
+
+def tiny_evit(mixers="cga"):
+    """evit M0 at 64 px with random BatchNorm statistics and affine terms (fresh ones make branches zero)."""
+    torch.manual_seed(0)
+    model = timm.create_model("evit_m0", img_size=64, num_classes=10, mixers=mixers).eval()
+    with torch.no_grad():
+        for bn in (m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)):
+            bn.weight.uniform_(0.5, 1.5), bn.bias.normal_(0, 0.1)
+            bn.running_mean.normal_(0, 0.1), bn.running_var.uniform_(0.5, 2.0)
+    return model
+
+
+def test_evit_planted_zero_channels_are_pruned_first_and_change_nothing():
+    model = tiny_evit()
+    qk, v, ffn = tpr.prepare(model)[:3]  # stages.0.blocks.0: Q/K, V (fixed by the cascade), first FFN
+    attn, pw1 = model.stages[0].blocks[0].mixer.m.attn, model.stages[0].blocks[0].ffn0.m.pw1
+    kd = attn.key_dim
+    with torch.no_grad():
+        for h in range(attn.num_heads):  # Q/K dim 3 of every head outputs exactly zero
+            for module, rows in ((attn.qkvs[h], [3, kd + 3]), (attn.dws[h], [3])):
+                module.conv.weight[rows] = 0
+                module.bn.weight[rows] = 0
+                module.bn.bias[rows] = 0
+        pw1.conv.weight[[5, 9]] = 0
+        pw1.bn.weight[[5, 9]] = 0
+        pw1.bn.bias[[5, 9]] = 0
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        before = model(x)
+    tpr.accumulate_gradients(model, batches(size=64, classes=10))
+    first = tpr.candidate_units(qk, tpr.channel_importance(qk), floor=0.1)[0]
+    assert sorted(first.channels) == [h * kd + 3 for h in range(attn.num_heads)] and first.importance == 0
+    importance = tpr.channel_importance(ffn)
+    assert importance[[5, 9]].max() == 0 == importance.min()  # (ReLU channels dead on this data tie with them)
+    assert not v.prunable
+    tpr.prune_channels(qk, first.channels)
+    tpr.prune_channels(ffn, [5, 9])
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), before, atol=1e-5, rtol=0)
+    assert attn.key_dim == kd - 1 and attn.qkvs[0].conv.out_channels == 2 * (kd - 1) + attn.val_dim
+    assert attn.dws[0].conv.groups == kd - 1 and pw1.conv.out_channels == ffn.original - 2
+
+
+@pytest.mark.parametrize("mixers", ["cga", "mhsa"])
+def test_evit_mac_counter_agrees_with_fvcore_before_and_after_pruning(mixers):
+    import evit
+
+    model, x = tiny_evit(mixers), torch.randn(2, 3, 64, 64)
+    macs = lambda: sum(tpr.count_macs(model, x).values())  # noqa: E731
+    assert macs() == count_flops(evit.fuse(model), 64)  # fvcore counts one multiply-add as one flop
+    result = tpr.taylor_prune(model, batches(1, 64, 10), target_macs=0.7, steps=1)
+    assert macs() == count_flops(evit.fuse(result.model), 64)
+    assert result.summary["macs_after_m"] < 0.8 * result.summary["macs_before_m"]
+    blocks = [b for stage in model.stages for b in stage.blocks]
+    assert list(result.blocks.qk_dim) == [b.mixer.m.attn.num_heads * b.mixer.m.attn.key_dim for b in blocks]
+    assert list(result.blocks.ffn_dim) == [b.ffn0.m.pw1.conv.out_channels + b.ffn1.m.pw1.conv.out_channels
+                                           for b in blocks]
+    if mixers == "mhsa":  # V is its own group there; the cascade fixes it for CGA
+        assert list(result.blocks.v_dim) == [b.mixer.m.attn.num_heads * b.mixer.m.attn.val_dim for b in blocks]
+    else:
+        assert (result.blocks.v_kept == 1).all()
+    assert result.model(x).shape == (2, 10)
+
+
+# --- EfficientViT --------------------------------------------------------------------------------------------------
+
+def randomize_(model, seed=0):
+    """Random weights and BatchNorm running stats (last norms of every branch non-zero, so every branch counts)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, t in model.state_dict().items():
+            if t.dtype.is_floating_point:
+                t.copy_(torch.rand(t.shape, generator=gen) + 0.5 if name.endswith("running_var")
+                        else torch.randn(t.shape, generator=gen) * 0.1)
+    return model.eval()
+
+
+def evit_m0(**kwargs):
+    return randomize_(timm.create_model("evit_m0", img_size=64, num_classes=10, **kwargs))
+
+
+def evit_modules(model):
+    from evit.efficientvit import EfficientViTBlock
+
+    return [b for b in model.modules() if isinstance(b, EfficientViTBlock)]
+
+
+@pytest.mark.parametrize("mixer", ["cga", "mhsa"])
+def test_evit_planted_zero_channels_are_pruned_first_and_change_nothing(mixer):
+    model = evit_m0() if mixer == "cga" else evit_m0(mixers="mhsa", v_ratio=0.5)
+    groups = tpr.prepare(model)
+    block = evit_modules(model)[0]
+    attn, ffn0 = block.mixer.m.attn, block.ffn0.m
+    heads, kd, vd = attn.num_heads, attn.key_dim, attn.val_dim
+    assert [g.kind for g in groups[:4]] == ["ffn", "ffn", "qk", "v"] or [g.kind for g in groups[:4]] == [
+        "qk", "v", "ffn", "ffn"]
+    qk, v = (next(g for g in groups[:4] if g.kind == kind) for kind in ("qk", "v"))
+    ffn = next(g for g in groups[:4] if g.site is ffn0)
+    dim_qk, dim_v = 3, 1  # planted: Q/K dim 3 and (MHSA) V dim 1 of every head
+    with torch.no_grad():
+        def zero_rows(conv_norm, rows):  # conv rows and BN scale and shift: those channels output exactly 0
+            conv_norm.conv.weight[rows] = 0
+            conv_norm.bn.weight[rows] = 0
+            conv_norm.bn.bias[rows] = 0
+
+        for h in range(heads):
+            if mixer == "cga":  # head h's own qkv conv: rows [Q (kd) | K (kd) | V (vd)]
+                zero_rows(attn.qkvs[h], [dim_qk, kd + dim_qk])
+            else:  # one qkv conv: [Q of all heads | K of all heads | V of all heads]
+                zero_rows(attn.qkv, [h * kd + dim_qk, (heads + h) * kd + dim_qk, 2 * heads * kd + h * vd + dim_v])
+            zero_rows(attn.dws[h], [dim_qk])  # the depthwise conv on Q
+        zero_rows(ffn0.pw1, [5, 9])  # ReLU(0) = 0: two dead FFN hidden channels
+    x = torch.randn(4, 3, 64, 64)
+    with torch.no_grad():
+        before = model(x)
+    tpr.accumulate_gradients(model, batches(size=64, classes=10))
+    planted = {"qk": [h * kd + dim_qk for h in range(heads)], "v": [h * vd + dim_v for h in range(heads)]}
+    for group in (qk, v) if mixer == "mhsa" else (qk,):
+        first = tpr.candidate_units(group, tpr.channel_importance(group), floor=0.1)[0]
+        assert sorted(first.channels) == planted[group.kind] and first.importance == 0
+    ffn_units = tpr.candidate_units(ffn, tpr.channel_importance(ffn), floor=0.1)
+    assert sorted(u.channels[0] for u in ffn_units[:2]) == [5, 9]
+    assert ffn_units[0].importance == 0 and ffn_units[1].importance == 0 and ffn_units[2].importance > 0
+    scale = attn.scale
+    tpr.prune_channels(qk, planted["qk"])
+    tpr.prune_channels(ffn, [5, 9])
+    if mixer == "mhsa":
+        tpr.prune_channels(v, planted["v"])
+    assert not v.prunable if mixer == "cga" else v.prunable
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), before, atol=1e-5, rtol=0)
+    assert attn.key_dim == kd - 1 and attn.scale == scale and attn.val_dim == (vd if mixer == "cga" else vd - 1)
+    assert (qk.channels, ffn.channels) == (heads * (kd - 1), 128 - 2)
+    assert ffn0.pw1.conv.out_channels == ffn0.pw1.bn.num_features == ffn0.pw2.conv.in_channels == 126
+    assert attn.dws[0].conv.weight.shape == (kd - 1, 1, 5, 5) and attn.dws[0].conv.groups == kd - 1
+
+
+def tiny_evit(mixer):
+    import evit
+
+    torch.manual_seed(0)
+    config = evit.EfficientViTConfig(img_size=32, num_classes=3, embed_dims=(16,), depths=(1,), num_heads=(2,),
+                                     key_dims=4, v_ratio=1.0 if mixer == "cga" else 0.5, mlp_ratio=2,
+                                     window_sizes=4, kernels=(3, 5), stem_depth=2, mixers=mixer)
+    return randomize_(evit.EfficientViT(config))
+
+
+@pytest.mark.parametrize("mixer", ["cga", "mhsa"])
+def test_evit_mac_counter_matches_a_hand_count_before_and_after_pruning(mixer):
+    model = tiny_evit(mixer)
+    groups = tpr.prepare(model)
+    positions, dim, heads, window = 8 * 8, 16, 2, 16  # 32 px / patch 4; four 4x4 windows of 16 tokens
+
+    def hand(kd, vd, hidden0, hidden1):
+        qkv_in = dim // heads if mixer == "cga" else dim  # CGA: each head sees its split
+        return (16 * 16 * 8 * 3 * 9 + positions * 16 * 8 * 9    # patch embedding: two 3x3 stride-2 convs
+                + 2 * positions * dim * 9                        # dw0, dw1
+                + 2 * positions * dim * (hidden0 + hidden1)      # ffn0, ffn1
+                + heads * positions * qkv_in * (2 * kd + vd)     # qkv convs
+                + positions * kd * (3 * 3 + 5 * 5)               # depthwise Q convs (kernels 3 and 5)
+                + heads * positions * window * (kd + vd)         # q @ k^T and attn @ v in every window
+                + positions * heads * vd * dim                   # proj
+                + dim * 3)                                       # classifier
+
+    x = torch.randn(2, 3, 32, 32)
+    vd = 8 if mixer == "cga" else 4
+    assert sum(tpr.count_macs(model, x).values()) == hand(4, vd, 32, 32)
+    qk, v, ffn0, ffn1 = (next(g for g in groups if g.kind == k and (k != "ffn" or g.site is model.stages[0].blocks[
+        0].get_submodule(f"ffn{i}.m"))) for k, i in (("qk", 0), ("v", 0), ("ffn", 0), ("ffn", 1)))
+    tpr.prune_channels(qk, [1, 6])                 # one dim per head
+    tpr.prune_channels(ffn0, list(range(10)))
+    tpr.prune_channels(ffn1, [0, 31])
+    if mixer == "mhsa":
+        tpr.prune_channels(v, [0, 2, 4, 7])        # two dims per head
+    assert sum(tpr.count_macs(model, x).values()) == hand(3, vd if mixer == "cga" else 2, 22, 30)
+    tpr.measure_tokens(model, groups, x)
+    assert (qk.tokens, qk.keys, ffn0.tokens) == (positions, window, positions)
+    # one more Q/K dim per head costs its qkv rows, its depthwise weights and its q @ k^T share
+    qkv_in = dim // heads if mixer == "cga" else dim
+    assert qk.macs_per_channel() * qk.channels == hand(3, 0, 0, 0) - hand(0, 0, 0, 0) + (
+        positions * 0)  # (the V-free hand count with kd=3 minus kd=0 is exactly the Q/K share)
+    assert ffn0.macs_per_channel() == 2 * positions * dim and qkv_in > 0
+
+
+@pytest.mark.parametrize("mixer", ["cga", "mhsa"])
+def test_evit_pruned_model_runs_and_reports_its_own_widths(mixer):
+    model = evit_m0() if mixer == "cga" else evit_m0(mixers="mhsa", v_ratio=0.5)
+    scales = [b.mixer.m.attn.scale for b in evit_modules(model)]
+    result = tpr.taylor_prune(model, batches(size=64, classes=10), target_macs=0.8, steps=2,
+                              val_batches=batches(1, 64, classes=10))
+    s = result.summary
+    assert s["macs_after_m"] <= 0.8 * s["macs_before_m"] * 1.02 and s["params_after_m"] < s["params_before_m"]
+    blocks = evit_modules(result.model)
+    attns = [b.mixer.m.attn for b in blocks]
+    assert list(result.blocks.qk_dim) == [a.num_heads * a.key_dim for a in attns]
+    assert list(result.blocks.v_dim) == [a.num_heads * a.val_dim for a in attns]
+    assert list(result.blocks.ffn_dim) == [b.ffn0.m.pw1.conv.out_channels + b.ffn1.m.pw1.conv.out_channels
+                                           for b in blocks]
+    assert [a.scale for a in attns] == scales  # the original softmax scale
+    for a in attns:
+        qkvs = a.qkvs if mixer == "cga" else [a.qkv]
+        per = 1 if mixer == "cga" else a.num_heads
+        assert all(q.conv.out_channels == q.bn.num_features == per * (2 * a.key_dim + a.val_dim) for q in qkvs)
+        assert all(d.conv.out_channels == d.conv.groups == d.bn.num_features == a.key_dim for d in a.dws)
+        assert a.proj[1].conv.in_channels == a.num_heads * a.val_dim
+    if mixer == "cga":  # V is tied to the cascade: never pruned
+        assert (result.blocks.v_ratio == 1.0).all() and (result.blocks.v_kept == 1.0).all()
+    else:
+        assert (result.blocks.v_dim % result.blocks.heads == 0).all()
+    assert (result.blocks.qk_dim % result.blocks.heads == 0).all() and (result.blocks.qk_kept < 1).any()
+    assert (result.blocks[["qk_kept", "v_kept", "ffn_kept"]] >= 0.1 - 1e-9).all().all()  # the floor
+    assert (result.blocks.ffn_ratio == result.blocks.ffn_dim / (2 * result.blocks.in_dim)).all()  # per FFN
+    assert result.model(torch.randn(2, 3, 64, 64)).shape == (2, 10)
+
+
+def test_evit_layernorm_is_rejected():
+    with pytest.raises(tpr.UnsupportedModelError, match="only BatchNorm"):
+        tpr.prepare(timm.create_model("evit_m0", img_size=64, norm="ln"))
