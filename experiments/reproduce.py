@@ -72,8 +72,10 @@ def _taylor_prune(out: Path, opts: argparse.Namespace) -> None:
     models = QUICK_MODELS if opts.scale == "quick" else PAPER_MODELS
     data = ["--finetune-epochs", "1"] if opts.scale == "quick" else ["--weights", "pretrained", "--data", opts.data,
                                                                      "--img-size", "224", "--batch", "32"]
-    for model in models.values():
-        taylor_prune.main(["--model", model, "--out", str(out / "taylor_prune")] + data)
+    for kind, model in models.items():
+        # evit's blocks hold too few of its MACs at 64 px for 50%: every group would sit at its floor.
+        target = ["--target-macs", "0.8"] if kind == "evit" and opts.scale == "quick" else []
+        taylor_prune.main(["--model", model, "--out", str(out / "taylor_prune")] + target + data)
 
 
 def _mhsa_ratio(out: Path, opts: argparse.Namespace) -> None:
@@ -233,12 +235,12 @@ def _section_taylor_prune(out: Path) -> Optional[str]:
     paths = sorted(folder.glob("*_summary.csv")) if folder.is_dir() else []
     if not paths:
         return None
-    text = ("## Taylor structured pruning (Fig. 5)\n\nEach model pruned to 50% of its MACs (Q/K, V and FFN hidden "
-            "as separate groups, 5 steps), accuracy on 2000 validation images before, after, and after a one-epoch "
+    text = ("## Taylor structured pruning (Fig. 5)\n\nEach model pruned to `target_macs` of its MACs (Q/K, V and FFN "
+            "hidden as separate groups, 5 steps), accuracy on 2000 validation images before, after, and after a one-epoch "
             "fine-tune; kept widths relative to each block's input width, averaged over early/middle/late thirds "
             "of the blocks.\n\n")
     summaries = pd.concat(pd.read_csv(p) for p in paths)
-    cols = [c for c in ("model", "weights", "macs_before_m", "macs_after_m", "params_before_m", "params_after_m",
+    cols = [c for c in ("model", "weights", "target_macs", "macs_before_m", "macs_after_m", "params_before_m", "params_after_m",
                         "acc_before", "acc_after", "acc_finetuned", "normalizer", "reduction") if c in summaries]
     text += _table(summaries[cols], ".2f")
     rows, claims = [], {}

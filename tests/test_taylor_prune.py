@@ -139,72 +139,9 @@ def test_clear_errors(capsys):
     assert "(0, 1)" in capsys.readouterr().err
 
 
-def tiny_evit(mixers="cga"):
-    """evit M0 at 64 px with random BatchNorm statistics and affine terms (fresh ones make branches zero)."""
-    torch.manual_seed(0)
-    model = timm.create_model("evit_m0", img_size=64, num_classes=10, mixers=mixers).eval()
-    with torch.no_grad():
-        for bn in (m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)):
-            bn.weight.uniform_(0.5, 1.5), bn.bias.normal_(0, 0.1)
-            bn.running_mean.normal_(0, 0.1), bn.running_var.uniform_(0.5, 2.0)
-    return model
-
-
-def test_evit_planted_zero_channels_are_pruned_first_and_change_nothing():
-    model = tiny_evit()
-    qk, v, ffn = tpr.prepare(model)[:3]  # stages.0.blocks.0: Q/K, V (fixed by the cascade), first FFN
-    attn, pw1 = model.stages[0].blocks[0].mixer.m.attn, model.stages[0].blocks[0].ffn0.m.pw1
-    kd = attn.key_dim
-    with torch.no_grad():
-        for h in range(attn.num_heads):  # Q/K dim 3 of every head outputs exactly zero
-            for module, rows in ((attn.qkvs[h], [3, kd + 3]), (attn.dws[h], [3])):
-                module.conv.weight[rows] = 0
-                module.bn.weight[rows] = 0
-                module.bn.bias[rows] = 0
-        pw1.conv.weight[[5, 9]] = 0
-        pw1.bn.weight[[5, 9]] = 0
-        pw1.bn.bias[[5, 9]] = 0
-    x = torch.randn(2, 3, 64, 64)
-    with torch.no_grad():
-        before = model(x)
-    tpr.accumulate_gradients(model, batches(size=64, classes=10))
-    first = tpr.candidate_units(qk, tpr.channel_importance(qk), floor=0.1)[0]
-    assert sorted(first.channels) == [h * kd + 3 for h in range(attn.num_heads)] and first.importance == 0
-    importance = tpr.channel_importance(ffn)
-    assert importance[[5, 9]].max() == 0 == importance.min()  # (ReLU channels dead on this data tie with them)
-    assert not v.prunable
-    tpr.prune_channels(qk, first.channels)
-    tpr.prune_channels(ffn, [5, 9])
-    with torch.no_grad():
-        torch.testing.assert_close(model(x), before, atol=1e-5, rtol=0)
-    assert attn.key_dim == kd - 1 and attn.qkvs[0].conv.out_channels == 2 * (kd - 1) + attn.val_dim
-    assert attn.dws[0].conv.groups == kd - 1 and pw1.conv.out_channels == ffn.original - 2
-
-
-@pytest.mark.parametrize("mixers", ["cga", "mhsa"])
-def test_evit_mac_counter_agrees_with_fvcore_before_and_after_pruning(mixers):
-    import evit
-
-    model, x = tiny_evit(mixers), torch.randn(2, 3, 64, 64)
-    macs = lambda: sum(tpr.count_macs(model, x).values())  # noqa: E731
-    assert macs() == count_flops(evit.fuse(model), 64)  # fvcore counts one multiply-add as one flop
-    result = tpr.taylor_prune(model, batches(1, 64, 10), target_macs=0.7, steps=1)
-    assert macs() == count_flops(evit.fuse(result.model), 64)
-    assert result.summary["macs_after_m"] < 0.8 * result.summary["macs_before_m"]
-    blocks = [b for stage in model.stages for b in stage.blocks]
-    assert list(result.blocks.qk_dim) == [b.mixer.m.attn.num_heads * b.mixer.m.attn.key_dim for b in blocks]
-    assert list(result.blocks.ffn_dim) == [b.ffn0.m.pw1.conv.out_channels + b.ffn1.m.pw1.conv.out_channels
-                                           for b in blocks]
-    if mixers == "mhsa":  # V is its own group there; the cascade fixes it for CGA
-        assert list(result.blocks.v_dim) == [b.mixer.m.attn.num_heads * b.mixer.m.attn.val_dim for b in blocks]
-    else:
-        assert (result.blocks.v_kept == 1).all()
-    assert result.model(x).shape == (2, 10)
-
-
 # --- EfficientViT --------------------------------------------------------------------------------------------------
 
-def randomize_(model, seed=0):
+def randomize_evit_(model, seed=0):
     """Random weights and BatchNorm running stats (last norms of every branch non-zero, so every branch counts)."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -216,7 +153,7 @@ def randomize_(model, seed=0):
 
 
 def evit_m0(**kwargs):
-    return randomize_(timm.create_model("evit_m0", img_size=64, num_classes=10, **kwargs))
+    return randomize_evit_(timm.create_model("evit_m0", img_size=64, num_classes=10, **kwargs))
 
 
 def evit_modules(model):
@@ -226,7 +163,7 @@ def evit_modules(model):
 
 
 @pytest.mark.parametrize("mixer", ["cga", "mhsa"])
-def test_evit_planted_zero_channels_are_pruned_first_and_change_nothing(mixer):
+def test_evit_planted_qk_v_ffn_channels_go_first_in_cga_and_mhsa(mixer):
     model = evit_m0() if mixer == "cga" else evit_m0(mixers="mhsa", v_ratio=0.5)
     groups = tpr.prepare(model)
     block = evit_modules(model)[0]
@@ -243,6 +180,10 @@ def test_evit_planted_zero_channels_are_pruned_first_and_change_nothing(mixer):
             conv_norm.bn.weight[rows] = 0
             conv_norm.bn.bias[rows] = 0
 
+        # every other FFN hidden and V channel alive after its ReLU (no natural ties at importance 0)
+        ffn0.pw1.bn.bias.abs_().add_(1.0)
+        if mixer == "mhsa":
+            attn.qkv.bn.bias[2 * heads * kd:].abs_().add_(1.0)
         for h in range(heads):
             if mixer == "cga":  # head h's own qkv conv: rows [Q (kd) | K (kd) | V (vd)]
                 zero_rows(attn.qkvs[h], [dim_qk, kd + dim_qk])
@@ -275,19 +216,19 @@ def test_evit_planted_zero_channels_are_pruned_first_and_change_nothing(mixer):
     assert attn.dws[0].conv.weight.shape == (kd - 1, 1, 5, 5) and attn.dws[0].conv.groups == kd - 1
 
 
-def tiny_evit(mixer):
+def one_block_evit(mixer):
     import evit
 
     torch.manual_seed(0)
     config = evit.EfficientViTConfig(img_size=32, num_classes=3, embed_dims=(16,), depths=(1,), num_heads=(2,),
                                      key_dims=4, v_ratio=1.0 if mixer == "cga" else 0.5, mlp_ratio=2,
                                      window_sizes=4, kernels=(3, 5), stem_depth=2, mixers=mixer)
-    return randomize_(evit.EfficientViT(config))
+    return randomize_evit_(evit.EfficientViT(config))
 
 
 @pytest.mark.parametrize("mixer", ["cga", "mhsa"])
-def test_evit_mac_counter_matches_a_hand_count_before_and_after_pruning(mixer):
-    model = tiny_evit(mixer)
+def test_evit_one_block_mac_counter_matches_a_hand_count(mixer):
+    model = one_block_evit(mixer)
     groups = tpr.prepare(model)
     positions, dim, heads, window = 8 * 8, 16, 2, 16  # 32 px / patch 4; four 4x4 windows of 16 tokens
 
@@ -315,11 +256,11 @@ def test_evit_mac_counter_matches_a_hand_count_before_and_after_pruning(mixer):
     assert sum(tpr.count_macs(model, x).values()) == hand(3, vd if mixer == "cga" else 2, 22, 30)
     tpr.measure_tokens(model, groups, x)
     assert (qk.tokens, qk.keys, ffn0.tokens) == (positions, window, positions)
-    # one more Q/K dim per head costs its qkv rows, its depthwise weights and its q @ k^T share
-    qkv_in = dim // heads if mixer == "cga" else dim
-    assert qk.macs_per_channel() * qk.channels == hand(3, 0, 0, 0) - hand(0, 0, 0, 0) + (
-        positions * 0)  # (the V-free hand count with kd=3 minus kd=0 is exactly the Q/K share)
-    assert ffn0.macs_per_channel() == 2 * positions * dim and qkv_in > 0
+    # the Q/K channels' MACs (qkv rows, depthwise Q convs, q @ k^T): the hand count with kd=3 minus kd=0
+    assert qk.macs_per_channel() * qk.channels == pytest.approx(hand(3, 0, 0, 0) - hand(0, 0, 0, 0))
+    assert ffn0.macs_per_channel() == 2 * positions * dim
+    if mixer == "mhsa":  # V rows, proj columns, attn @ v
+        assert v.macs_per_channel() * v.channels == pytest.approx(hand(0, 2, 0, 0) - hand(0, 0, 0, 0))
 
 
 @pytest.mark.parametrize("mixer", ["cga", "mhsa"])
@@ -356,3 +297,14 @@ def test_evit_pruned_model_runs_and_reports_its_own_widths(mixer):
 def test_evit_layernorm_is_rejected():
     with pytest.raises(tpr.UnsupportedModelError, match="only BatchNorm"):
         tpr.prepare(timm.create_model("evit_m0", img_size=64, norm="ln"))
+
+
+@pytest.mark.parametrize("mixers", ["cga", "mhsa"])
+def test_evit_mac_counter_agrees_with_fvcore_before_and_after_pruning(mixers):
+    import evit
+
+    model, x = evit_m0(mixers=mixers), torch.randn(2, 3, 64, 64)
+    macs = lambda: sum(tpr.count_macs(model, x).values())  # noqa: E731
+    assert macs() == count_flops(evit.fuse(model), 64)  # an independent counter: fvcore, one MAC = one flop
+    tpr.taylor_prune(model, batches(1, 64, 10), target_macs=0.7, steps=1)
+    assert macs() == count_flops(evit.fuse(model), 64)
