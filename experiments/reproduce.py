@@ -102,7 +102,7 @@ def _benchmark(out: Path, opts: argparse.Namespace) -> None:
     device = ["--device", opts.device, "--out", str(out / "benchmark")]
     benchmark.main(["--quick", "--accuracy-csv", str(out / "family" / "family.csv")] + device)
     if opts.device == "cpu":
-        benchmark.main(["--fast-path", "--quick"] + device)
+        benchmark.main(["--fast-path", "--quick", "--with-compile"] + device)
 
 
 STEPS = [
