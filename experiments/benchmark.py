@@ -116,7 +116,15 @@ def _runner(model: nn.Module, backend: str, x: torch.Tensor, amp: bool) -> Calla
         with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
             warnings.simplefilter("ignore")
             path = f"{tmp}/model.onnx"
-            torch.onnx.export(model, (x,), path, dynamo=False, opset_version=17, input_names=["x"])
+            # The TorchScript exporter cannot export timm's fused attention (SDPA): export the same math unfused.
+            fused = [m for m in model.modules() if getattr(m, "fused_attn", False)]
+            for m in fused:
+                m.fused_attn = False
+            try:
+                torch.onnx.export(model, (x,), path, dynamo=False, opset_version=17, input_names=["x"])
+            finally:
+                for m in fused:
+                    m.fused_attn = True
             options = ort.SessionOptions()
             options.intra_op_num_threads = torch.get_num_threads()
             options.inter_op_num_threads = 1

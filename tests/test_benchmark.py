@@ -64,3 +64,16 @@ def test_cli_errors_are_one_clear_line(argv, message, tmp_path):
 def test_cuda_without_gpu_is_a_clear_error(tmp_path):
     with pytest.raises(SystemExit, match="no CUDA GPU"):
         benchmark.main(["--models", "evit_m0", "--device", "cuda", "--out", str(tmp_path)])
+
+
+def test_onnxruntime_runs_models_with_fused_attention():
+    pytest.importorskip("onnxruntime")
+    import timm
+
+    model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=1).eval()
+    assert model.blocks[0].attn.fused_attn  # SDPA, which the TorchScript ONNX exporter cannot take
+    x = torch.randn(2, 3, 32, 32)
+    out = benchmark._runner(model, "onnxruntime", x, False)()[0]
+    with torch.no_grad():
+        torch.testing.assert_close(torch.from_numpy(out), model(x), atol=1e-4, rtol=0)
+    assert model.blocks[0].attn.fused_attn  # restored after the export
