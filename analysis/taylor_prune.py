@@ -8,7 +8,8 @@ Importance (Molchanov et al., CVPR 2019): the first-order Taylor estimate |w * d
 gradients accumulated over real data batches, summed per channel over all the layers the channel lives in.
 Q/K, V and FFN-hidden channels are SEPARATE groups per block: timm's fused qkv is split into q, k, v Linears
 (torch-pruning's dependency graph would tie Q/K to V through the matmuls, see ../shared/paper/FACTS.md), and
-q @ k^T keeps the model's original softmax scale. Pruning is iterative: each step recomputes gradients, ranks
+q @ k^T keeps the model's original softmax scale. A ViT's embedding width (the residual stream: patch embedding,
+class token, position embedding, every LayerNorm and Linear on the stream) is one more group. Pruning is iterative: each step recomputes gradients, ranks
 all candidate units globally by normalized importance (a unit = one dim from every head of a Q/K or V group,
 so heads stay equal, or one FFN channel) and removes the lowest until the step's MAC target is met, never
 below a floor per group. torch-pruning's layer pruners do the surgery; the MAC counter includes q @ k^T and
@@ -117,6 +118,7 @@ class Slice:
     offset: int
     first: int
     count: int
+    param: str = "weight"  # axis 'last': a bare parameter of `layer` whose last dimension holds the channels
 
 
 @dataclass
@@ -126,7 +128,7 @@ class Group:
     `layout()` gives the group's slices from the layers' current sizes; `on_prune(n)` updates the owning
     module after n channels per head were removed. A group with `prunable=False` is only reported."""
 
-    kind: str                                # qk | v | ffn
+    kind: str                                # qk | v | ffn | width (the residual stream)
     block: str                               # module name of the block
     stage: int
     heads: int
@@ -188,6 +190,42 @@ def _timm_groups(name: str, block: nn.Module) -> list[Group]:
                   count=lambda: attn.v.out_features, **common),
             Group("ffn", heads=1, site=mlp, layout=whole((mlp.fc1, "out"), (mlp.fc2, "in")),
                   count=lambda: mlp.fc1.out_features, **common)]
+
+
+def _vit_width_group(model: nn.Module) -> list[Group]:
+    """The residual-stream width of a timm VisionTransformer: patch embedding outputs, class/register tokens and
+    position embedding, every LayerNorm and LayerScale on the stream, every Linear reading it (q, k, v, fc1,
+    head) or writing it (proj, fc2). Pruning it changes the LayerNorms' statistics, so outputs move slightly
+    even for channels that carry nothing."""
+    from timm.layers import LayerScale
+    from timm.models.vision_transformer import VisionTransformer
+
+    if not isinstance(model, VisionTransformer) or not isinstance(model.patch_embed.proj, nn.Conv2d):
+        return []
+
+    def layout() -> list[Slice]:
+        width = model.patch_embed.proj.out_channels
+        on_stream = [(model.patch_embed.proj, "out"), (model.patch_embed.norm, "out")]
+        for block in model.blocks:
+            on_stream += [(block.norm1, "out"), (block.attn.q, "in"), (block.attn.k, "in"), (block.attn.v, "in"),
+                          (block.attn.proj, "out"), (block.ls1, "last"), (block.norm2, "out"),
+                          (block.mlp.fc1, "in"), (block.mlp.fc2, "out"), (block.ls2, "last")]
+        on_stream += [(model.norm, "out"), (model.fc_norm, "out"), (model.head, "in")]
+        slices = [Slice(model, "last", 0, 0, width, param=name) for name in ("cls_token", "reg_token", "pos_embed")
+                  if getattr(model, name, None) is not None]
+        for layer, axis in on_stream:
+            if isinstance(layer, LayerScale):
+                slices.append(Slice(layer, "last", 0, 0, width, param="gamma"))
+            elif isinstance(layer, (nn.Linear, nn.Conv2d, nn.LayerNorm)) and axis != "last":
+                slices.append(Slice(layer, axis, 0, 0, width))
+        return slices
+
+    def resize(removed: int) -> None:
+        model.embed_dim = model.num_features = model.head_hidden_size = model.patch_embed.proj.out_channels
+
+    return [Group("width", block="embed", stage=0, heads=1, in_dim=model.patch_embed.proj.out_channels,
+                  site=model.blocks[0], layout=layout, count=lambda: model.patch_embed.proj.out_channels,
+                  on_prune=resize)]
 
 
 def _conv_norm(module: nn.Module, axis: str, offset: int, first: int, count: int) -> list[Slice]:
@@ -260,6 +298,7 @@ def prepare(model: nn.Module) -> list[Group]:
             groups += _evit_groups(name, module)
         elif hasattr(module, "attn") and hasattr(module, "mlp"):
             groups += _timm_groups(name, module)
+    groups += _vit_width_group(model)
     if not groups:
         raise UnsupportedModelError(f"{type(model).__name__} has no prunable blocks; supported: timm "
                                     f"VisionTransformer (deit_*, vit_*, deit_proxy), SwinTransformer (swin_*, "
@@ -341,8 +380,12 @@ def accumulate_gradients(model: nn.Module, batches: Iterable[tuple[torch.Tensor,
             F.cross_entropy(model(images), labels).backward()
 
 
-def _taylor(layer: nn.Module, axis: str) -> torch.Tensor:
-    """|w * dL/dw| summed per output row or input column (a row's bias, or a norm's shift, included)."""
+def _taylor(layer: nn.Module, axis: str, param: str = "weight") -> torch.Tensor:
+    """|w * dL/dw| summed per output row, input column or last-dimension channel (a row's bias, or a norm's
+    shift, included)."""
+    if axis == "last":
+        weight = getattr(layer, param)
+        return (weight * weight.grad).abs().flatten(0, -2).sum(0).detach()
     weight = layer.weight
     score = (weight * weight.grad).abs()
     if weight.dim() > 1:
@@ -359,7 +402,7 @@ def channel_importance(group: Group, normalizer: str = "mean", reduction: str = 
     slices = group.layout()
     per_layer = torch.full((len(slices), group.channels), math.nan)
     for row, s in enumerate(slices):
-        per_layer[row, s.first:s.first + s.count] = _taylor(s.layer, s.axis)[s.offset:s.offset + s.count]
+        per_layer[row, s.first:s.first + s.count] = _taylor(s.layer, s.axis, s.param)[s.offset:s.offset + s.count]
     if reduction == "sum":
         importance = per_layer.nansum(0)
     elif reduction == "mean":
@@ -377,13 +420,19 @@ def channel_importance(group: Group, normalizer: str = "mean", reduction: str = 
 
 def prune_channels(group: Group, idxs: list[int]) -> None:
     """Remove the group's channels `idxs` from every layer (one torch-pruning call per layer and axis)."""
-    rows: dict[tuple[int, str], tuple[nn.Module, list[int]]] = {}
+    rows: dict[tuple[int, str, str], tuple[nn.Module, list[int]]] = {}
     for s in group.layout():
         picked = [s.offset + c - s.first for c in idxs if s.first <= c < s.first + s.count]
-        rows.setdefault((id(s.layer), s.axis), (s.layer, []))[1].extend(picked)
-    for (_, axis), (layer, picked) in rows.items():
+        rows.setdefault((id(s.layer), s.axis, s.param), (s.layer, []))[1].extend(picked)
+    for (_, axis, param), (layer, picked) in rows.items():
         picked = sorted(set(picked))
-        if isinstance(layer, nn.Linear):
+        if axis == "last":
+            old = getattr(layer, param)
+            keep = [i for i in range(old.shape[-1]) if i not in set(picked)]
+            setattr(layer, param, nn.Parameter(old.data[..., keep].clone(), requires_grad=old.requires_grad))
+        elif isinstance(layer, nn.LayerNorm):
+            tp.prune_layernorm_out_channels(layer, picked)
+        elif isinstance(layer, nn.Linear):
             (tp.prune_linear_out_channels if axis == "out" else tp.prune_linear_in_channels)(layer, picked)
         elif isinstance(layer, nn.BatchNorm2d):
             tp.prune_batchnorm_out_channels(layer, picked)
@@ -488,7 +537,8 @@ def block_table(groups: Sequence[Group], macs_before: dict[str, float], macs_aft
     """One row per block: channels kept per group kind (an evit sandwich's two FFNs summed), each relative to
     the block's input width (per FFN), and MACs."""
     rows: dict[str, dict] = {}
-    for group in groups:
+    width_kept = {g.stage: g.channels / g.original for g in groups if g.kind == "width"}
+    for group in (g for g in groups if g.kind != "width"):
         row = rows.setdefault(group.block, dict(block=len(rows), name=group.block, stage=group.stage,
                                                 in_dim=group.in_dim, heads=1))
         if group.kind != "ffn":
@@ -500,6 +550,8 @@ def block_table(groups: Sequence[Group], macs_before: dict[str, float], macs_aft
         row[f"{group.kind}_ratio"] = row[f"{group.kind}_dim"] / (n * group.in_dim)
         row[f"{group.kind}_kept"] = row[f"{group.kind}_dim"] / row[f"{group.kind}_dim_before"]
     for row in rows.values():
+        if width_kept:
+            row["width_kept"] = width_kept.get(row["stage"], 1.0)
         prefix = row["name"] + "."
         row["macs_before_m"] = sum(v for k, v in macs_before.items() if k.startswith(prefix)) / 1e6
         row["macs_after_m"] = sum(v for k, v in macs_after.items() if k.startswith(prefix)) / 1e6

@@ -249,7 +249,8 @@ def _section_taylor_prune(out: Path) -> Optional[str]:
         blocks = pd.read_csv(folder / f"{model}.csv").sort_values("block")
         thirds = [blocks.iloc[round(i * len(blocks) / 3):max(round((i + 1) * len(blocks) / 3),
                                                              round(i * len(blocks) / 3) + 1)] for i in range(3)]
-        means = {k: [float(t[f"{k}_kept"].mean()) for t in thirds] for k in ("qk", "v", "ffn")}
+        means = {k: [float(t[f"{k}_kept"].mean()) for t in thirds] for k in ("qk", "v", "ffn", "width")
+                 if f"{k}_kept" in blocks}
         rows += [dict(model=model, group=k, early=v[0], middle=v[1], late=v[2]) for k, v in means.items()]
         claims[model] = dict(early_above_late=sum(v[0] for v in means.values()) > sum(v[2] for v in means.values()))
         if not (blocks.v_kept == 1).all():  # CGA's V is fixed by its cascade: no evidence either way

@@ -70,7 +70,7 @@ def test_mac_counter_matches_a_hand_count_before_and_after_pruning():
     groups = tpr.prepare(model)
     tokens, dim = 5, 12  # 2x2 patches + class token
 
-    def hand(qk, v, hidden):
+    def hand(qk, v, hidden, dim=dim):
         return (4 * dim * 3 * 8 * 8                      # patch embedding conv
                 + tokens * dim * (2 * qk + v)            # q, k, v
                 + tokens * tokens * (qk + v)             # q @ k^T and attn @ v, all heads
@@ -84,6 +84,27 @@ def test_mac_counter_matches_a_hand_count_before_and_after_pruning():
     tpr.prune_channels(groups[1], [2, 3, 8, 9])
     tpr.prune_channels(groups[2], list(range(10)))
     assert sum(tpr.count_macs(model, x).values()) == hand(10, 8, 14)
+    width = groups[3]
+    assert width.kind == "width" and width.channels == dim
+    tpr.prune_channels(width, [1, 5, 11])  # the residual stream: every layer that reads or writes it
+    assert sum(tpr.count_macs(model, x).values()) == hand(10, 8, 14, dim=9)
+    assert model.pos_embed.shape[-1] == model.cls_token.shape[-1] == model.norm.weight.shape[0] == 9
+    assert model(x).shape == (2, 3) and model.num_features == 9
+
+
+def test_planted_dead_width_channel_is_pruned_first():
+    model = tiny_vit()
+    width = tpr.prepare(model)[-1]
+    with torch.no_grad():  # channel 7 of the residual stream: written by nothing, read by nothing
+        for s in width.layout():
+            tensor = getattr(s.layer, s.param)
+            (tensor[..., 7] if s.axis == "last" else tensor[7] if s.axis == "out" else tensor[:, 7]).zero_()
+            bias = getattr(s.layer, "bias", None) if s.axis == "out" else None
+            if bias is not None:
+                bias[7] = 0
+    tpr.accumulate_gradients(model, batches())
+    first = tpr.candidate_units(width, tpr.channel_importance(width), floor=0.1)[0]
+    assert first.channels == [7] and first.importance == 0
 
 
 @pytest.mark.parametrize("name, size", [("vit", 16), ("swin_proxy", 32)])
