@@ -1,9 +1,12 @@
 """Taylor pruning: split attention is the same function, planted zero channels go first and change nothing,
-reported widths are the model's, the MAC counter matches a hand count, and the allocation builds."""
+importance is torch-pruning's, reported widths are the model's, Swin's stage widths go through PatchMerging, the
+MAC counter matches a hand count and fvcore, and the allocation builds."""
 import pandas as pd
 import pytest
 import timm
 import torch
+import torch.nn as nn
+import torch_pruning as tp
 
 from analysis import taylor_prune as tpr
 from evit.summary import count_flops
@@ -16,15 +19,40 @@ def tiny_vit(**kwargs):
     return timm.create_model("vit_tiny_patch16_224", **{**args, **kwargs}).eval()
 
 
+def tiny_swin():
+    torch.manual_seed(0)
+    return create_model("swin_proxy").eval()  # 32 px, widths 48/96/192, heads 3/6/12, windows of 4x4 tokens
+
+
 def batches(n=2, size=16, classes=3):
     gen = torch.Generator().manual_seed(1)
     return [(torch.randn(8, 3, size, size, generator=gen), torch.randint(0, classes, (8,), generator=gen))
             for _ in range(n)]
 
 
-@pytest.mark.parametrize("name, size", [("vit", 16), ("swin_proxy", 32)])
+def zero_channel_(group, c):
+    """Zero channel c of a group in every layer (weights, biases of its rows, norm scale and shift)."""
+    with torch.no_grad():
+        for s in group.layout():
+            i = s.offset + c - s.first
+            tensor = getattr(s.layer, s.param)
+            (tensor[..., i] if s.axis == "last" else tensor[i] if s.axis == "out" else tensor[:, i]).zero_()
+            bias = getattr(s.layer, "bias", None) if s.axis == "out" else None
+            if bias is not None:
+                bias[i] = 0
+
+
+def fvcore_macs(model, size):
+    """fvcore's count of the multiply-adds our counter covers (Linear, Conv, matmul), for one image."""
+    from fvcore.nn import FlopCountAnalysis
+
+    ops = FlopCountAnalysis(model, torch.randn(1, 3, size, size)).unsupported_ops_warnings(False).by_operator()
+    return sum(v for k, v in ops.items() if k in ("linear", "conv", "matmul"))
+
+
+@pytest.mark.parametrize("name, size", [("vit", 16), ("swin", 32)])
 def test_split_attention_is_the_same_function(name, size):
-    model = tiny_vit() if name == "vit" else create_model(name).eval()
+    model = tiny_vit() if name == "vit" else tiny_swin()
     x = torch.randn(2, 3, size, size)
     with torch.no_grad():
         expected = model(x)
@@ -57,12 +85,27 @@ def test_planted_zero_channels_are_pruned_first_and_change_nothing():
     ffn_units = tpr.candidate_units(ffn, tpr.channel_importance(ffn), floor=0.1)
     assert sorted(u.channels[0] for u in ffn_units[:2]) == [3, 7]
     assert ffn_units[0].importance < 1e-6 and ffn_units[1].importance < 1e-6
+    scale = attn.scale
     tpr.prune_channels(qk, [4, 10])
     tpr.prune_channels(v, [1, 7])
     tpr.prune_channels(ffn, [3, 7])
     with torch.no_grad():
         torch.testing.assert_close(model(x), before, atol=1e-5, rtol=0)
-    assert (qk.channels, v.channels, ffn.channels) == (10, 10, 22)
+    assert (qk.channels, v.channels, ffn.channels) == (10, 10, 22) and attn.scale == scale
+
+
+def test_importance_is_torch_prunings_group_taylor():
+    model = tiny_vit()
+    mlp = model.blocks[0].mlp
+    graph = tp.DependencyGraph().build_dependency(mlp, example_inputs=torch.randn(1, 5, 12))
+    tp_group = graph.get_pruning_group(mlp.fc1, tp.prune_linear_out_channels, idxs=list(range(24)))
+    ffn = tpr.prepare(model)[2]
+    tpr.accumulate_gradients(model, batches())
+    for normalizer in tpr.NORMALIZERS:
+        for reduction in tpr.REDUCTIONS:
+            scorer = tp.importance.GroupTaylorImportance(group_reduction=reduction, bias=True,
+                                                         normalizer=None if normalizer == "none" else normalizer)
+            torch.testing.assert_close(tpr.channel_importance(ffn, normalizer, reduction), scorer(tp_group))
 
 
 def test_mac_counter_matches_a_hand_count_before_and_after_pruning():
@@ -86,6 +129,8 @@ def test_mac_counter_matches_a_hand_count_before_and_after_pruning():
     assert sum(tpr.count_macs(model, x).values()) == hand(10, 8, 14)
     width = groups[3]
     assert width.kind == "width" and width.channels == dim
+    tpr.measure_positions(model, groups, x)  # a width channel's MACs: what removing it saves, counted by hand
+    assert width.macs_per_channel() == hand(10, 8, 14) - hand(10, 8, 14, dim=dim - 1)
     tpr.prune_channels(width, [1, 5, 11])  # the residual stream: every layer that reads or writes it
     assert sum(tpr.count_macs(model, x).values()) == hand(10, 8, 14, dim=9)
     assert model.pos_embed.shape[-1] == model.cls_token.shape[-1] == model.norm.weight.shape[0] == 9
@@ -95,39 +140,80 @@ def test_mac_counter_matches_a_hand_count_before_and_after_pruning():
 def test_planted_dead_width_channel_is_pruned_first():
     model = tiny_vit()
     width = tpr.prepare(model)[-1]
-    with torch.no_grad():  # channel 7 of the residual stream: written by nothing, read by nothing
-        for s in width.layout():
-            tensor = getattr(s.layer, s.param)
-            (tensor[..., 7] if s.axis == "last" else tensor[7] if s.axis == "out" else tensor[:, 7]).zero_()
-            bias = getattr(s.layer, "bias", None) if s.axis == "out" else None
-            if bias is not None:
-                bias[7] = 0
+    zero_channel_(width, 7)  # channel 7 of the residual stream: written by nothing, read by nothing
     tpr.accumulate_gradients(model, batches())
     first = tpr.candidate_units(width, tpr.channel_importance(width), floor=0.1)[0]
     assert first.channels == [7] and first.importance == 0
 
 
-@pytest.mark.parametrize("name, size", [("vit", 16), ("swin_proxy", 32)])
+def test_swin_stage_widths_go_through_patch_merging():
+    model = tiny_swin()
+    merge = model.layers[1].downsample
+    channels = torch.arange(48.).expand(1, 2, 2, 48)  # PatchMerging puts stage channel c at c, C+c, 2C+c, 3C+c
+    with torch.no_grad():
+        norm, reduction = merge.norm, merge.reduction
+        merge.norm = merge.reduction = nn.Identity()
+        assert merge(channels).flatten().tolist() == list(range(48)) * 4
+        merge.norm, merge.reduction = norm, reduction
+    widths = [g for g in tpr.prepare(model) if g.kind == "width"]
+    assert [(g.block, g.channels) for g in widths] == [("layers.0", 48), ("layers.1", 96), ("layers.2", 192)]
+    zero_channel_(widths[1], 30)  # a dead channel of stage 1, read by stage 2's PatchMerging at 30, 126, 222, 318
+    tpr.accumulate_gradients(model, batches(size=32, classes=10))
+    first = tpr.candidate_units(widths[1], tpr.channel_importance(widths[1]), floor=0.1)[0]
+    assert first.channels == [30] and first.importance == 0
+    norm_before, reduction_before = merge.norm.weight.detach().clone(), merge.reduction.weight.detach().clone()
+    drop = list(range(0, 40)) + [45]  # enough that torch-pruning's LayerNorm pruner would reorder the kept channels
+    tpr.prune_channels(widths[0], drop)
+    keep = [k * 48 + c for k in range(4) for c in range(48) if c not in drop]
+    assert torch.equal(merge.norm.weight, norm_before[keep]) and torch.equal(merge.reduction.weight,
+                                                                             reduction_before[:, keep])
+    tpr.prune_channels(widths[2], list(range(100)))
+    x = torch.randn(2, 3, 32, 32)
+    assert model(x).shape == (2, 10) and model.num_features == model.head.fc.in_features == 92
+    assert sum(tpr.count_macs(model, x).values()) == fvcore_macs(model, 32)
+
+
+@pytest.mark.parametrize("name, size", [("vit", 16), ("swin", 32)])
 def test_pruned_model_runs_and_reports_its_own_widths(name, size):
-    model = tiny_vit() if name == "vit" else create_model(name).eval()
-    result = tpr.taylor_prune(model, batches(size=size, classes=3), target_macs=0.6, steps=2,
-                              val_batches=batches(1, size))
+    model = tiny_vit() if name == "vit" else tiny_swin()
+    classes = 3 if name == "vit" else 10
+    result = tpr.taylor_prune(model, batches(size=size, classes=classes), target_macs=0.6, steps=2,
+                              val_batches=batches(1, size, classes))
     s = result.summary
     assert s["macs_after_m"] <= 0.6 * s["macs_before_m"] * 1.02 and s["params_after_m"] < s["params_before_m"]
+    assert s["macs_after_m"] * 1e6 == sum(tpr.count_macs(model, torch.randn(1, 3, size, size)).values())
     blocks = [m for m in result.model.modules() if hasattr(m, "mlp")]
+    assert list(result.blocks.in_dim) == [b.attn.q.in_features for b in blocks]
     assert list(result.blocks.qk_dim) == [b.attn.q.out_features for b in blocks]
     assert list(result.blocks.v_dim) == [b.attn.v.out_features for b in blocks]
     assert list(result.blocks.ffn_dim) == [b.mlp.fc1.out_features for b in blocks]
+    assert list(result.blocks.params_after_m * 1e6) == pytest.approx([sum(p.numel() for p in b.parameters())
+                                                                      for b in blocks])
+    assert (result.blocks.qk_ratio == result.blocks.qk_dim / result.blocks.in_dim).all()
+    assert (result.blocks.width_kept == result.blocks.in_dim / result.blocks.in_dim_before).all()
     assert (result.blocks.qk_dim % result.blocks.heads == 0).all()  # heads stay equal
     assert (result.blocks[["qk_kept", "v_kept", "ffn_kept"]] >= 0.1 - 1e-9).all().all()  # the floor
-    assert result.model(torch.randn(2, 3, size, size)).shape == (2, 3 if name == "vit" else 10)
+    assert len(result.stages) == (1 if name == "vit" else 3)
+    assert result.model(torch.randn(2, 3, size, size)).shape == (2, classes)
+
+
+def test_an_unreachable_target_stops_at_the_floor(capsys):
+    result = tpr.taylor_prune(tiny_vit(), batches(1), target_macs=0.05, steps=2, floor=0.5)
+    assert (result.blocks[["qk_kept", "v_kept", "ffn_kept", "width_kept"]] == 0.5).all().all()
+    assert "not reached" in capsys.readouterr().err and result.summary["macs_kept"] > 0.05
 
 
 def test_allocation_config_builds_at_the_presets_flops():
-    blocks = pd.DataFrame(dict(block=range(6), qk_ratio=[1.0, 1.0, 0.5, 0.5, 0.25, 0.25], v_ratio=1.0,
+    blocks = pd.DataFrame(dict(block=range(6), qk_ratio=[1.0, 1.0, 0.5, 0.5, 0.25, 0.25], v_ratio=0.5,
                                ffn_ratio=[2.0, 2.0, 2.0, 1.5, 1.0, 1.0]))
     config = tpr.allocation_config(blocks, "m0", match_flops=False)
+    assert config.embed_dims == (64, 128, 192) and config.v_ratio == (1.0,) * 3
     assert config.key_dims == (16, 16, 12) and config.mlp_ratio == (2.0, 1.75, 1.0)
+    # the kept input widths scale the stages; MHSA takes the measured V ratio
+    widths = blocks.assign(width_kept=[1.0, 1.0, 0.75, 0.75, 0.5, 0.5])
+    config = tpr.allocation_config(widths, "m0", mixer="mhsa", match_flops=False)
+    assert config.embed_dims == (64, 96, 96) and config.v_ratio == (0.5,) * 3 and config.mixers[0] == ("mhsa",)
+    assert config.key_dims == (16, 12, 8)  # qk_ratio of the new width, per head
     matched = tpr.allocation_config(blocks, "m0")
     model = timm.create_model("evit_custom", config=matched).eval()
     import evit
@@ -137,27 +223,43 @@ def test_allocation_config_builds_at_the_presets_flops():
     assert model(torch.randn(1, 3, 224, 224)).shape == (1, 1000)
 
 
-def test_cli_writes_blocks_summary_figure_and_config(tmp_path):
+def test_cli_writes_blocks_stages_summary_figure_and_config(tmp_path):
     tpr.main(["--model", "deit_proxy", "--weights", "random", "--data", "digits", "--batches", "1", "--batch", "32",
-              "--val-images", "64", "--steps", "1", "--out", str(tmp_path)])
+              "--val-images", "64", "--steps", "1", "--out", str(tmp_path), "--config-out",
+              str(tmp_path / "alloc.yaml")])
     blocks = pd.read_csv(tmp_path / "deit_proxy.csv")
-    assert {"block", "in_dim", "qk_ratio", "v_ratio", "ffn_ratio"} <= set(blocks.columns) and len(blocks) == 4
+    assert {"block", "in_dim", "qk_ratio", "v_ratio", "ffn_ratio", "macs_after_m", "params_after_m"} <= set(
+        blocks.columns) and len(blocks) == 4
+    assert len(pd.read_csv(tmp_path / "deit_proxy_stages.csv")) == 1
     summary = pd.read_csv(tmp_path / "deit_proxy_summary.csv")
     assert summary.normalizer.iat[0] == "mean" and summary.reduction.iat[0] == "sum"
+    assert summary.macs_kept.iat[0] < 0.52
     assert (tmp_path / "deit_proxy.png").stat().st_size > 0
-    assert timm.create_model("evit_custom", config=str(tmp_path / "deit_proxy_allocation.yaml"))
+    assert timm.create_model("evit_custom", config=str(tmp_path / "alloc.yaml"))
 
 
-def test_clear_errors(capsys):
+def test_clear_errors(capsys, monkeypatch, tmp_path):
     with pytest.raises(SystemExit):
         tpr.main(["--model", "deit_tinny", "--weights", "random"])
-    assert "unknown model 'deit_tinny'" in capsys.readouterr().err
+    assert "unknown model 'deit_tinny'. Close matches: deit_tiny" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         tpr.main(["--model", "resnet18", "--weights", "random"])
     assert "no prunable blocks; supported: timm VisionTransformer" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         tpr.main(["--target-macs", "1.5"])
     assert "(0, 1)" in capsys.readouterr().err
+    # auto weights for a hub model without hub or cache: an error, not a silent random init
+    from huggingface_hub import constants
+
+    import experiments.zoo
+
+    monkeypatch.setattr(experiments.zoo, "hub_reachable", lambda timeout=3.0: False)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    with pytest.raises(SystemExit) as exit_info:
+        tpr.main(["--model", "deit_tiny"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: pretrained weights for 'deit_tiny' are unreachable") and "--weights random" in err
 
 
 # --- EfficientViT --------------------------------------------------------------------------------------------------
@@ -190,10 +292,9 @@ def test_evit_planted_qk_v_ffn_channels_go_first_in_cga_and_mhsa(mixer):
     block = evit_modules(model)[0]
     attn, ffn0 = block.mixer.m.attn, block.ffn0.m
     heads, kd, vd = attn.num_heads, attn.key_dim, attn.val_dim
-    assert [g.kind for g in groups[:4]] == ["ffn", "ffn", "qk", "v"] or [g.kind for g in groups[:4]] == [
-        "qk", "v", "ffn", "ffn"]
-    qk, v = (next(g for g in groups[:4] if g.kind == kind) for kind in ("qk", "v"))
-    ffn = next(g for g in groups[:4] if g.site is ffn0)
+    assert [g.kind for g in groups[:4]] == ["qk", "v", "ffn", "ffn"]  # block 0: mixer, then its two FFNs
+    qk, v, ffn = groups[:3]
+    assert ffn.layout()[0].layer is ffn0.pw1.conv
     dim_qk, dim_v = 3, 1  # planted: Q/K dim 3 and (MHSA) V dim 1 of every head
     with torch.no_grad():
         def zero_rows(conv_norm, rows):  # conv rows and BN scale and shift: those channels output exactly 0
@@ -267,16 +368,19 @@ def test_evit_one_block_mac_counter_matches_a_hand_count(mixer):
     x = torch.randn(2, 3, 32, 32)
     vd = 8 if mixer == "cga" else 4
     assert sum(tpr.count_macs(model, x).values()) == hand(4, vd, 32, 32)
-    qk, v, ffn0, ffn1 = (next(g for g in groups if g.kind == k and (k != "ffn" or g.site is model.stages[0].blocks[
-        0].get_submodule(f"ffn{i}.m"))) for k, i in (("qk", 0), ("v", 0), ("ffn", 0), ("ffn", 1)))
+    block = model.stages[0].blocks[0]
+    qk, v = (next(g for g in groups if g.kind == k) for k in ("qk", "v"))
+    ffn0, ffn1 = (next(g for g in groups if g.kind == "ffn" and g.layout()[0].layer is ffn.m.pw1.conv)
+                  for ffn in (block.ffn0, block.ffn1))
     tpr.prune_channels(qk, [1, 6])                 # one dim per head
     tpr.prune_channels(ffn0, list(range(10)))
     tpr.prune_channels(ffn1, [0, 31])
     if mixer == "mhsa":
         tpr.prune_channels(v, [0, 2, 4, 7])        # two dims per head
     assert sum(tpr.count_macs(model, x).values()) == hand(3, vd if mixer == "cga" else 2, 22, 30)
-    tpr.measure_tokens(model, groups, x)
-    assert (qk.tokens, qk.keys, ffn0.tokens) == (positions, window, positions)
+    tpr.measure_positions(model, groups, x)
+    assert (qk.tokens, qk.keys) == (positions, window)
+    assert set(ffn0.positions.values()) == {positions}
     # the Q/K channels' MACs (qkv rows, depthwise Q convs, q @ k^T): the hand count with kd=3 minus kd=0
     assert qk.macs_per_channel() * qk.channels == pytest.approx(hand(3, 0, 0, 0) - hand(0, 0, 0, 0))
     assert ffn0.macs_per_channel() == 2 * positions * dim
