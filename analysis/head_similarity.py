@@ -215,7 +215,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         "an evit config file, or any timm ViT / Swin; several give a side-by-side figure")
     p.add_argument("--weights", default="auto",
                    help="auto (proxy for proxies, else pretrained if reachable, else random) | random | pretrained | "
-                        "proxy | PATH to a checkpoint")
+                        "proxy | quick-proxy (a proxy on a small training budget) | PATH to a checkpoint")
     p.add_argument("--data", default="fashion_mnist", help="fashion_mnist | digits | imagefolder:PATH")
     p.add_argument("--data-dir", default=None, help="folder holding the data (overrides the default location)")
     p.add_argument("--num-images", type=int, default=64, help="validation images (a fixed random choice)")

@@ -13,24 +13,32 @@ bare parameters (class token, position embedding, LayerScale) count too.
 
 Groups (pruned separately): per block Q/K, V and FFN hidden, and the residual-stream width (a ViT's embedding
 width; each Swin stage's width, through PatchMerging, which concatenates 2x2 neighbours so stage channel c sits at
-c, C+c, 2C+c, 3C+c of the merge's norm and reduction). torch-pruning's dependency graph cannot give these groups
-(it treats q @ k^T like an element-wise op and ties Q/K to V, see ../shared/paper/FACTS.md), so the groups are
-listed here explicitly and torch-pruning's layer pruners do the surgery. timm's fused qkv is split into q, k, v
-Linears first (the same function, checked by a test); q @ k^T keeps the model's original softmax scale, so
-removing channels that carry nothing leaves the output unchanged. A unit of a Q/K or V group is one dim of every
-head (heads stay equal); of an FFN or width group, one channel. Each step recomputes the gradients, ranks all
-units of all groups globally by normalized importance, and removes the lowest until the step's MAC goal is met
-(MACs per unit measured at the layers' real token counts), never below a floor per group (global pruning would
-otherwise empty or, in torch-pruning, silently skip a group). The MAC counter adds q @ k^T and attn @ v at their
-pruned widths to the Linear/Conv MACs.
+c, C+c, 2C+c, 3C+c of the merge's norm and reduction; each EfficientViT stage's width, see below). torch-pruning's
+dependency graph cannot give these groups (it treats q @ k^T like an element-wise op and ties Q/K to V, see
+../shared/paper/FACTS.md), so the groups are listed here explicitly and torch-pruning's layer pruners do the
+surgery. timm's fused qkv is split into q, k, v Linears first (the same function, checked by a test); q @ k^T keeps
+the model's original softmax scale, so removing channels that carry nothing leaves the output unchanged. A unit of
+a Q/K or V group is one dim of every head (heads stay equal); of an FFN or width group, one channel (of every
+chunk, for an evit CGA stage). Each step recomputes the gradients, ranks all units of all groups globally by
+normalized importance, and removes the lowest until the step's MAC goal is met (MACs per unit measured at the
+layers' real token counts), never below a floor per group (global pruning would otherwise empty or, in
+torch-pruning, silently skip a group). The MAC counter adds q @ k^T and attn @ v at their pruned widths to the
+Linear/Conv MACs.
 
 EfficientViT (evit_m0.., evit_m0_proxy.., evit config files; BatchNorm only): per block a Q/K group (each head's
 Q and K rows of its qkv Conv-BN and its depthwise Q Conv-BN; all heads lose the same dims, `key_dim` follows and
 the softmax scale stays the original), one FFN-hidden group per FFN of the sandwich and, for MHSA mixers, a V
-group (`val_dim` follows). Cascaded group attention's V is NOT pruned: head i's output is added to head i+1's input
-split, so V dim = C / heads is tied to the stage width; its V ratio is reported as kept (1). Neither the stage
-widths nor the Subsample FFNs nor the patch embedding are pruned, so at small inputs a low MAC target can be out
-of reach: the groups then end at their floor (said on stderr).
+group (`val_dim` follows); and per stage a width group (its embed_dim): the patch embedding's last Conv-BN or the
+stage's Subsample output (merge output, FFN pair after the merge), every block's depthwise convs (rows and groups),
+FFN inputs and outputs, mixer input and projection output, and the readers after the stage (the next Subsample's
+FFN pair before its merge and the merge's first conv, or the classifier heads' BatchNorm1d and Linear). Cascaded
+group attention has no V group: head i's output is added to head i+1's input chunk, so V dim = C / heads follows the
+stage width. A CGA stage's width unit is one channel of every chunk (chunks stay equal); channel j of chunk h is
+also row j of head h-1's V and the proj column reading it, and chunk 0's is the last head's (a convention: the proj
+reads all heads' V). BatchNorm is per channel, so removing stream channels that carry nothing leaves the output
+unchanged (a test checks it). The Subsample FFN hidden widths, the merges' expansion and the patch embedding's
+inner convs are not pruned, so at small inputs a low MAC target can be out of reach: the groups then end at their
+floor (said on stderr).
 
 Outputs (folder --out, default results/taylor_prune): <model>.csv (one row per block: Q/K, V and FFN-hidden
 widths relative to the block's input width, before and after, with MACs and params), <model>_stages.csv,
@@ -172,7 +180,10 @@ class Group:
     layout: Callable[[], list[Slice]]
     count: Callable[[], int]
     on_prune: Callable[[int], None] = lambda removed_per_head: None
-    attention: Optional[nn.Module] = None    # where q @ k^T and attn @ v run (qk and v groups)
+    attention: Optional[nn.Module] = None    # where q @ k^T and attn @ v run (qk and v groups; an evit stage
+                                             # width: the stage's first CGA mixer, see `matmuls`)
+    matmuls: int = 1                         # attention matmuls one channel sits in: an evit stage-width channel
+                                             # is one V dim of every CGA mixer of the stage (same tokens and keys)
     prunable: bool = True
     original: int = 0                        # channels before pruning
     in_dim_before: int = 0                   # the block's input width before pruning
@@ -186,9 +197,10 @@ class Group:
 
     def macs_per_channel(self) -> float:
         """MACs per image one channel costs: its rows and columns in the layers at their token counts, and its
-        share of the attention matmuls (q @ k^T for a Q/K channel, attn @ v for a V channel)."""
+        share of the attention matmuls (q @ k^T for a Q/K channel, attn @ v for a V channel or, through the
+        cascade, an evit CGA stage's width channel); tokens stay 0 for groups without an attention."""
         layers = sum(s.count * _fan(s.layer, s.axis) * self.positions.get(s.layer, 0.0) for s in self.layout())
-        return layers / max(self.channels, 1) + (self.tokens * self.keys if self.kind in ("qk", "v") else 0.0)
+        return layers / max(self.channels, 1) + self.tokens * self.keys * self.matmuls
 
 
 def _fan(layer: nn.Module, axis: str) -> float:
@@ -314,15 +326,23 @@ def _conv_norm(module: nn.Module, axis: str, offset: int, first: int, count: int
     return slices + [Slice(module.bn, "out", offset, first, count)] if axis == "out" else slices
 
 
+def _require_batchnorm(name: str, module: nn.Module) -> None:
+    """Reject evit modules with LayerNorms: a LayerNorm normalizes over channels, so removing one changes every
+    other channel's output."""
+    from evit.efficientvit import ConvNorm
+
+    if not all(isinstance(m.bn, nn.BatchNorm2d) for m in module.modules() if isinstance(m, ConvNorm)):
+        raise UnsupportedModelError(f"{name}: only BatchNorm evit blocks can be pruned (this one has LayerNorm)")
+
+
 def _evit_groups(name: str, block: nn.Module) -> list[Group]:
     """evit block: both FFNs of the sandwich, and the mixer's Q/K (per head: the Q and K rows of the head's
     qkv conv and its depthwise Q conv) and V groups. Cascaded group attention's V width is fixed by the cascade
-    (head i's output is added to head i+1's input split, so V = dim / heads): reported, not pruned."""
-    from evit.efficientvit import CascadedGroupAttention, ConvMlp, ConvNorm
+    (head i's output is added to head i+1's input split, so V = dim / heads): it has no group of its own (reported,
+    not prunable) and shrinks only with its stage's width group (`_evit_width_groups`)."""
+    from evit.efficientvit import CascadedGroupAttention, ConvMlp
 
-    if not all(isinstance(m.bn, nn.BatchNorm2d) for m in block.modules() if isinstance(m, ConvNorm)):
-        # a LayerNorm normalizes over channels: removing one changes every other channel's output
-        raise UnsupportedModelError(f"{name}: only BatchNorm evit blocks can be pruned (this one has LayerNorm)")
+    _require_batchnorm(name, block)
     ffns = [m.m for n, m in block.named_children() if n.startswith("ffn")]
     assert all(isinstance(f, ConvMlp) for f in ffns), name
     if not ffns and block.mixer_type == "none":
@@ -371,9 +391,98 @@ def _evit_groups(name: str, block: nn.Module) -> list[Group]:
     return [qk, v] + groups
 
 
+def _cga_stream(attn: nn.Module, width: int) -> list[Slice]:
+    """Where stream channel j of chunk h (group channel h*d + j, d = width / heads) lives in a cascaded group
+    attention: column j of head h's qkv conv and, since the cascade adds head h-1's output to chunk h before head h
+    reads it, row j of head h-1's V (conv and BN) and the proj column that reads that V row.
+
+    Chunk 0 has no previous head; it takes head H-1's V row j and proj column. This tie is a convention, not forced
+    by the cascade: the proj reads all heads' V outputs concatenated, H * d columns, so with chunks of d' channels
+    every head's V must shrink to d' too, and head H-1's V (read by the proj alone) is the one no chunk feeds on."""
+    heads, v_rows = attn.num_heads, 2 * attn.key_dim  # each head's qkv rows: [Q | K | V]
+    d = width // heads
+    slices = []
+    for h in range(heads):
+        prev = (h - 1) % heads  # the head whose V output enters chunk h (head H-1 for chunk 0: the convention)
+        slices += [Slice(attn.qkvs[h].conv, "in", 0, h * d, d), *_conv_norm(attn.qkvs[prev], "out", v_rows, h * d, d),
+                   Slice(attn.proj[1].conv, "in", prev * d, h * d, d)]
+    return slices
+
+
+def _evit_branches(module: nn.Module, width: int) -> list[Slice]:
+    """Where the stream's channels live in every residual branch under `module` (a stage's blocks, or a Subsample
+    pair at the stage's width): the token-interaction depthwise Conv-BN's rows (one row per channel), an FFN's pw1
+    columns and pw2 rows, a mixer's input (MHSA: qkv columns, every head reads every channel; CGA: `_cga_stream`)
+    and its output projection's rows."""
+    from evit.efficientvit import CascadedGroupAttention, ConvMlp, ConvNorm, Residual
+
+    slices = []
+    for residual in (m for m in module.modules() if isinstance(m, Residual)):
+        branch = residual.m
+        if isinstance(branch, ConvNorm):
+            slices += _conv_norm(branch, "out", 0, 0, width)
+        elif isinstance(branch, ConvMlp):
+            slices += _conv_norm(branch.pw1, "in", 0, 0, width) + _conv_norm(branch.pw2, "out", 0, 0, width)
+        else:
+            attn = branch.attn  # WindowAttention -> CGA / MHSA
+            reads = (_cga_stream(attn, width) if isinstance(attn, CascadedGroupAttention)
+                     else _conv_norm(attn.qkv, "in", 0, 0, width))
+            slices += reads + _conv_norm(attn.proj[1], "out", 0, 0, width)
+    return slices
+
+
+def _evit_stage_width(model: nn.Module, s: int) -> Group:
+    """The width of evit stage s: its source (the patch embedding's last Conv-BN for stage 0, else the Subsample's
+    patch merging output and its FFN pair after the merge), every block, and its readers after the stage: the next
+    Subsample's FFN pair before the merge and the merge's first conv, or the classifier(s) (BatchNorm1d + Linear).
+    CGA mixers split the stream into `heads` chunks, so a unit is one channel of every chunk (chunks stay equal)."""
+    from evit.efficientvit import CascadedGroupAttention, NormLinear
+
+    stages = list(model.stages)
+    stage = stages[s]
+    source = model.patch_embed[-1] if s == 0 else stage.downsample.patchmerge.conv3
+    nxt = stages[s + 1].downsample if s + 1 < len(stages) else None
+    cgas = [m for m in stage.blocks.modules() if isinstance(m, CascadedGroupAttention)]
+
+    def count() -> int:
+        return source.conv.out_channels
+
+    def layout() -> list[Slice]:
+        width = count()
+        slices = _conv_norm(source, "out", 0, 0, width) + _evit_branches(stage.blocks, width)
+        if s:
+            slices += _evit_branches(stage.downsample.res2, width)
+        if nxt is not None:
+            return slices + _evit_branches(nxt.res1, width) + _conv_norm(nxt.patchmerge.conv1, "in", 0, 0, width)
+        return slices + [Slice(layer, axis, 0, 0, width) for head in (model.head, model.head_dist)
+                         if isinstance(head, NormLinear) for layer, axis in ((head.bn, "out"), (head.linear, "in"))]
+
+    def resize(removed: int) -> None:
+        width = count()
+        for attn in cgas:
+            attn.val_dim = width // attn.num_heads  # the cascade: V dim = chunk width
+        model.feature_info[s]["num_chs"] = width
+        if nxt is None:
+            _set(model, num_features=width, head_hidden_size=width)
+
+    return Group("width", block=f"stages.{s}", stage=s, heads=cgas[0].num_heads if cgas else 1, width=count,
+                 layout=layout, count=count, on_prune=resize, attention=cgas[0] if cgas else None,
+                 matmuls=len(cgas))
+
+
+def _evit_width_groups(model: nn.Module) -> list[Group]:
+    """One width group per stage of an evit EfficientViT (`_evit_stage_width`)."""
+    from evit.efficientvit import EfficientViT
+
+    if not isinstance(model, EfficientViT):
+        return []
+    _require_batchnorm(type(model).__name__, model)  # also the stem and transitions, which no block group covers
+    return [_evit_stage_width(model, s) for s in range(len(model.stages))]
+
+
 def prepare(model: nn.Module) -> list[Group]:
     """Split every timm attention's qkv (in place) and return the groups: Q/K, V and FFN hidden of every block,
-    then the residual-stream width group(s) of a timm ViT / Swin."""
+    then the residual-stream width group(s) of a timm ViT / Swin / evit EfficientViT."""
     from evit.efficientvit import EfficientViTBlock
 
     groups: list[Group] = []
@@ -382,7 +491,7 @@ def prepare(model: nn.Module) -> list[Group]:
             groups += _evit_groups(name, module)
         elif hasattr(module, "attn") and hasattr(module, "mlp"):
             groups += _timm_groups(name, module)
-    groups += _vit_width_group(model) + _swin_width_groups(model)
+    groups += _vit_width_group(model) + _swin_width_groups(model) + _evit_width_groups(model)
     if not groups:
         raise UnsupportedModelError(f"{type(model).__name__} has no prunable blocks; supported: timm "
                                     f"VisionTransformer (deit_*, vit_*, deit_proxy), SwinTransformer (swin_*, "
@@ -550,7 +659,7 @@ def prune_channels(group: Group, idxs: list[int]) -> None:
             layer.normalized_shape = (layer.normalized_shape[-1] - len(picked),)
         elif isinstance(layer, nn.Linear):
             (tp.prune_linear_out_channels if axis == "out" else tp.prune_linear_in_channels)(layer, picked)
-        elif isinstance(layer, nn.BatchNorm2d):
+        elif isinstance(layer, nn.modules.batchnorm._BatchNorm):  # evit's BatchNorm2d, its head's BatchNorm1d
             tp.prune_batchnorm_out_channels(layer, picked)
         elif layer.groups == layer.in_channels and layer.groups > 1:  # depthwise: in, out and groups together
             tp.prune_depthwise_conv_out_channels(layer, picked)
@@ -849,7 +958,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                                                          "swin_tiny, evit_m0.., an evit config file, a timm "
                                                          "ViT/Swin name (default: deit_proxy)")
     p.add_argument("--weights", default="auto", help="auto (proxy for proxies, else pretrained, else an error) | "
-                                                     "proxy | pretrained | random | PATH")
+                                                     "proxy | quick-proxy | pretrained | random | PATH")
     p.add_argument("--data", default="fashion_mnist", help="fashion_mnist | digits | imagefolder:PATH (the data "
                                                            "the weights were trained on)")
     p.add_argument("--data-dir", default=None, help="folder holding the data (overrides the default location)")
@@ -866,6 +975,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--floor", type=float, default=0.1, help="fraction of each group always kept (default 0.1)")
     p.add_argument("--no-width", action="store_true", help="do not prune the residual-stream widths")
     p.add_argument("--finetune-epochs", type=int, default=0, help="short fine-tune after pruning (0: none)")
+    p.add_argument("--finetune-images", type=int, default=20000, help="training images of the fine-tune")
     p.add_argument("--preset", default="m0", help="evit preset the allocation is scaled to (equal FLOPs)")
     p.add_argument("--mixer", default="cga", choices=("cga", "mhsa"),
                    help="allocation's attention: cga (V = C/H) or mhsa (V from the measured V ratio)")
@@ -902,7 +1012,7 @@ def run(args: argparse.Namespace) -> PruneResult:
         from experiments.train import TrainConfig, train as train_model
 
         cfg = TrainConfig(model=args.model, data=args.data, img_size=img_size, epochs=args.finetune_epochs,
-                          warmup_epochs=0, lr=2e-4, limit_train=20000, limit_val=args.val_images, threads=args.threads)
+                          warmup_epochs=0, lr=2e-4, limit_train=args.finetune_images, limit_val=args.val_images, threads=args.threads)
         metrics = train_model(result.model, cfg, build_datasets(args.data, img_size, args.data_dir))
         result.summary.update(acc_finetuned=metrics["val_acc"], finetune_epochs=args.finetune_epochs)
         result.model.eval()

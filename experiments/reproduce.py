@@ -1,9 +1,9 @@
 """One command for every analysis: op profiles, head similarity, Taylor pruning, MHSA proportion, the M0-M5
 family, benchmarks, figures, and results/REPORT.md.
 
-    python -m experiments.reproduce                        # quick scale, this machine; finished steps are skipped
-    python -m experiments.reproduce --force head_similarity
-    python -m experiments.reproduce --force all            # everything again (about 1.5 h on 2 cores)
+    python -m experiments.reproduce                        # quick scale (~20 min on 2 cores) -> results/quick/
+    python -m experiments.reproduce --force head_similarity    # redo one step (finished steps are skipped)
+    python -m experiments.reproduce --scale standard       # the budgets behind results/ (about 1.5 h on 2 cores)
     python -m experiments.reproduce --scale paper --data imagefolder:/data/imagenet   # pretrained, GPU
 
 Each step writes its own CSVs and figures under the results folder and is skipped when they exist; trained
@@ -23,6 +23,7 @@ import pandas as pd
 from evit.io import write_text
 
 RESULTS = Path("results")
+SCALES = ("quick", "standard", "paper")
 
 
 @dataclass
@@ -30,13 +31,47 @@ class Step:
     name: str
     outputs: tuple[str, ...]  # files under the output folder whose presence means the step is done ({device})
     run: Callable[[Path, argparse.Namespace], object]
-    scales: tuple[str, ...] = ("quick", "paper")
+    scales: tuple[str, ...] = SCALES
 
 
 PROFILED = ("deit_tiny", "swin_tiny", "deit_proxy", "swin_proxy") + tuple(f"evit_m{i}" for i in range(6))
-# The models the analyses of trained networks use at each scale.
-QUICK_MODELS = dict(deit="deit_proxy", swin="swin_proxy", evit="evit_m0_proxy")
+# The models the analyses of trained networks use: proxies at the proxy scales, the paper's at paper scale.
+PROXY_MODELS = dict(deit="deit_proxy", swin="swin_proxy", evit="evit_m0_proxy")
 PAPER_MODELS = dict(deit="deit_tiny", swin="swin_tiny", evit="evit_m4")
+DEFAULT_OUT = {"quick": RESULTS / "quick", "standard": RESULTS, "paper": RESULTS / "paper"}
+# What the steps run at each proxy scale. 'standard' made the committed results/ (about 1.5 h on 2 cores);
+# 'quick' fits in about 20 minutes from nothing: proxies on 10k images, fewer seeds' epochs and images, a subset
+# of the benchmark's peers. Its numbers are indicative only, and its verdicts say so.
+BUDGETS = {
+    "quick": dict(
+        weights="quick-proxy",
+        op_profile=["--iters", "2", "--warmup", "1"],
+        head_similarity=["--num-images", "32"],
+        taylor_prune=["--steps", "3", "--batches", "4", "--batch", "32", "--val-images", "1000",
+                      "--finetune-epochs", "1", "--finetune-images", "4000"],
+        mhsa_ratio=dict(deit=["--epochs", "2", "--limit-train", "3000", "--limit-val", "1000"],
+                        evit=["--epochs", "2", "--limit-train", "1000", "--limit-val", "1000"]),
+        family=["--epochs", "2", "--limit-train", "1500", "--limit-val", "1000"],
+        benchmark=["--models", "evit_m0,evit_m2,evit_m4,efficientvit_m0,efficientvit_m4,mobilenetv3_large_100,"
+                   "deit_tiny_patch16_224", "--warmup", "0.5", "--seconds", "0.5"],
+        fast_path=["--models", "evit_m0", "--warmup", "1", "--seconds", "1"],
+    ),
+    "standard": dict(
+        weights="proxy",
+        op_profile=["--iters", "5"],
+        head_similarity=["--num-images", "64"],
+        taylor_prune=["--finetune-epochs", "1"],
+        mhsa_ratio=dict(deit=["--epochs", "4", "--limit-train", "20000"],
+                        evit=["--epochs", "2", "--limit-train", "5000"]),
+        family=[],
+        benchmark=["--quick"],
+        fast_path=["--quick", "--with-compile"],
+    ),
+}
+
+
+def _models(opts: argparse.Namespace) -> dict[str, str]:
+    return PAPER_MODELS if opts.scale == "paper" else PROXY_MODELS
 
 
 def _presets(out: Path, opts: argparse.Namespace) -> None:
@@ -48,8 +83,9 @@ def _presets(out: Path, opts: argparse.Namespace) -> None:
 def _op_profile(out: Path, opts: argparse.Namespace) -> None:
     from analysis import op_profile
 
-    common = ["--device", opts.device, "--batch", "16" if opts.device == "cpu" else "256", "--iters", "5",
-              "--out", str(out / "op_profile")]
+    budget = BUDGETS[opts.scale]["op_profile"] if opts.scale in BUDGETS else ["--iters", "10"]
+    common = ["--device", opts.device, "--batch", "16" if opts.device == "cpu" else "256", "--out",
+              str(out / "op_profile")] + budget
     op_profile.main(["--models", ",".join(PROFILED)] + common)
     op_profile.main(["--fused", "--models", ",".join(m for m in PROFILED if m.startswith("evit"))] + common)
 
@@ -57,11 +93,11 @@ def _op_profile(out: Path, opts: argparse.Namespace) -> None:
 def _head_similarity(out: Path, opts: argparse.Namespace) -> None:
     from analysis import head_similarity
 
+    models = _models(opts)
+    # Proxy scales: trained proxies on Fashion-MNIST. Paper: ImageNet weights on ImageNet validation images.
+    data = (["--weights", BUDGETS[opts.scale]["weights"]] + BUDGETS[opts.scale]["head_similarity"]
+            if opts.scale in BUDGETS else ["--weights", "pretrained", "--data", opts.data, "--num-images", "256"])
     folder = ["--out", str(out / "head_similarity")]
-    models = QUICK_MODELS if opts.scale == "quick" else PAPER_MODELS
-    # Quick: trained proxies on Fashion-MNIST. Paper: ImageNet weights on ImageNet validation images.
-    data = ["--num-images", "64"] if opts.scale == "quick" else ["--weights", "pretrained", "--data", opts.data,
-                                                                 "--num-images", "256"]
     head_similarity.main(["--model", f"{models['deit']},{models['swin']}"] + data + folder)
     head_similarity.main(["--model", f"{models['deit']},{models['evit']}"] + data + folder)
 
@@ -69,40 +105,40 @@ def _head_similarity(out: Path, opts: argparse.Namespace) -> None:
 def _taylor_prune(out: Path, opts: argparse.Namespace) -> None:
     from analysis import taylor_prune
 
-    models = QUICK_MODELS if opts.scale == "quick" else PAPER_MODELS
-    data = ["--finetune-epochs", "1"] if opts.scale == "quick" else ["--weights", "pretrained", "--data", opts.data,
-                                                                     "--img-size", "224", "--batch", "32"]
-    for kind, model in models.items():
+    data = (["--weights", BUDGETS[opts.scale]["weights"]] + BUDGETS[opts.scale]["taylor_prune"]
+            if opts.scale in BUDGETS else ["--weights", "pretrained", "--data", opts.data, "--img-size", "224",
+                                           "--batch", "32"])
+    for kind, model in _models(opts).items():
         # evit's blocks hold too few of its MACs at 64 px for 50%: every group would sit at its floor.
-        target = ["--target-macs", "0.8"] if kind == "evit" and opts.scale == "quick" else []
+        target = ["--target-macs", "0.8"] if kind == "evit" and opts.scale != "paper" else []
         taylor_prune.main(["--model", model, "--out", str(out / "taylor_prune")] + target + data)
 
 
 def _mhsa_ratio(out: Path, opts: argparse.Namespace) -> None:
     from analysis import mhsa_ratio
 
-    mhsa_ratio.main(["--family", "deit", "--seeds", "0,1,2", "--epochs", "4", "--limit-train", "20000",
-                     "--out", str(out / "mhsa_ratio")])
-    mhsa_ratio.main(["--family", "evit", "--seeds", "0,1,2", "--epochs", "2", "--limit-train", "5000",
-                     "--out", str(out / "mhsa_ratio")])
+    for family, budget in BUDGETS[opts.scale]["mhsa_ratio"].items():
+        mhsa_ratio.main(["--family", family, "--seeds", "0,1,2", "--out", str(out / "mhsa_ratio")] + budget)
 
 
 def _family(out: Path, opts: argparse.Namespace) -> None:
     from experiments import family
 
-    family.main(["--out", str(out / "family")])
+    budget = BUDGETS[opts.scale]["family"] + ["--out", str(out / "family")]
+    family.main(budget)
     # The pruning-derived allocations beside the preset whose FLOPs they were scaled to.
-    derived = [str(out / "taylor_prune" / f"{QUICK_MODELS[m]}_allocation.yaml") for m in ("deit", "swin")]
-    family.main(["--models", ",".join(["evit_m0"] + derived), "--name", "allocation", "--out", str(out / "family")])
+    derived = [str(out / "taylor_prune" / f"{PROXY_MODELS[m]}_allocation.yaml") for m in ("deit", "swin")]
+    family.main(["--models", ",".join(["evit_m0"] + derived), "--name", "allocation"] + budget)
 
 
 def _benchmark(out: Path, opts: argparse.Namespace) -> None:
     from experiments import benchmark
 
     device = ["--device", opts.device, "--out", str(out / "benchmark")]
-    benchmark.main(["--quick", "--accuracy-csv", str(out / "family" / "family.csv")] + device)
+    budget = BUDGETS.get(opts.scale, BUDGETS["standard"])
+    benchmark.main(budget["benchmark"] + ["--accuracy-csv", str(out / "family" / "family.csv")] + device)
     if opts.device == "cpu":
-        benchmark.main(["--fast-path", "--quick", "--with-compile"] + device)
+        benchmark.main(["--fast-path"] + budget["fast_path"] + device)
 
 
 STEPS = [
@@ -114,8 +150,9 @@ STEPS = [
     # torchrun (see README), not here.
     Step("taylor_prune", ("taylor_prune/{deit}.csv", "taylor_prune/{swin}.csv", "taylor_prune/{evit}.csv"),
          _taylor_prune),
-    Step("mhsa_ratio", ("mhsa_ratio/deit_proxy.csv", "mhsa_ratio/evit_m0_proxy.csv"), _mhsa_ratio, ("quick",)),
-    Step("family", ("family/family.csv", "family/allocation.csv"), _family, ("quick",)),
+    Step("mhsa_ratio", ("mhsa_ratio/deit_proxy.csv", "mhsa_ratio/evit_m0_proxy.csv"), _mhsa_ratio,
+         ("quick", "standard")),
+    Step("family", ("family/family.csv", "family/allocation.csv"), _family, ("quick", "standard")),
     Step("benchmark", ("benchmark/{device}.csv",), _benchmark),
 ]
 
@@ -235,13 +272,14 @@ def _section_taylor_prune(out: Path) -> Optional[str]:
     paths = sorted(folder.glob("*_summary.csv")) if folder.is_dir() else []
     if not paths:
         return None
-    text = ("## Taylor structured pruning (Fig. 5)\n\nEach model pruned to `target_macs` of its MACs (Q/K, V and FFN "
-            "hidden as separate groups, 5 steps), accuracy on 2000 validation images before, after, and after a one-epoch "
-            "fine-tune; kept widths relative to each block's input width, averaged over early/middle/late thirds "
-            "of the blocks.\n\n")
     summaries = pd.concat(pd.read_csv(p) for p in paths)
-    cols = [c for c in ("model", "weights", "target_macs", "macs_before_m", "macs_after_m", "params_before_m", "params_after_m",
-                        "acc_before", "acc_after", "acc_finetuned", "normalizer", "reduction") if c in summaries]
+    text = ("## Taylor structured pruning (Fig. 5)\n\nEach model pruned to `target_macs` of its MACs in `steps` Taylor "
+            "steps (Q/K, V, FFN hidden and the residual-stream width as separate groups), accuracy on `val_images` "
+            "validation images before, after, and after a `finetune_epochs` fine-tune; kept widths relative to each "
+            "block's input width, averaged over early/middle/late thirds of the blocks.\n\n")
+    cols = [c for c in ("model", "weights", "target_macs", "steps", "macs_before_m", "macs_after_m", "params_before_m",
+                        "params_after_m", "val_images", "acc_before", "acc_after", "finetune_epochs", "acc_finetuned",
+                        "normalizer", "reduction") if c in summaries]
     text += _table(summaries[cols], ".2f")
     rows, claims = [], {}
     for path in paths:
@@ -330,8 +368,9 @@ SECTIONS = (_section_presets, _section_op_profile, _section_head_similarity, _se
 
 
 def write_report(out: Path = RESULTS, scale: str = "quick") -> Path:
-    where = ("proxy scale (Fashion-MNIST, CPU), not ImageNet" if scale == "quick" else
-             "paper scale (ImageNet weights and data)")
+    where = {"quick": "quick proxy scale (Fashion-MNIST, CPU, minutes of training: indicative only)",
+             "standard": "proxy scale (Fashion-MNIST, CPU), not ImageNet",
+             "paper": "paper scale (ImageNet weights and data)"}[scale]
     parts = [f"# evit report\n\nGenerated by `python -m experiments.reproduce --scale {scale}` from the CSVs in "
              f"this folder; re-run it to regenerate. Verdicts are at {where}.\n"]
     parts += [text for section in SECTIONS if (text := section(out))]
@@ -341,20 +380,22 @@ def write_report(out: Path = RESULTS, scale: str = "quick") -> Path:
 def main(argv: Optional[list[str]] = None) -> Path:
     parser = argparse.ArgumentParser(prog="python -m experiments.reproduce", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--scale", default="quick", choices=["quick", "paper"],
-                        help="quick: proxies on Fashion-MNIST, this machine. paper: the paper's models with "
-                             "pretrained weights on ImageNet-format --data, on --device (default cuda)")
+    parser.add_argument("--scale", default="quick", choices=SCALES,
+                        help="quick: proxies on Fashion-MNIST with minutes of training, about 20 min on 2 cores "
+                             "(results/quick). standard: the proxy budgets behind results/ (about 1.5 h). paper: the "
+                             "paper's models with pretrained weights on ImageNet-format --data, on --device "
+                             "(default cuda)")
     parser.add_argument("--data", default=None, help="paper scale: imagefolder:PATH (PATH/train, PATH/val)")
     parser.add_argument("--device", default=None, choices=["cpu", "cuda"],
-                        help="where op profiles and benchmarks run (default: cpu at quick scale, cuda at paper)")
+                        help="where op profiles and benchmarks run (default: cpu at proxy scales, cuda at paper)")
     parser.add_argument("--steps", default=None, help="comma-separated steps to run (default: all of the scale)")
     parser.add_argument("--force", default="", help="comma-separated steps to redo even if their outputs exist, "
                                                     "or 'all'")
-    parser.add_argument("--out", type=Path, default=None, help="results folder (default: results/, or "
-                                                                 "results/paper at paper scale)")
+    parser.add_argument("--out", type=Path, default=None, help="results folder (default: results/quick, "
+                                                                 "results/ or results/paper by scale)")
     args = parser.parse_args(argv)
-    args.device = args.device or ("cpu" if args.scale == "quick" else "cuda")
-    args.out = args.out or (RESULTS if args.scale == "quick" else RESULTS / "paper")
+    args.device = args.device or ("cuda" if args.scale == "paper" else "cpu")
+    args.out = args.out or DEFAULT_OUT[args.scale]
     if args.scale == "paper" and not (args.data or "").startswith("imagefolder:"):
         parser.error("--scale paper needs --data imagefolder:PATH (ImageNet-format folders PATH/train, PATH/val)")
     steps = [s for s in STEPS if args.scale in s.scales]
@@ -368,7 +409,7 @@ def main(argv: Optional[list[str]] = None) -> Path:
     for step in steps:
         if step.name not in wanted:
             continue
-        names = PAPER_MODELS if args.scale == "paper" else QUICK_MODELS
+        names = _models(args)
         done = step.outputs and all((args.out / o.format(device=args.device, **names)).is_file()
                                     for o in step.outputs)
         if done and step.name not in forced:

@@ -1,12 +1,14 @@
 """Trained models for the analyses: Fashion-MNIST proxies trained on first use and cached, or hub weights.
 
     model = load_model("deit_proxy")                      # trains once (minutes on one core), then loads the cache
+    model = load_model("deit_proxy", weights="quick-proxy")   # a seconds-long budget (reproduce --scale quick)
     model = load_model("evit_m0", weights="pretrained")   # timm hub weights, if reachable
     model = load_model("swin_proxy", weights="random")    # the same architecture, initial weights
     model = load_model("deit_proxy", weights="runs/x/model.pth")
 
     python -m experiments.zoo list
     python -m experiments.zoo train deit_proxy swin_proxy
+    python -m experiments.zoo train evit_m0_proxy --budget quick-proxy
 
 A proxy's cache folder is keyed by a hash of its architecture, parameter shapes and training recipe, so a
 changed recipe or model retrains instead of loading stale weights. The folder holds the training run itself
@@ -31,7 +33,6 @@ from experiments.models import PROXY_MODELS, PROXY_NUM_CLASSES, create_model
 from experiments.train import (FINAL, CheckpointError, TrainConfig, build_model, fit, load_checkpoint, load_weights,
                                run_cli)
 
-KEYWORDS = ("proxy", "pretrained", "random")
 # Training recipes: short runs on Fashion-MNIST (every other TrainConfig field keeps its default).
 _FMNIST = dict(data="fashion_mnist", batch_size=128, lr=1e-3)
 PROXY_RECIPES: dict[str, dict[str, Any]] = {
@@ -39,6 +40,10 @@ PROXY_RECIPES: dict[str, dict[str, Any]] = {
     "swin_proxy": dict(_FMNIST, img_size=32, epochs=4),
     **{f"evit_m{i}_proxy": dict(_FMNIST, img_size=64, epochs=5) for i in range(6)},
 }
+# Training budgets, by weights keyword: 'proxy' is the recipe itself; 'quick-proxy' trains on 10k images for two
+# epochs (under a minute for evit_m0_proxy, against 13) so that `reproduce --scale quick` fits in minutes.
+PROXY_BUDGETS: dict[str, dict[str, Any]] = {"proxy": {}, "quick-proxy": dict(epochs=2, limit_train=10000)}
+KEYWORDS = (*PROXY_BUDGETS, "pretrained", "random")
 
 
 class WeightsUnavailableError(RuntimeError):
@@ -50,11 +55,13 @@ def cache_dir() -> Path:
     return Path(os.environ.get("EVIT_CACHE") or Path(__file__).resolve().parents[1] / ".cache" / "zoo")
 
 
-def proxy_config(name: str) -> TrainConfig:
+def proxy_config(name: str, budget: str = "proxy") -> TrainConfig:
     if name not in PROXY_RECIPES:
         raise WeightsUnavailableError(f"'{name}' has no proxy recipe; proxies: {', '.join(PROXY_RECIPES)} (or pass "
                                       f"weights='random', 'pretrained' or a checkpoint path)")
-    return TrainConfig(model=name, **PROXY_RECIPES[name])
+    if budget not in PROXY_BUDGETS:
+        raise ValueError(f"unknown proxy budget '{budget}'; valid: {', '.join(PROXY_BUDGETS)}")
+    return TrainConfig(model=name, **{**PROXY_RECIPES[name], **PROXY_BUDGETS[budget]})
 
 
 def proxy_key(cfg: TrainConfig) -> str:
@@ -65,15 +72,15 @@ def proxy_key(cfg: TrainConfig) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
-def proxy_dir(name: str) -> Path:
-    return cache_dir() / f"{name}-{proxy_key(proxy_config(name))}"
+def proxy_dir(name: str, budget: str = "proxy") -> Path:
+    return cache_dir() / f"{name}-{proxy_key(proxy_config(name, budget))}"
 
 
-def train_proxy(name: str, force: bool = False) -> Path:
-    """Train a proxy with its recipe unless cached; returns its final weights file (`model.pth`)."""
-    out = proxy_dir(name)
+def train_proxy(name: str, force: bool = False, budget: str = "proxy") -> Path:
+    """Train a proxy with its recipe (at `budget`) unless cached; returns its final weights file (`model.pth`)."""
+    out = proxy_dir(name, budget)
     if force or not (out / FINAL).is_file():
-        cfg = dataclasses.replace(proxy_config(name), out=str(out), resume=None if force else "auto")
+        cfg = dataclasses.replace(proxy_config(name, budget), out=str(out), resume=None if force else "auto")
         fit(cfg)
     return out / FINAL
 
@@ -121,8 +128,9 @@ def weights_from_file(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str
 
 
 def load_model(name: str, weights: str = "proxy", num_classes: int | None = None, **kwargs: Any) -> nn.Module:
-    """A model in eval mode with `weights`: 'proxy' (trained on Fashion-MNIST, cached), 'pretrained' (timm hub),
-    'random' (initial weights) or a checkpoint path. kwargs go to the model factory."""
+    """A model in eval mode with `weights`: 'proxy' (trained on Fashion-MNIST, cached), 'quick-proxy' (the same on
+    a small budget), 'pretrained' (timm hub), 'random' (initial weights) or a checkpoint path. kwargs go to the
+    model factory."""
     if num_classes is not None:
         kwargs["num_classes"] = num_classes
     if weights == "random":
@@ -132,11 +140,11 @@ def load_model(name: str, weights: str = "proxy", num_classes: int | None = None
             raise WeightsUnavailableError(f"'{name}' is a Fashion-MNIST proxy with no hub weights: use "
                                           f"weights='proxy' (trains and caches it) or a checkpoint path")
         return pretrained_model(name, **kwargs).eval()
-    if weights == "proxy":
+    if weights in PROXY_BUDGETS:
         if kwargs.get("num_classes", PROXY_NUM_CLASSES) != PROXY_NUM_CLASSES:
             raise WeightsUnavailableError(f"proxies are trained on Fashion-MNIST's {PROXY_NUM_CLASSES} classes, "
                                           f"not {kwargs['num_classes']}")
-        path = train_proxy(name)
+        path = train_proxy(name, budget=weights)
     else:
         path = weights
     state_dict, file_kwargs = weights_from_file(path)
@@ -150,13 +158,15 @@ def load_model(name: str, weights: str = "proxy", num_classes: int | None = None
 
 def list_proxies() -> None:
     for name, recipe in PROXY_RECIPES.items():
-        path = proxy_dir(name) / FINAL
-        status = "not trained"
-        if path.is_file():
-            metrics = load_checkpoint(path).get("metrics", {})
-            status = f"val_acc {metrics.get('val_acc', float('nan')):.2f}%  {path}"
         timm_name, kwargs = PROXY_MODELS[name]
-        print(f"{name:15s} {timm_name}{kwargs}  recipe {recipe}  [{status}]")
+        print(f"{name:15s} {timm_name}{kwargs}  recipe {recipe}")
+        for budget, overrides in PROXY_BUDGETS.items():
+            path = proxy_dir(name, budget) / FINAL
+            status = "not trained"
+            if path.is_file():
+                metrics = load_checkpoint(path).get("metrics", {})
+                status = f"val_acc {metrics.get('val_acc', float('nan')):.2f}%  {path}"
+            print(f"    {budget:12s} {overrides or ''}  [{status}]")
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -166,13 +176,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     p_train = sub.add_parser("train", help="train proxies with their recipes (skips cached ones)")
     p_train.add_argument("names", nargs="+", choices=list(PROXY_RECIPES), metavar="NAME")
     p_train.add_argument("--force", action="store_true", help="retrain from scratch even if cached")
+    p_train.add_argument("--budget", default="proxy", choices=list(PROXY_BUDGETS), help="training budget")
     args = parser.parse_args(argv)
 
     def body() -> None:
         if args.command == "list":
             list_proxies()
         for name in getattr(args, "names", []):
-            print(f"{name}: {train_proxy(name, force=args.force)}")
+            print(f"{name}: {train_proxy(name, force=args.force, budget=args.budget)}")
 
     run_cli(body)
 

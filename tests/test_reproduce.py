@@ -39,6 +39,28 @@ def test_unknown_step_names_the_valid_ones(tmp_path, capsys):
     assert "unknown step(s) proxies at paper scale" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("scale", sorted(reproduce.BUDGETS))
+def test_every_step_budget_is_valid_command_line(scale, tmp_path, monkeypatch):
+    """Each step's first command at each proxy scale parses with its module's own parser (nothing runs)."""
+    import argparse
+
+    from experiments.zoo import PROXY_BUDGETS
+
+    class Parsed(Exception):
+        pass
+
+    parse = argparse.ArgumentParser.parse_args
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args",
+                        lambda self, args=None, namespace=None: (_ for _ in ()).throw(Parsed(parse(self, args))))
+    opts = argparse.Namespace(scale=scale, device="cpu", data=None)
+    for step in reproduce.STEPS:
+        with pytest.raises(Parsed) as parsed:
+            step.run(tmp_path, opts)
+        weights = getattr(parsed.value.args[0], "weights", None)
+        assert weights in (None, reproduce.BUDGETS[scale]["weights"]), step.name
+    assert reproduce.BUDGETS[scale]["weights"] in PROXY_BUDGETS
+
+
 def test_report_gives_the_presets_claim_a_verdict(tmp_path):
     write_csv(preset_table(224), tmp_path / "presets" / "presets.csv")
     report = reproduce.write_report(tmp_path).read_text()

@@ -1,6 +1,7 @@
 """Taylor pruning: split attention is the same function, planted zero channels go first and change nothing,
 importance is torch-pruning's, reported widths are the model's, Swin's stage widths go through PatchMerging, the
-MAC counter matches a hand count and fvcore, and the allocation builds."""
+MAC counter matches a hand count and fvcore, and the allocation builds; EfficientViT's stage widths go through its
+stem, transitions, heads and the CGA cascade."""
 import pandas as pd
 import pytest
 import timm
@@ -409,8 +410,8 @@ def test_evit_pruned_model_runs_and_reports_its_own_widths(mixer):
         assert all(q.conv.out_channels == q.bn.num_features == per * (2 * a.key_dim + a.val_dim) for q in qkvs)
         assert all(d.conv.out_channels == d.conv.groups == d.bn.num_features == a.key_dim for d in a.dws)
         assert a.proj[1].conv.in_channels == a.num_heads * a.val_dim
-    if mixer == "cga":  # V is tied to the cascade: never pruned
-        assert (result.blocks.v_ratio == 1.0).all() and (result.blocks.v_kept == 1.0).all()
+    if mixer == "cga":  # V is tied to the cascade: no group of its own, it follows the stage width
+        assert (result.blocks.v_ratio == 1.0).all() and (result.blocks.v_kept == result.blocks.width_kept).all()
     else:
         assert (result.blocks.v_dim % result.blocks.heads == 0).all()
     assert (result.blocks.qk_dim % result.blocks.heads == 0).all() and (result.blocks.qk_kept < 1).any()
@@ -433,3 +434,125 @@ def test_evit_mac_counter_agrees_with_fvcore_before_and_after_pruning(mixers):
     assert macs() == count_flops(evit.fuse(model), 64)  # an independent counter: fvcore, one MAC = one flop
     tpr.taylor_prune(model, batches(1, 64, 10), target_macs=0.7, steps=1)
     assert macs() == count_flops(evit.fuse(model), 64)
+    for width in (g for g in tpr.prepare(model) if g.kind == "width"):  # and the stage widths (CGA: every chunk)
+        per_head = width.channels // width.heads
+        tpr.prune_channels(width, [h * per_head + k for h in range(width.heads) for k in (0, 3)])
+        assert width.channels == width.original - 2 * width.heads
+    assert model(x).shape == (2, 10) and macs() == count_flops(evit.fuse(model), 64)
+
+
+def three_stage_evit(mixer):
+    """64 px, patch 4: stages at 16, 8, 4 tokens a side; CGA chunks of 8, 8 and 16 channels (stage 1: three heads,
+    so the chunk-0 tie to the last head is not the previous head); a distillation head (a second reader)."""
+    import evit
+
+    config = evit.EfficientViTConfig(img_size=64, num_classes=5, embed_dims=(16, 24, 32), depths=(1, 2, 1),
+                                     num_heads=(2, 3, 2), key_dims=4, v_ratio=1.0 if mixer == "cga" else 0.5,
+                                     mlp_ratio=2, window_sizes=4, kernels=(3, 5, 3), stem_depth=2, mixers=mixer,
+                                     distillation=True)
+    return randomize_evit_(evit.EfficientViT(config))
+
+
+def kill_stream_channels_(model, s, channels):
+    """Make `channels` of stage s's stream carry nothing, written out by hand from the architecture (not from the
+    width group's layout): every writer's rows (conv, BN scale and shift) and every reader's columns are zero."""
+    from evit.efficientvit import CascadedGroupAttention, ConvMlp, ConvNorm, MultiHeadSelfAttention, Residual
+
+    stage, stages = model.stages[s], list(model.stages)
+    width = stage.blocks[0].ffn0.m.pw1.conv.in_channels
+
+    def rows(conv_norm, idx):
+        conv_norm.conv.weight[idx] = 0
+        conv_norm.bn.weight[idx] = 0
+        conv_norm.bn.bias[idx] = 0
+
+    def cols(conv, idx):
+        conv.weight[:, idx] = 0
+
+    with torch.no_grad():
+        rows(model.patch_embed[-1] if s == 0 else stage.downsample.patchmerge.conv3, channels)
+        parts = [stage.blocks] + ([stage.downsample.res2] if s else [])
+        parts += [stages[s + 1].downsample.res1] if s + 1 < len(stages) else []
+        for module in (m for part in parts for m in part.modules()):
+            if isinstance(module, Residual) and isinstance(module.m, ConvNorm):  # depthwise: its row per channel
+                rows(module.m, channels)
+            elif isinstance(module, ConvMlp):
+                cols(module.pw1.conv, channels)
+                rows(module.pw2, channels)
+            elif isinstance(module, MultiHeadSelfAttention):
+                cols(module.qkv.conv, channels)
+                rows(module.proj[1], channels)
+            elif isinstance(module, CascadedGroupAttention):
+                heads, d = module.num_heads, width // module.num_heads
+                for c in channels:
+                    h, j = divmod(c, d)
+                    prev = (h - 1) % heads  # the V added to chunk h (chunk 0: the last head's V, by convention)
+                    cols(module.qkvs[h].conv, [j])
+                    rows(module.qkvs[prev], [2 * module.key_dim + j])
+                    cols(module.proj[1].conv, [prev * d + j])
+                rows(module.proj[1], channels)
+        if s + 1 < len(stages):
+            cols(stages[s + 1].downsample.patchmerge.conv1.conv, channels)
+        else:
+            for head in (model.head, model.head_dist):
+                head.bn.weight[channels] = 0
+                head.bn.bias[channels] = 0
+                cols(head.linear, channels)
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2])
+@pytest.mark.parametrize("mixer", ["cga", "mhsa"])
+def test_evit_planted_dead_stage_width_channel_goes_first_and_changes_nothing(mixer, stage):
+    model = three_stage_evit(mixer)
+    widths = [g for g in tpr.prepare(model) if g.kind == "width"]
+    assert [(g.block, g.channels) for g in widths] == [("stages.0", 16), ("stages.1", 24), ("stages.2", 32)]
+    width = widths[stage]
+    heads = (2, 3, 2)[stage] if mixer == "cga" else 1  # CGA: one channel of every chunk
+    d = width.channels // heads
+    # a different index in every chunk: with the same index, any chunk -> V head tie would remove the same rows
+    planted = [h * d + (5 + 2 * h) % d for h in range(heads)]
+    kill_stream_channels_(model, stage, planted)
+    x = torch.randn(4, 3, 64, 64)
+    with torch.no_grad():
+        before = model(x)
+    tpr.accumulate_gradients(model, batches(size=64, classes=5))
+    units = tpr.candidate_units(width, tpr.channel_importance(width), floor=0.1)
+    assert sorted(units[0].channels) == planted and units[0].importance == 0 and units[1].importance > 0
+    tpr.prune_channels(width, planted)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), before, atol=1e-5, rtol=0)
+    new = width.channels
+    assert new == 16 + 8 * stage - heads and model.feature_info[stage]["num_chs"] == new
+    for block in evit_modules(model.stages[stage]):
+        attn = block.mixer.m.attn
+        assert block.ffn0.m.pw1.conv.in_channels == attn.proj[1].conv.out_channels == new
+        assert block.dw0.m.conv.out_channels == block.dw0.m.conv.groups == block.dw0.m.bn.num_features == new
+        if mixer == "cga":  # equal chunks, V = chunk width, the proj reads all heads' V
+            assert all(q.conv.in_channels == attn.val_dim == new // heads for q in attn.qkvs)
+            assert attn.proj[1].conv.in_channels == new
+    if stage == 2:
+        assert model.num_features == model.head.linear.in_features == model.head_dist.bn.num_features == new
+
+
+def test_evit_stage_widths_pruned_to_a_mac_target():
+    import evit
+
+    model, x = evit_m0(), torch.randn(2, 3, 64, 64)
+    result = tpr.taylor_prune(model, batches(size=64, classes=10), target_macs=0.6, steps=2, prune_width=True)
+    s = result.summary
+    assert s["width_pruned"] and s["macs_after_m"] <= 0.6 * s["macs_before_m"] * 1.02
+    assert model(x).shape == (2, 10)
+    widths = [stage.blocks[0].ffn0.m.pw1.conv.in_channels for stage in model.stages]
+    assert list(result.stages.in_dim) == widths and (result.stages.width_kept < 1).any()
+    assert list(result.blocks.in_dim) == [widths[i] for i in result.blocks.stage]
+    assert [f["num_chs"] for f in model.feature_info] == widths and model.num_features == widths[-1]
+    for block in evit_modules(model):  # CGA: equal chunks, V = chunk width
+        attn = block.mixer.m.attn
+        assert all(q.conv.in_channels == attn.val_dim for q in attn.qkvs)
+        assert attn.num_heads * attn.val_dim == block.ffn0.m.pw1.conv.in_channels
+    assert (result.blocks.v_ratio == 1.0).all() and (result.blocks.v_kept == result.blocks.width_kept).all()
+    assert sum(tpr.count_macs(model, x).values()) == count_flops(evit.fuse(model), 64)
+    # the allocation scales each preset stage by the kept widths of its blocks
+    dims = tpr.allocation_config(result.blocks, "m0", match_flops=False).embed_dims
+    unpruned = tpr.allocation_config(result.blocks.assign(width_kept=1.0), "m0", match_flops=False).embed_dims
+    assert dims != unpruned and all(a <= b for a, b in zip(dims, unpruned))

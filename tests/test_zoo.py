@@ -50,6 +50,19 @@ def test_changed_recipe_gets_a_new_cache_entry(cache, monkeypatch):
     assert zoo.proxy_dir("deit_proxy") == key and key.parent == cache
 
 
+def test_quick_budget_trains_its_own_entry(cache, monkeypatch):
+    monkeypatch.setitem(PROXY_RECIPES, "deit_proxy", TINY_RECIPE)
+    monkeypatch.setitem(zoo.PROXY_BUDGETS, "quick-proxy", dict(limit_train=64))
+    trained, real_fit = [], zoo.fit
+    monkeypatch.setattr(zoo, "fit", lambda cfg: trained.append(cfg) or real_fit(cfg))
+    load_model("deit_proxy", weights="quick-proxy")
+    assert [cfg.limit_train for cfg in trained] == [64]
+    assert (zoo.proxy_dir("deit_proxy", "quick-proxy") / "model.pth").is_file()
+    assert not zoo.proxy_dir("deit_proxy").exists()  # the standard recipe is a different entry, not trained
+    with pytest.raises(ValueError, match="valid: proxy, quick-proxy"):
+        zoo.proxy_config("deit_proxy", "fast")
+
+
 @pytest.mark.parametrize("model, model_kwargs", [
     ("deit_proxy", {}),
     ("vit_tiny_patch16_224", dict(patch_size=4, embed_dim=32, depth=1, num_heads=2)),  # rebuilt from model.pth
