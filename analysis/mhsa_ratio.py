@@ -67,11 +67,25 @@ def build_variant(family: str, share: float, mixer: str = "cga") -> tuple[nn.Mod
             if i not in keep:
                 model.blocks[i] = FFNOnlyBlock(model.blocks[i])
         return model, keep
+    return create_model(name, mixers=staged_mixers(depths, keep, mixer)), keep
+
+
+def staged_mixers(depths: Sequence[int], keep: Sequence[int], mixer: str = "cga") -> tuple[tuple[str, ...], ...]:
+    """Per-stage, per-block evit mixers: `mixer` for the blocks in `keep` (indices over all stages), 'none' else."""
     mixers, start = [], 0
     for depth in depths:
         mixers.append(tuple(mixer if start + j in keep else "none" for j in range(depth)))
         start += depth
-    return create_model(name, mixers=tuple(mixers)), keep
+    return tuple(mixers)
+
+
+def best_share(summary: pd.DataFrame, family: str = "evit") -> float:
+    """The attention proportion with the best mean accuracy in a study's summary (the smaller one on a tie)."""
+    rows = summary[summary.family == family]
+    if rows.empty:
+        raise ValueError(f"the MHSA study summary has no '{family}' rows; families there: "
+                         f"{', '.join(map(str, summary.family.unique())) or 'none'}")
+    return float(rows[rows.val_acc_mean == rows.val_acc_mean.max()].share.min())
 
 
 def measure_speed(model: nn.Module, img_size: int, peaks: tuple[float, float], batch: int = 16) -> dict[str, float]:
@@ -100,7 +114,7 @@ def speed_table(family: str, shares: Sequence[float] = SHARES, mixer: str = "cga
 
 def run_study(family: str = "deit", shares: Sequence[float] = SHARES, seeds: Sequence[int] = (0, 1, 2),
               epochs: int = 2, limit_train: Optional[int] = 10000, limit_val: Optional[int] = 2000,
-              mixer: str = "cga", data_dir: Optional[str] = None) -> pd.DataFrame:
+              mixer: str = "cga", data_dir: Optional[str] = None, batch_size: int = 128) -> pd.DataFrame:
     """One row per (share, seed): accuracy after the fixed budget, params, throughput, memory-bound share."""
     from tqdm import tqdm
 
@@ -108,7 +122,7 @@ def run_study(family: str = "deit", shares: Sequence[float] = SHARES, seeds: Seq
         raise ValueError(f"unknown family '{family}'; valid: {', '.join(FAMILIES)}")
     name, img_size = FAMILIES[family]
     data = build_datasets("fashion_mnist", img_size, data_dir)
-    budget = TrainConfig(model=name, data="fashion_mnist", img_size=img_size, epochs=epochs, batch_size=128,
+    budget = TrainConfig(model=name, data="fashion_mnist", img_size=img_size, epochs=epochs, batch_size=batch_size,
                          lr=1e-3, limit_train=limit_train, limit_val=limit_val, threads=1)
     rows = []
     for share in tqdm(shares, desc=f"{family} MHSA proportions", unit="share"):
@@ -119,6 +133,7 @@ def run_study(family: str = "deit", shares: Sequence[float] = SHARES, seeds: Seq
             rows.append(dict(
                 family=family, model=name, share=share, attention_blocks=" ".join(map(str, keep)),
                 actual_share=len(keep) / sum(stage_depths(family)), seed=seed, epochs=epochs, limit_train=limit_train,
+                batch_size=batch_size,
                 val_acc=metrics["val_acc"], params_m=sum(p.numel() for p in model.parameters()) / 1e6))
     # Speed after training, all variants back to back: timings taken together compare best.
     return pd.DataFrame(rows).merge(speed_table(family, shares, mixer), on="share")
@@ -168,6 +183,7 @@ def main(argv: Optional[list[str]] = None) -> pd.DataFrame:
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--limit-train", type=int, default=10000, help="training images per run (0: all 60k)")
     parser.add_argument("--limit-val", type=int, default=2000, help="validation images (0: all 10k)")
+    parser.add_argument("--batch-size", type=int, default=128, help="training batch (small budgets need a small one)")
     parser.add_argument("--mixer", default="cga", choices=["cga", "mhsa"], help="attention type in evit blocks")
     parser.add_argument("--data-dir", default=None, help="folder with the Fashion-MNIST IDX .gz files")
     parser.add_argument("--speed-only", action="store_true",
@@ -191,7 +207,7 @@ def main(argv: Optional[list[str]] = None) -> pd.DataFrame:
             df = trained.merge(speed_table(family, sorted(trained.share.unique()), args.mixer), on="share")
         else:
             df = run_study(family, shares, seeds, args.epochs, args.limit_train or None, args.limit_val or None,
-                           args.mixer, args.data_dir)
+                           args.mixer, args.data_dir, args.batch_size)
         write_csv(df.round(5), path)
     # The summary and figure cover every family run so far in this folder, not only this call's.
     runs = pd.concat(pd.read_csv(path) for name, _ in FAMILIES.values() if (path := args.out / f"{name}.csv").is_file())

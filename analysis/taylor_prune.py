@@ -828,18 +828,28 @@ def stage_table(blocks: pd.DataFrame) -> pd.DataFrame:
 # --- findings -> builder ------------------------------------------------------------------------------------------
 
 def allocation_config(blocks: pd.DataFrame, preset: str = "m0", match_flops: bool = True,
-                      name: str = "taylor_allocation", mixer: str = "cga") -> EfficientViTConfig:
+                      name: str = "taylor_allocation", mixer: str = "cga",
+                      attention_share: Optional[float] = None) -> EfficientViTConfig:
     """An EfficientViT config from a pruned model's block table. The blocks are cut into as many consecutive
     parts as the preset has stages (early, middle, late); each part's means set that stage's
     - width: the preset's width times the kept input width (width_kept; 1 without that column),
     - Q/K dim per head: qk_ratio * width / heads, FFN ratio: ffn_ratio,
     - V: mixer 'cga' keeps V = width / heads (the cascade needs it; the paper's finding that V stays close to the
       input width agrees), mixer 'mhsa' takes v_ratio (MHSA allows any V dim).
+    attention_share (the MHSA-proportion study's finding, Fig. 3): attention in that share of the blocks, evenly
+    spaced and ending at the last one (analysis.mhsa_ratio.attention_blocks), the others mixer 'none'; None keeps
+    attention in every block.
     With match_flops the widths are then scaled together until the config's BN-folded fvcore FLOPs at 224 px are
     closest to the preset's, for a comparison at equal cost."""
+    from analysis.mhsa_ratio import attention_blocks, staged_mixers
+
     if mixer not in ("cga", "mhsa"):
         raise ValueError(f"mixer must be 'cga' or 'mhsa', got {mixer!r}")
+    if attention_share is not None and not 0 <= attention_share <= 1:
+        raise ValueError(f"attention_share must lie in [0, 1], got {attention_share}")
     base = get_preset(preset)
+    mixers = mixer if attention_share is None else staged_mixers(
+        base.depths, attention_blocks(sum(base.depths), attention_share), mixer)
     parts = _split(blocks.sort_values("block"), base.num_stages)
 
     def means(values: Callable[[pd.DataFrame], pd.Series], defaults: Sequence[float]) -> list[float]:
@@ -863,7 +873,7 @@ def allocation_config(blocks: pd.DataFrame, preset: str = "m0", match_flops: boo
             dims.append(max(step, round(c * w * scale / step) * step))
         key_dims = tuple(max(4, round(r * c / h / 4) * 4) for r, c, h in zip(qk, dims, base.num_heads))
         v_ratio = tuple(max(0.25, round(r, 2)) for r in v) if mixer == "mhsa" else 1.0
-        return base.replace(embed_dims=tuple(dims), key_dims=key_dims, v_ratio=v_ratio, mixers=mixer,
+        return base.replace(embed_dims=tuple(dims), key_dims=key_dims, v_ratio=v_ratio, mixers=mixers,
                             mlp_ratio=tuple(max(0.5, round(r * 4) / 4) for r in ffn), name=name)
 
     if not match_flops:
@@ -979,6 +989,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--preset", default="m0", help="evit preset the allocation is scaled to (equal FLOPs)")
     p.add_argument("--mixer", default="cga", choices=("cga", "mhsa"),
                    help="allocation's attention: cga (V = C/H) or mhsa (V from the measured V ratio)")
+    p.add_argument("--attention-share", default=None,
+                   help="allocation's share of blocks with attention: a number in [0, 1], or an MHSA-proportion "
+                        "summary.csv (analysis.mhsa_ratio) whose best evit share is taken (default: every block)")
     p.add_argument("--config-out", type=Path, default=None,
                    help="where to write the allocation config (default OUT/<model>_allocation.yaml)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
@@ -988,7 +1001,28 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         p.error(f"--target-macs must lie in (0, 1), got {args.target_macs}")
     if min(args.steps, args.batches, args.batch, args.val_images) < 1 or not 0 < args.floor <= 1:
         p.error("--steps, --batches, --batch and --val-images must be >= 1 and --floor in (0, 1]")
+    if args.attention_share is not None:
+        args.attention_share = _attention_share(args.attention_share, p)
     return args
+
+
+def _attention_share(value: str, parser: argparse.ArgumentParser) -> float:
+    """--attention-share: a number in [0, 1] or the best evit share of an MHSA-proportion summary CSV."""
+    from analysis.mhsa_ratio import best_share
+
+    try:
+        share = float(value)
+    except ValueError:
+        if not Path(value).is_file():
+            parser.error(f"--attention-share must be a number in [0, 1] or an existing summary.csv of "
+                         f"analysis.mhsa_ratio; got {value!r}")
+        try:
+            share = best_share(pd.read_csv(value), "evit")
+        except (ValueError, KeyError, pd.errors.ParserError) as e:
+            parser.error(f"--attention-share {value}: not an MHSA-proportion summary with evit rows ({e})")
+    if not 0 <= share <= 1:
+        parser.error(f"--attention-share must lie in [0, 1], got {share}")
+    return share
 
 
 def run(args: argparse.Namespace) -> PruneResult:
@@ -1032,7 +1066,8 @@ def main(argv: Optional[Sequence[str]] = None) -> PruneResult:
     blocks_csv = write_csv(result.blocks.round(5), args.out / f"{stem}.csv")
     write_csv(result.stages.round(5), args.out / f"{stem}_stages.csv")
     write_csv(pd.DataFrame([s]).round(5), args.out / f"{stem}_summary.csv")
-    config = allocation_config(result.blocks, args.preset, name=f"{stem}_taylor", mixer=args.mixer)
+    config = allocation_config(result.blocks, args.preset, name=f"{stem}_taylor", mixer=args.mixer,
+                               attention_share=args.attention_share)
     config_path = args.config_out or args.out / f"{stem}_allocation.yaml"
     config.to_file(config_path)
     title = (f"{stem} ({s['weights']}): MACs {s['macs_before_m']:.2f}M -> {s['macs_after_m']:.2f}M, acc "
@@ -1042,7 +1077,8 @@ def main(argv: Optional[Sequence[str]] = None) -> PruneResult:
         index=False, float_format=lambda v: f"{v:.3f}"))
     print(f"{title} (normalizer {s['normalizer']}, reduction {s['reduction']})\n-> {blocks_csv}\n"
           f"allocation (evit_{args.preset}'s FLOPs, {args.mixer}) -> {config_path}: embed_dims {config.embed_dims}, "
-          f"key_dims {config.key_dims}, v_ratio {config.v_ratio}, mlp_ratio {config.mlp_ratio}")
+          f"key_dims {config.key_dims}, v_ratio {config.v_ratio}, mlp_ratio {config.mlp_ratio}, mixers "
+          f"{config.mixers}")
     return result
 
 

@@ -69,6 +69,7 @@ def evaluate(models: Sequence[str], quick_timing: bool = True, **budget: Any) ->
         paper = PAPER.get(preset, {})
         rows.append(dict(model=Path(name).stem, params_m=speed["params_m"], flops_m=speed["flops_m"], **trained,
                          epochs=cfg.epochs, limit_train=cfg.limit_train, img_size=cfg.img_size,
+                         batch_size=cfg.batch_size,
                          throughput_cpu=speed["throughput"], throughput_cpu_min=speed["throughput_min"],
                          throughput_cpu_max=speed["throughput_max"], paper_top1=paper.get("top1"),
                          paper_v100_img_s=paper.get("v100_img_s")))
@@ -110,13 +111,17 @@ def main(argv: Optional[Sequence[str]] = None) -> pd.DataFrame:
     parser.add_argument("--epochs", type=int, default=BUDGET["epochs"])
     parser.add_argument("--limit-train", type=int, default=BUDGET["limit_train"], help="training images (0: all)")
     parser.add_argument("--limit-val", type=int, default=BUDGET["limit_val"], help="validation images (0: all)")
+    parser.add_argument("--img-size", type=int, default=BUDGET["img_size"], help="training resolution")
+    parser.add_argument("--batch-size", type=int, default=BUDGET["batch_size"],
+                        help="training batch (small budgets need the updates of a small one)")
     parser.add_argument("--full-timing", action="store_true", help="the benchmark's full timing (~35 s a model)")
     parser.add_argument("--name", default="family", help="stem of the CSV and figure")
     parser.add_argument("--out", type=Path, default=Path("results/family"))
     args = parser.parse_args(argv)
 
     def body() -> pd.DataFrame:
-        df = evaluate(args.models.split(","), not args.full_timing, epochs=args.epochs,
+        df = evaluate(args.models.split(","), not args.full_timing, epochs=args.epochs, batch_size=args.batch_size,
+                      img_size=args.img_size,
                       limit_train=args.limit_train or None, limit_val=args.limit_val or None)
         print(f"-> {write_csv(df.round(4), args.out / f'{args.name}.csv')}")
         print(f"-> {save_figure(plot(df), args.out / f'{args.name}.png')}")

@@ -49,9 +49,12 @@ BUDGETS = {
         head_similarity=["--num-images", "32"],
         taylor_prune=["--steps", "3", "--batches", "4", "--batch", "32", "--val-images", "1000",
                       "--finetune-epochs", "1", "--finetune-images", "4000"],
-        mhsa_ratio=dict(deit=["--epochs", "2", "--limit-train", "3000", "--limit-val", "1000"],
-                        evit=["--epochs", "2", "--limit-train", "1000", "--limit-val", "1000"]),
-        family=["--epochs", "2", "--limit-train", "1500", "--limit-val", "1000"],
+        # Small budgets need a small batch: with 128 the few updates leave evit at chance.
+        mhsa_ratio=dict(deit=["--epochs", "2", "--limit-train", "3000", "--limit-val", "1000", "--batch-size", "32"],
+                        evit=["--epochs", "2", "--limit-train", "2000", "--limit-val", "1000", "--batch-size", "32",
+                              "--shares", "0,0.25,0.5,1"]),
+        family=["--epochs", "2", "--limit-train", "3000", "--limit-val", "1000", "--batch-size", "32",
+                "--img-size", "32"],
         benchmark=["--models", "evit_m0,evit_m2,evit_m4,efficientvit_m0,efficientvit_m4,mobilenetv3_large_100,"
                    "deit_tiny_patch16_224", "--warmup", "0.5", "--seconds", "0.5"],
         fast_path=["--models", "evit_m0", "--warmup", "1", "--seconds", "1"],
@@ -108,10 +111,13 @@ def _taylor_prune(out: Path, opts: argparse.Namespace) -> None:
     data = (["--weights", BUDGETS[opts.scale]["weights"]] + BUDGETS[opts.scale]["taylor_prune"]
             if opts.scale in BUDGETS else ["--weights", "pretrained", "--data", opts.data, "--img-size", "224",
                                            "--batch", "32"])
+    # The MHSA-proportion study's best evit share goes into the derived configs (it runs first at proxy scales).
+    study = out / "mhsa_ratio" / "summary.csv"
+    share = ["--attention-share", str(study)] if study.is_file() else []
     for kind, model in _models(opts).items():
         # evit's blocks hold too few of its MACs at 64 px for 50%: every group would sit at its floor.
         target = ["--target-macs", "0.8"] if kind == "evit" and opts.scale != "paper" else []
-        taylor_prune.main(["--model", model, "--out", str(out / "taylor_prune")] + target + data)
+        taylor_prune.main(["--model", model, "--out", str(out / "taylor_prune")] + target + share + data)
 
 
 def _mhsa_ratio(out: Path, opts: argparse.Namespace) -> None:
@@ -148,10 +154,10 @@ STEPS = [
                              "head_similarity/{evit}.csv"), _head_similarity),
     # Training 15 subnetworks, or M0-M5, on ImageNet is a cluster job: at paper scale these run through
     # torchrun (see README), not here.
-    Step("taylor_prune", ("taylor_prune/{deit}.csv", "taylor_prune/{swin}.csv", "taylor_prune/{evit}.csv"),
-         _taylor_prune),
     Step("mhsa_ratio", ("mhsa_ratio/deit_proxy.csv", "mhsa_ratio/evit_m0_proxy.csv"), _mhsa_ratio,
          ("quick", "standard")),
+    Step("taylor_prune", ("taylor_prune/{deit}.csv", "taylor_prune/{swin}.csv", "taylor_prune/{evit}.csv"),
+         _taylor_prune),
     Step("family", ("family/family.csv", "family/allocation.csv"), _family, ("quick", "standard")),
     Step("benchmark", ("benchmark/{device}.csv",), _benchmark),
 ]
@@ -328,12 +334,27 @@ def _section_family(out: Path) -> Optional[str]:
         df = pd.read_csv(derived)
         base = df.iloc[0]
         df["vs_m0_throughput"] = df.throughput_cpu / base.throughput_cpu
+        df["attention_blocks"] = [_attention_blocks(out, m) for m in df.model]
         text += ("\n### Pruning-derived allocations vs M0 at equal FLOPs\n\nThe Taylor-pruning ratios turned into "
-                 "EfficientViT configs (analysis.taylor_prune.allocation_config, scaled to M0's FLOPs), trained with the "
-                 "same budget and timed the same way.\n\n"
-                 + _table(df[["model", "params_m", "flops_m", "val_acc", "throughput_cpu", "vs_m0_throughput"]], ".2f")
+                 "EfficientViT configs (analysis.taylor_prune.allocation_config, scaled to M0's FLOPs; attention in the "
+                 "MHSA-proportion study's best share of the blocks), trained with the same budget and timed the same "
+                 "way.\n\n"
+                 + _table(df[["model", "params_m", "flops_m", "attention_blocks", "val_acc", "throughput_cpu",
+                              "vs_m0_throughput"]], ".2f")
                  + "\n![allocation](family/allocation.png)\n")
     return text
+
+
+def _attention_blocks(out: Path, model: str) -> str:
+    """'attention blocks / blocks' of a preset or of a derived config written by the taylor_prune step."""
+    from evit import EfficientViTConfig, PRESETS, get_preset
+
+    path = out / "taylor_prune" / f"{model}.yaml"
+    if not path.is_file() and model.removeprefix("evit_") not in PRESETS:
+        return "n/a"
+    config = EfficientViTConfig.from_file(path) if path.is_file() else get_preset(model)
+    mixers = [m for stage in config.mixers for m in stage]
+    return f"{sum(m != 'none' for m in mixers)}/{len(mixers)}"
 
 
 def _section_benchmark(out: Path) -> Optional[str]:

@@ -41,8 +41,10 @@ PROXY_RECIPES: dict[str, dict[str, Any]] = {
     **{f"evit_m{i}_proxy": dict(_FMNIST, img_size=64, epochs=5) for i in range(6)},
 }
 # Training budgets, by weights keyword: 'proxy' is the recipe itself; 'quick-proxy' trains on 10k images for two
-# epochs (under a minute for evit_m0_proxy, against 13) so that `reproduce --scale quick` fits in minutes.
-PROXY_BUDGETS: dict[str, dict[str, Any]] = {"proxy": {}, "quick-proxy": dict(epochs=2, limit_train=10000)}
+# epochs and validates on 2k (about a minute for evit_m0_proxy, against 13) so that `reproduce --scale quick` fits
+# in minutes.
+PROXY_BUDGETS: dict[str, dict[str, Any]] = {"proxy": {}, "quick-proxy": dict(epochs=2, limit_train=10000,
+                                                                              limit_val=2000)}
 KEYWORDS = (*PROXY_BUDGETS, "pretrained", "random")
 
 

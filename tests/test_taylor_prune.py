@@ -224,6 +224,29 @@ def test_allocation_config_builds_at_the_presets_flops():
     assert model(torch.randn(1, 3, 224, 224)).shape == (1, 1000)
 
 
+def test_allocation_takes_the_mhsa_studys_best_share(tmp_path):
+    """The Fig. 3 finding feeds the config: attention only in the best share of the blocks, ending at the last."""
+    blocks = pd.DataFrame(dict(block=range(6), qk_ratio=0.5, v_ratio=1.0, ffn_ratio=2.0))
+    summary = pd.DataFrame(dict(family=["deit", "evit", "evit", "evit"], share=[1.0, 0.0, 0.5, 1.0],
+                                val_acc_mean=[90.0, 80.0, 82.0, 82.0]))
+    summary.to_csv(tmp_path / "summary.csv", index=False)
+    args = tpr.parse_args(["--attention-share", str(tmp_path / "summary.csv")])
+    assert args.attention_share == 0.5  # the evit rows' best; the tie with 1.0 goes to the cheaper share
+    config = tpr.allocation_config(blocks, "m0", match_flops=False, attention_share=args.attention_share)
+    assert config.mixers == (("none",), ("cga", "none"), ("cga", "none", "cga"))  # m0 depths 1, 2, 3: blocks 1, 3, 5
+    matched = tpr.allocation_config(blocks, "m0", attention_share=0.5)
+    assert matched.embed_dims > config.embed_dims  # fewer attention blocks leave FLOPs for width
+    model = timm.create_model("evit_custom", config=matched).eval()
+    assert model(torch.randn(1, 3, 64, 64)).shape == (1, 1000)
+
+
+@pytest.mark.parametrize("value, message", [("1.5", "must lie in [0, 1]"), ("nothing.csv", "existing summary.csv")])
+def test_attention_share_errors_name_the_valid_values(value, message, capsys):
+    with pytest.raises(SystemExit):
+        tpr.parse_args(["--attention-share", value])
+    assert message in capsys.readouterr().err
+
+
 def test_cli_writes_blocks_stages_summary_figure_and_config(tmp_path):
     tpr.main(["--model", "deit_proxy", "--weights", "random", "--data", "digits", "--batches", "1", "--batch", "32",
               "--val-images", "64", "--steps", "1", "--out", str(tmp_path), "--config-out",
