@@ -4,13 +4,19 @@
     python -m analysis.op_profile --models deit_tiny,swin_tiny,evit_m0 --device cuda --batch 64
 
 Time: torch.profiler over warmed-up eval/no_grad iterations; each aten op's self time (CPU, or GPU kernel time
-on CUDA) is attributed to the *dispatch-level* op that ran it (aten::mkldnn_convolution -> aten::convolution,
+on CUDA) is attributed to the *dispatch-level* op call that ran it (aten::mkldnn_convolution -> aten::convolution,
 aten::copy_ inside aten::clone -> aten::clone), so every op below has a FLOP and byte count.
 Work: one forward under a TorchDispatchMode records, per dispatch-level op call, the bytes read and written
 (input + output tensors; views move nothing) and the FLOPs (torch.utils.flop_counter for matmul/conv/attention,
-a per-element cost for the rest, see OP_CLASSES). Roofline: an op is memory-bound when its arithmetic intensity
-(FLOP/byte) is below the device's ridge point, peak FLOP/s / peak bandwidth, both measured by a short
-micro-benchmark (a large matmul and a large copy) unless given with --peak-gflops / --peak-gbs.
+a per-element cost for the rest, see OP_CLASSES).
+Roofline, per call signature: time and work are both keyed by (op, input tensor shapes), so a depthwise conv and
+a dense 1x1 conv, both aten::convolution, are judged apart. A signature is memory-bound when its arithmetic
+intensity (FLOP/byte) is below the device's ridge point, peak FLOP/s / peak bandwidth, both measured by a short
+micro-benchmark (a large matmul and a large copy) unless given with --peak-gflops / --peak-gbs. A profiled
+signature the work count did not see falls back to its op's aggregate intensity: `matched_share` says how much of
+the counted ops' time did not (the `<model>_<device>_shapes.csv` table has one row per signature). Per op,
+`memory_bound_time_ms` is its time in memory-bound signatures and the op is memory-bound when that is most of its
+time; the model's memory-bound share is the time in memory-bound signatures over all time.
 """
 from __future__ import annotations
 
@@ -21,8 +27,9 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Callable, Collection, Iterable, Optional, Sequence
 
+import numpy as np
 import pandas as pd
 import torch
 import torch.nn as nn
@@ -80,6 +87,12 @@ CLASS_ORDER = list(OP_CLASSES) + [OTHER]
 DEVICES = ("cpu", "cuda")
 
 
+# A call signature, the unit of the roofline verdict: (aten op, number of arguments in its schema, shapes of its
+# tensor arguments in argument order). The arity says which of a profiler event's recorded inputs are arguments.
+Shapes = tuple[tuple[int, ...], ...]
+Call = tuple[str, int, Shapes]
+
+
 class ProfileError(ValueError):
     """Bad profiling request (e.g. CUDA without a GPU); the message says what to do instead."""
 
@@ -99,6 +112,30 @@ def _numel(tree) -> int:
     return sum(t.numel() for t in tree_flatten(tree)[0] if isinstance(t, torch.Tensor))
 
 
+def tensor_shapes(values: Iterable) -> Shapes:
+    """The shapes of the arguments that are tensors of at least one dimension, in argument order: all that
+    torch.profiler's input_shapes tells apart, as it records a scalar, None, a 0-dim tensor and a tensor list
+    (aten::cat's inputs) alike as []."""
+    return tuple(tuple(v.shape) for v in values if isinstance(v, torch.Tensor) and v.dim() > 0)
+
+
+def recorded_shapes(input_shapes: Sequence) -> Shapes:
+    """tensor_shapes of a profiler event's input_shapes; nested lists (tensor lists, where a torch version records
+    them) are dropped as tensor_shapes drops them."""
+    return tuple(tuple(s) for s in input_shapes if s and all(isinstance(d, int) for d in s))
+
+
+def event_call(name: str, input_shapes: Sequence, arities: Iterable[int], known: Collection[Call]) -> Call:
+    """The call signature of a profiler event, as WorkCounter keys it. TorchScript's interpreter records its whole
+    stack as an op's inputs, the arguments last, so the inputs are cut to each arity WorkCounter saw the op with;
+    when none gives a known signature, all recorded inputs are kept (and the event matches nothing)."""
+    for arity in (n for n in arities if n <= len(input_shapes)):
+        call = (name, arity, recorded_shapes(input_shapes[len(input_shapes) - arity:]))
+        if call in known:
+            return call
+    return name, len(input_shapes), recorded_shapes(input_shapes)
+
+
 def _aliases_input(func, args, out) -> bool:
     """Whether a non-mutating op returned only tensors sharing storage with its inputs."""
     if func._schema.is_mutable:
@@ -109,11 +146,12 @@ def _aliases_input(func, args, out) -> bool:
 
 
 class WorkCounter(TorchDispatchMode):
-    """Per dispatch-level aten op: calls, FLOPs and bytes read + written, over the ops run under this mode."""
+    """Per dispatch-level aten op call signature: calls, FLOPs and bytes read + written, over the ops run under
+    this mode."""
 
     def __init__(self):
         super().__init__()
-        self.work: dict[str, list[float]] = defaultdict(lambda: [0, 0.0, 0.0])  # name -> [calls, flops, bytes]
+        self.work: dict[Call, list[float]] = defaultdict(lambda: [0, 0.0, 0.0])  # call -> [calls, flops, bytes]
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -128,7 +166,8 @@ class WorkCounter(TorchDispatchMode):
         # A view returns an alias (aten::_unsafe_view too, though not marked as a view): no data moves.
         # Everything else reads its inputs and writes its outputs.
         moved = 0 if func.is_view or _aliases_input(func, args, out) else _nbytes((args, kwargs)) + _nbytes(out)
-        entry = self.work[name]
+        # kwargs follow the positional args as in the schema, which is the order the profiler records them in
+        entry = self.work[name, len(func._schema.arguments), tensor_shapes((*args, *kwargs.values()))]
         entry[0] += 1
         entry[1] += flops
         entry[2] += moved
@@ -142,8 +181,8 @@ def attention_flops(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor)
     return 2 * batch_heads * queries * key.shape[-2] * (query.shape[-1] + value.shape[-1])
 
 
-def count_work(fn: Callable[[], object]) -> dict[str, list[float]]:
-    """{aten op: [calls, flops, bytes]} for one call of fn."""
+def count_work(fn: Callable[[], object]) -> dict[Call, list[float]]:
+    """{(aten op, arity, input shapes): [calls, flops, bytes]} for one call of fn."""
     with torch.no_grad(), WorkCounter() as counter:
         fn()
     return dict(counter.work)
@@ -151,13 +190,17 @@ def count_work(fn: Callable[[], object]) -> dict[str, list[float]]:
 
 # --- time per op: torch.profiler, attributed to dispatch-level ops -------------------------------------------------
 
-def profile_times(fn: Callable[[], object], iters: int, device: str, dispatch_ops: set[str],
-                  trace: Optional[Path] = None) -> tuple[dict[str, float], dict[str, float]]:
-    """(self time in ms per iteration, calls per iteration) per op; an op's self time is summed onto its
-    outermost ancestor among `dispatch_ops` (the ops whose work WorkCounter measured)."""
+def profile_times(fn: Callable[[], object], iters: int, device: str, known: Collection[Call],
+                  trace: Optional[Path] = None) -> tuple[dict[Call, float], dict[Call, float]]:
+    """(self time in ms per iteration, calls per iteration) per op call signature; an op's self time is summed
+    onto its outermost ancestor among the dispatch-level ops (those of the `known` signatures, whose work
+    WorkCounter measured), under that ancestor's signature."""
+    arities: dict[str, set[int]] = defaultdict(set)  # dispatch-level op -> the arities of its overloads seen
+    for op, arity, _ in known:
+        arities[op].add(arity)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    with torch.no_grad(), profile(activities=activities) as prof:
+    with torch.no_grad(), profile(activities=activities, record_shapes=True) as prof:
         for _ in range(iters):
             fn()
         sync()
@@ -166,20 +209,21 @@ def profile_times(fn: Callable[[], object], iters: int, device: str, dispatch_op
         tmp = trace.with_name(trace.name + ".tmp")
         prof.export_chrome_trace(str(tmp))
         tmp.replace(trace)
-    times: dict[str, float] = defaultdict(float)
-    calls: dict[str, float] = defaultdict(float)
+    times: dict[Call, float] = defaultdict(float)
+    calls: dict[Call, float] = defaultdict(float)
     for event in prof.events():
         if not event.name.startswith("aten::"):
             continue
-        owner, node = event.name, event.cpu_parent
+        owner, node = event, event.cpu_parent
         while node is not None:
-            if node.name in dispatch_ops:
-                owner = node.name
+            if node.name in arities:
+                owner = node
             node = node.cpu_parent
-        if owner == event.name:
-            calls[owner] += 1 / iters
+        key = event_call(owner.name, owner.input_shapes, arities.get(owner.name, ()), known)
+        if owner is event:
+            calls[key] += 1 / iters
         self_us = event.self_device_time_total if device == "cuda" else event.self_cpu_time_total
-        times[owner] += max(self_us, 0) / 1e3 / iters
+        times[key] += max(self_us, 0) / 1e3 / iters
     return dict(times), dict(calls)
 
 
@@ -209,11 +253,69 @@ def measure_peaks(device: str = "cpu", seconds: float = 0.5) -> tuple[float, flo
     return gflops, gbs
 
 
+# --- the tables: per call signature, per op, per class ------------------------------------------------------------
+
+def is_memory_bound(flops: float, moved: float, cls: str, ridge: float) -> bool:
+    """Roofline verdict on some work of an op of class `cls`. Without bytes moved (a view, or a composite op's own
+    dispatch overhead such as aten::linear's) the class decides."""
+    return flops / moved < ridge if moved else OP_CLASSES.get(cls, (True,))[0]
+
+
+def signature_table(work: dict[Call, list[float]], times: dict[Call, float], calls: dict[Call, float],
+                    ridge: float) -> pd.DataFrame:
+    """One row per (op, input shapes), profiled or counted. `matched`: WorkCounter counted this signature, so its
+    own intensity judges it; a profiled signature it did not see is judged by its op's work over all signatures."""
+    per_op: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])  # op -> [flops, bytes]
+    for (op, _, _), (_, flops, moved) in work.items():
+        per_op[op][0] += flops
+        per_op[op][1] += moved
+    rows = []
+    for key in sorted(set(times) | set(work)):
+        op, _, shapes = key
+        cls, matched = op_class(op), key in work
+        flops, moved = work[key][1:] if matched else (0.0, 0.0)
+        judged = (flops, moved) if matched else tuple(per_op.get(op, (0.0, 0.0)))
+        rows.append(dict(op=op, shapes=str([list(s) for s in shapes]), op_class=cls, calls=calls.get(key, 0.0),
+                         self_time_ms=times.get(key, 0.0), flops=flops, bytes=moved,
+                         intensity=judged[0] / judged[1] if judged[1] else math.nan, matched=matched,
+                         memory_bound=is_memory_bound(*judged, cls, ridge)))
+    signatures = pd.DataFrame(rows)
+    signatures["calls"] = signatures.calls.round(3)
+    signatures["share"] = signatures.self_time_ms / signatures.self_time_ms.sum()
+    return signatures.sort_values("self_time_ms", ascending=False, ignore_index=True)
+
+
+def op_table(signatures: pd.DataFrame, ridge: float) -> pd.DataFrame:
+    """One row per op: the sums over its signatures; memory-bound when most of its time is in memory-bound
+    signatures (an op without measurable time: by its aggregate intensity)."""
+    ops = signatures.assign(memory_bound_time_ms=signatures.self_time_ms.where(signatures.memory_bound, 0.0))
+    ops = ops.groupby(["op", "op_class"], as_index=False)[
+        ["calls", "self_time_ms", "share", "memory_bound_time_ms", "flops", "bytes"]].sum()
+    ops["intensity"] = ops.flops / ops.bytes.where(ops.bytes > 0)
+    aggregate = [is_memory_bound(f, b, c, ridge) for f, b, c in zip(ops.flops, ops.bytes, ops.op_class)]
+    ops["memory_bound"] = np.where(ops.self_time_ms > 0, ops.memory_bound_time_ms > 0.5 * ops.self_time_ms, aggregate)
+    ops = ops.sort_values("self_time_ms", ascending=False, ignore_index=True)
+    return ops[["op", "op_class", "calls", "self_time_ms", "share", "memory_bound_time_ms", "flops", "bytes",
+                "intensity", "memory_bound"]]
+
+
+def class_table(ops: pd.DataFrame) -> pd.DataFrame:
+    """One row per op class, in CLASS_ORDER; memory-bound when most of its time is in memory-bound signatures."""
+    classes = ops.groupby("op_class", as_index=False).agg(
+        self_time_ms=("self_time_ms", "sum"), share=("share", "sum"),
+        memory_bound_time_ms=("memory_bound_time_ms", "sum"), flops=("flops", "sum"), bytes=("bytes", "sum"),
+        ops=("op", "count"))
+    classes["intensity"] = classes.flops / classes.bytes.where(classes.bytes > 0)
+    classes["memory_bound"] = classes.memory_bound_time_ms > 0.5 * classes.self_time_ms
+    classes["order"] = classes.op_class.map(CLASS_ORDER.index)
+    return classes.sort_values("order", ignore_index=True).drop(columns="order")
+
+
 # --- one model ---------------------------------------------------------------------------------------------------
 
 @dataclass
 class OpProfile:
-    """The profile of one model: per-op and per-class tables, the ridge point and the memory-bound share."""
+    """The profile of one model: per-op, per-class and per-signature tables and the ridge point."""
 
     model: str
     device: str
@@ -222,10 +324,21 @@ class OpProfile:
     peak_gflops: float
     peak_gbs: float
     unknown_ops: list[str]
+    signatures: pd.DataFrame
 
     @property
     def memory_bound_share(self) -> float:
-        return float(self.ops.loc[self.ops.memory_bound, "share"].sum())
+        """Share of the time spent in memory-bound call signatures."""
+        return float(self.ops.memory_bound_time_ms.sum() / self.time_ms)
+
+    @property
+    def matched_share(self) -> float:
+        """Share of the time of the ops WorkCounter counted that is in signatures it counted, i.e. judged by their
+        own intensity; the rest fell back to its op's aggregate intensity. Left out: ops it never saw (a composite
+        op's own dispatch overhead: aten::linear, aten::conv2d), which have no work to match and go by their class."""
+        sig = self.signatures
+        counted = sig[sig.op.isin(sig.op[sig.matched])]
+        return float(counted.self_time_ms.where(counted.matched, 0.0).sum() / counted.self_time_ms.sum())
 
     @property
     def time_ms(self) -> float:
@@ -272,51 +385,32 @@ def profile_model(model: nn.Module | str, batch: int = 16, img_size: Optional[in
         with torch.no_grad():
             model = evit.deploy(model, example, backend="trace")  # aten ops the profiler can attribute
     run = lambda: model(example)  # noqa: E731
+    # TorchScript profiles the graph on its first run and optimizes it on the second: counting work in either
+    # would count the profiler's and the optimizer's ops (thousands of aten::equal) instead of the model's.
     with torch.no_grad():
-        for _ in range(warmup):
+        for _ in range(max(warmup, 2) if fused else warmup):
             run()
     work = count_work(run)
-    times, calls = profile_times(run, iters, device, set(work), trace)
+    times, calls = profile_times(run, iters, device, work.keys(), trace)
     gflops, gbs = peaks or measure_peaks(device)
     ridge = gflops / gbs  # FLOP per byte where the roofline turns from memory- to compute-bound
+    signatures = signature_table(work, times, calls, ridge)
+    ops = op_table(signatures, ridge)
+    classes = class_table(ops)
 
-    rows = []
-    for op in sorted(set(times) | set(work)):
-        _, flops, moved = work.get(op, (0, 0.0, 0.0))
-        cls = op_class(op)
-        intensity = flops / moved if moved else math.nan
-        if moved:
-            bound = intensity < ridge
-        else:  # a view, or a composite op's own dispatch overhead (aten::linear): judged by its class
-            bound = OP_CLASSES.get(cls, (True,))[0]
-        rows.append(dict(op=op, op_class=cls, calls=round(calls.get(op, 0.0), 3), self_time_ms=times.get(op, 0.0),
-                         flops=flops, bytes=moved, intensity=intensity, memory_bound=bound))
-    ops = pd.DataFrame(rows)
-    ops["share"] = ops.self_time_ms / ops.self_time_ms.sum()
-    ops = ops.sort_values("self_time_ms", ascending=False, ignore_index=True)
-    ops = ops[["op", "op_class", "calls", "self_time_ms", "share", "flops", "bytes", "intensity", "memory_bound"]]
-
-    classes = ops.assign(memory_bound_time_ms=ops.self_time_ms.where(ops.memory_bound, 0.0)).groupby(
-        "op_class", as_index=False).agg(self_time_ms=("self_time_ms", "sum"), share=("share", "sum"),
-                                         memory_bound_time_ms=("memory_bound_time_ms", "sum"),
-                                         flops=("flops", "sum"), bytes=("bytes", "sum"), ops=("op", "count"))
-    classes["intensity"] = classes.flops / classes.bytes.where(classes.bytes > 0)
-    # A class is memory-bound when most of its time is spent in memory-bound ops.
-    classes["memory_bound"] = classes.memory_bound_time_ms > 0.5 * classes.self_time_ms
-    classes["order"] = classes.op_class.map(CLASS_ORDER.index)
-    classes = classes.sort_values("order", ignore_index=True).drop(columns="order")
     classes.insert(0, "model", label)
     classes.insert(1, "device", device)
     classes["fused_attn"] = fused_attn
     ops.insert(0, "model", label)
+    signatures.insert(0, "model", label)
     unknown = sorted(ops.loc[ops.op_class == OTHER, "op"])
-    return OpProfile(label, device, ops, classes, gflops, gbs, unknown)
+    return OpProfile(label, device, ops, classes, gflops, gbs, unknown, signatures)
 
 
 # --- figure ------------------------------------------------------------------------------------------------------
 
 def plot(profiles: Sequence[OpProfile]):
-    """Fig. 2: one stacked bar of class shares per model; the time in memory-bound ops hatched (per class, so
+    """Fig. 2: one stacked bar of class shares per model; the time in memory-bound op calls hatched (per class, so
     a memory-bound batched matmul shows too), its total printed above the bar."""
     from matplotlib.figure import Figure
 
@@ -342,7 +436,8 @@ def plot(profiles: Sequence[OpProfile]):
     ax.set_xticks(range(len(profiles)), [p.model for p in profiles], rotation=15)
     ax.set_ylim(0, 118)
     ax.set_ylabel("share of runtime (%)")
-    ax.set_title(f"runtime by operator class ({profiles[0].device}); hatched: time in memory-bound ops", fontsize=10)
+    ax.set_title(f"runtime by operator class ({profiles[0].device}); hatched: time in memory-bound op calls",
+                 fontsize=10)
     handles, labels = ax.get_legend_handles_labels()
     ax.legend(handles[::-1], labels[::-1], fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
     fig.tight_layout()
@@ -396,8 +491,9 @@ def main(argv: Optional[Sequence[str]] = None) -> list[OpProfile]:
                                  peaks, trace, name=stem, fused_attn=args.fused_attn)
             ops_csv = write_csv(prof.ops.round(6), args.out / f"{stem}_{suffix}.csv")
             write_csv(prof.classes.round(6), args.out / f"{stem}_{suffix}_classes.csv")
-            print(f"{stem}: {prof.time_ms:.2f} ms/iter, memory-bound {100 * prof.memory_bound_share:.1f}%  "
-                  f"-> {ops_csv}")
+            write_csv(prof.signatures.round(6), args.out / f"{stem}_{suffix}_shapes.csv")
+            print(f"{stem}: {prof.time_ms:.2f} ms/iter, memory-bound {100 * prof.memory_bound_share:.1f}%, "
+                  f"{100 * prof.matched_share:.1f}% of the counted ops' time matched per call signature  -> {ops_csv}")
             print(prof.classes[["op_class", "self_time_ms", "share", "memory_bound"]].to_string(
                 index=False, float_format=lambda v: f"{v:.3f}"))
             if prof.unknown_ops:

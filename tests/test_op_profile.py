@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 
 from analysis import op_profile
-from analysis.op_profile import OTHER, ProfileError, attention_flops, op_class, profile_model
+from analysis.op_profile import OTHER, ProfileError, attention_flops, event_call, op_class, profile_model
 
 M, K, N = 64, 32, 48
 PEAKS = (100.0, 10.0)  # GFLOP/s, GB/s: ridge at 10 FLOP/byte
@@ -49,8 +49,10 @@ def test_shares_sum_to_one(planted):
     assert planted.classes.share.sum() == pytest.approx(1.0)
     assert planted.ops.share.between(0, 1).all()
     assert set(planted.classes.columns) >= {"op_class", "self_time_ms", "share", "memory_bound"}
-    mem = planted.ops.loc[planted.ops.memory_bound, "share"].sum()
-    assert planted.memory_bound_share == pytest.approx(mem)
+    ops = planted.ops
+    assert planted.memory_bound_share == pytest.approx(ops.memory_bound_time_ms.sum() / ops.self_time_ms.sum())
+    assert (ops.memory_bound_time_ms <= ops.self_time_ms).all()
+    assert planted.matched_share == 1.0
 
 
 def test_matmul_flops_and_bytes_are_the_hand_computed_values(planted):
@@ -58,6 +60,49 @@ def test_matmul_flops_and_bytes_are_the_hand_computed_values(planted):
     assert mm.flops == 2 * M * K * N
     assert mm.bytes == 4 * (M * K + K * N + M * N)
     assert mm.intensity == pytest.approx(2 * M * K * N / (4 * (M * K + K * N + M * N)))
+    signature = planted.signatures.set_index(["op", "shapes"]).loc[("aten::mm", str([[M, K], [K, N]]))]
+    assert signature.matched and signature.calls == 1
+    assert (signature.flops, signature.bytes) == (mm.flops, mm.bytes)
+
+
+C, HW = 8, 64  # depthwise conv: C channels on an HW x HW map, then the same data as 128 channels of 16 x 16
+
+
+class TwoConvs(nn.Module):
+    """Two aten::convolution calls of opposite intensity: a 3x3 depthwise conv on a large map (18 FLOPs per
+    8 bytes of in + out: 2.25 FLOP/byte) and a dense 1x1 conv over 128 channels (~26 FLOP/byte)."""
+
+    def __init__(self):
+        super().__init__()
+        self.depthwise = nn.Conv2d(C, C, 3, padding=1, groups=C, bias=False)
+        self.dense = nn.Conv2d(128, 128, 1, bias=False)
+
+    def forward(self, x):
+        return self.dense(self.depthwise(x).reshape(1, 128, 16, 16))
+
+
+def test_convs_of_one_op_are_judged_per_call_signature():
+    prof = profile_model(TwoConvs(), example=torch.randn(1, C, HW, HW), iters=3, warmup=1, peaks=PEAKS)
+    convs = prof.signatures[prof.signatures.op == "aten::convolution"].set_index("shapes")
+    depthwise = convs.loc[str([[1, C, HW, HW], [C, 1, 3, 3]])]
+    dense = convs.loc[str([[1, 128, 16, 16], [128, 128, 1, 1]])]
+    assert depthwise.flops == 2 * C * HW * HW * 9 and dense.flops == 2 * 128 * 128 * 16 * 16
+    assert depthwise.intensity < 10 < dense.intensity  # PEAKS: ridge at 10 FLOP/byte
+    assert depthwise.memory_bound and not dense.memory_bound
+    conv = prof.ops.set_index("op").loc["aten::convolution"]
+    assert 0 < conv.memory_bound_time_ms < conv.self_time_ms
+    assert conv.memory_bound_time_ms == pytest.approx(depthwise.self_time_ms)
+    classes = prof.classes.set_index("op_class")
+    assert classes.at["conv", "memory_bound_time_ms"] == pytest.approx(depthwise.self_time_ms)
+    assert prof.matched_share == 1.0
+
+
+def test_event_inputs_are_cut_to_the_arguments():
+    # TorchScript records its whole stack as an op's inputs, the op's arguments last
+    known = {("aten::add", 3, ((2, 3), (2, 3)))}
+    assert event_call("aten::add", [[9], [2, 3], [2, 3], []], {3}, known) == ("aten::add", 3, ((2, 3), (2, 3)))
+    assert event_call("aten::add", [[2, 3], [2, 3], []], {3}, known) == ("aten::add", 3, ((2, 3), (2, 3)))
+    assert event_call("aten::add", [[2, 3], [], []], {3}, known) == ("aten::add", 3, ((2, 3),))  # no match
 
 
 def test_views_move_nothing_and_copies_move_their_tensor_twice(planted):
@@ -115,9 +160,13 @@ def test_cli_writes_ops_classes_figure_and_trace(tmp_path, capsys):
     for name in ("evit_m0", "deit_tiny"):
         ops = pd.read_csv(tmp_path / f"{name}_cpu.csv")
         classes = pd.read_csv(tmp_path / f"{name}_cpu_classes.csv")
+        signatures = pd.read_csv(tmp_path / f"{name}_cpu_shapes.csv")
         assert {"op", "op_class", "calls", "self_time_ms", "share", "flops", "bytes", "intensity",
-                "memory_bound"} <= set(ops.columns)
+                "memory_bound", "memory_bound_time_ms"} <= set(ops.columns)
+        assert {"memory_bound_time_ms", "self_time_ms", "share"} <= set(classes.columns)
+        assert {"op", "shapes", "self_time_ms", "intensity", "matched", "memory_bound"} <= set(signatures.columns)
         assert classes.share.sum() == pytest.approx(1.0, abs=1e-4)
+        assert signatures.self_time_ms.sum() == pytest.approx(ops.self_time_ms.sum(), rel=1e-4)
         assert (tmp_path / f"{name}_cpu_trace.json").stat().st_size > 0
     assert (tmp_path / "evit_m0_vs_deit_tiny_cpu.png").is_file()
     assert "memory-bound" in capsys.readouterr().out
@@ -131,6 +180,19 @@ def test_fused_evit_keeps_the_work_and_drops_batchnorm(tmp_path):
     assert "normalization" not in set(fused.classes.op_class)  # BN folded into the convs
     conv = lambda p: p.ops[p.ops.op_class == "conv"].flops.sum()  # noqa: E731
     assert conv(fused) == pytest.approx(conv(eager), rel=1e-6)
+    # TorchScript's recorded inputs cut to the arguments: every counted op's time found its own signature
+    assert eager.matched_share > 0.99 and fused.matched_share > 0.99
+    assert "aten::equal" not in set(fused.ops.op)  # the JIT optimizer's ops are not counted as the model's
+
+
+def test_memory_bound_share_is_stable_and_splits_the_convs():
+    kwargs = dict(batch=4, img_size=64, iters=3, warmup=1, peaks=PEAKS)
+    first, second = profile_model("evit_m0", **kwargs), profile_model("evit_m0", **kwargs)
+    assert first.memory_bound_share == pytest.approx(second.memory_bound_share, abs=0.05)
+    # depthwise convs memory-bound, dense ones not: a split that one verdict per op name could never give
+    for prof in (first, second):
+        conv = prof.ops.set_index("op").loc["aten::convolution"]
+        assert 0 < conv.memory_bound_time_ms < conv.self_time_ms
 
 
 def test_unknown_model_is_one_clear_line(capsys):
