@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
+import numpy as np
 import pandas as pd
 
 from evit.io import write_text
@@ -51,9 +52,9 @@ BUDGETS = {
                       "--finetune-epochs", "1", "--finetune-images", "4000"],
         # Small budgets need a small batch: with 128 the few updates leave evit at chance.
         mhsa_ratio=dict(deit=["--epochs", "2", "--limit-train", "3000", "--limit-val", "1000", "--batch-size", "32"],
-                        evit=["--epochs", "2", "--limit-train", "2000", "--limit-val", "1000", "--batch-size", "32",
-                              "--shares", "0,0.25,0.5,1"]),
-        family=["--epochs", "2", "--limit-train", "3000", "--limit-val", "1000", "--batch-size", "32",
+                        evit=["--epochs", "2", "--limit-train", "1500", "--limit-val", "1000", "--batch-size", "32",
+                              "--shares", "0,0.25,1"]),
+        family=["--epochs", "2", "--limit-train", "1500", "--limit-val", "1000", "--batch-size", "32",
                 "--img-size", "32"],
         benchmark=["--models", "evit_m0,evit_m2,evit_m4,efficientvit_m0,efficientvit_m4,mobilenetv3_large_100,"
                    "deit_tiny_patch16_224", "--warmup", "0.5", "--seconds", "0.5"],
@@ -133,7 +134,7 @@ def _family(out: Path, opts: argparse.Namespace) -> None:
     budget = BUDGETS[opts.scale]["family"] + ["--out", str(out / "family")]
     family.main(budget)
     # The pruning-derived allocations beside the preset whose FLOPs they were scaled to.
-    derived = [str(out / "taylor_prune" / f"{PROXY_MODELS[m]}_allocation.yaml") for m in ("deit", "swin")]
+    derived = [str(out / "taylor_prune" / f"{model}_allocation.yaml") for model in PROXY_MODELS.values()]
     family.main(["--models", ",".join(["evit_m0"] + derived), "--name", "allocation"] + budget)
 
 
@@ -297,7 +298,8 @@ def _section_taylor_prune(out: Path) -> Optional[str]:
                  if f"{k}_kept" in blocks}
         rows += [dict(model=model, group=k, early=v[0], middle=v[1], late=v[2]) for k, v in means.items()]
         claims[model] = dict(early_above_late=sum(v[0] for v in means.values()) > sum(v[2] for v in means.values()))
-        if not (blocks.v_kept == 1).all():  # CGA's V is fixed by its cascade: no evidence either way
+        # CGA's V follows the stage width through its cascade (V / input width stays 1): no evidence either way
+        if not np.allclose(blocks.v_ratio, blocks.get("v_ratio_before", blocks.v_ratio / blocks.v_kept)):
             claims[model]["v_above_qk"] = means["v"][0] > means["qk"][0]
     text += ("\nFraction of each group's channels kept (early / middle / late blocks):\n\n"
              + _table(pd.DataFrame(rows), ".2f"))
