@@ -54,20 +54,23 @@ def stage_depths(family: str) -> tuple[int, ...]:
     return (kwargs["depth"],) if family == "deit" else evit.get_preset(timm_name).depths
 
 
-def build_variant(family: str, share: float, mixer: str = "cga") -> tuple[nn.Module, list[int]]:
-    """The family's proxy with attention in `share` of its blocks; returns the model and those block indices."""
-    name, _ = FAMILIES[family]
+def build_variant(family: str, share: float, mixer: str = "cga",
+                  img_size: Optional[int] = None) -> tuple[nn.Module, list[int]]:
+    """The family's proxy (at `img_size`, default the family's) with attention in `share` of its blocks; returns
+    the model and those block indices."""
+    name, default_size = FAMILIES[family]
+    size = dict(img_size=img_size or default_size)
     depths = stage_depths(family)
     keep = attention_blocks(sum(depths), share)
     if family == "deit":
         # Average-pooled tokens, no class token: with a class token, blocks without attention would never let
         # it see the image, and the 0% variant would sit at chance.
-        model = create_model(name, global_pool="avg", class_token=False)
+        model = create_model(name, global_pool="avg", class_token=False, **size)
         for i in range(len(model.blocks)):
             if i not in keep:
                 model.blocks[i] = FFNOnlyBlock(model.blocks[i])
         return model, keep
-    return create_model(name, mixers=staged_mixers(depths, keep, mixer)), keep
+    return create_model(name, mixers=staged_mixers(depths, keep, mixer), **size), keep
 
 
 def staged_mixers(depths: Sequence[int], keep: Sequence[int], mixer: str = "cga") -> tuple[tuple[str, ...], ...]:
@@ -102,25 +105,27 @@ def measure_speed(model: nn.Module, img_size: int, peaks: tuple[float, float], b
     return dict(throughput=timing.throughput, memory_bound_share=profile.memory_bound_share)
 
 
-def speed_table(family: str, shares: Sequence[float] = SHARES, mixer: str = "cga") -> pd.DataFrame:
+def speed_table(family: str, shares: Sequence[float] = SHARES, mixer: str = "cga",
+                img_size: Optional[int] = None) -> pd.DataFrame:
     """Throughput and memory-bound share per proportion, all judged by one roofline measured here."""
     from analysis.op_profile import measure_peaks
 
     peaks = measure_peaks("cpu")
-    img_size = FAMILIES[family][1]
-    return pd.DataFrame([dict(share=share, **measure_speed(build_variant(family, share, mixer)[0], img_size, peaks))
+    size = img_size or FAMILIES[family][1]
+    return pd.DataFrame([dict(share=share, **measure_speed(build_variant(family, share, mixer, size)[0], size, peaks))
                          for share in shares])
 
 
 def run_study(family: str = "deit", shares: Sequence[float] = SHARES, seeds: Sequence[int] = (0, 1, 2),
               epochs: int = 2, limit_train: Optional[int] = 10000, limit_val: Optional[int] = 2000,
-              mixer: str = "cga", data_dir: Optional[str] = None, batch_size: int = 128) -> pd.DataFrame:
+              mixer: str = "cga", data_dir: Optional[str] = None, batch_size: int = 128,
+              img_size: Optional[int] = None) -> pd.DataFrame:
     """One row per (share, seed): accuracy after the fixed budget, params, throughput, memory-bound share."""
     from tqdm import tqdm
 
     if family not in FAMILIES:
         raise ValueError(f"unknown family '{family}'; valid: {', '.join(FAMILIES)}")
-    name, img_size = FAMILIES[family]
+    name, img_size = FAMILIES[family][0], img_size or FAMILIES[family][1]
     data = build_datasets("fashion_mnist", img_size, data_dir)
     budget = TrainConfig(model=name, data="fashion_mnist", img_size=img_size, epochs=epochs, batch_size=batch_size,
                          lr=1e-3, limit_train=limit_train, limit_val=limit_val, threads=1)
@@ -128,15 +133,15 @@ def run_study(family: str = "deit", shares: Sequence[float] = SHARES, seeds: Seq
     for share in tqdm(shares, desc=f"{family} MHSA proportions", unit="share"):
         for seed in seeds:
             torch.manual_seed(seed)  # the same initial weights for a given seed across runs
-            model, keep = build_variant(family, share, mixer)
+            model, keep = build_variant(family, share, mixer, img_size)
             metrics = train(model, dataclasses.replace(budget, seed=seed), data)
             rows.append(dict(
                 family=family, model=name, share=share, attention_blocks=" ".join(map(str, keep)),
                 actual_share=len(keep) / sum(stage_depths(family)), seed=seed, epochs=epochs, limit_train=limit_train,
-                batch_size=batch_size,
+                batch_size=batch_size, img_size=img_size,
                 val_acc=metrics["val_acc"], params_m=sum(p.numel() for p in model.parameters()) / 1e6))
     # Speed after training, all variants back to back: timings taken together compare best.
-    return pd.DataFrame(rows).merge(speed_table(family, shares, mixer), on="share")
+    return pd.DataFrame(rows).merge(speed_table(family, shares, mixer, img_size), on="share")
 
 
 def summarize(df: pd.DataFrame) -> pd.DataFrame:
@@ -184,6 +189,9 @@ def main(argv: Optional[list[str]] = None) -> pd.DataFrame:
     parser.add_argument("--limit-train", type=int, default=10000, help="training images per run (0: all 60k)")
     parser.add_argument("--limit-val", type=int, default=2000, help="validation images (0: all 10k)")
     parser.add_argument("--batch-size", type=int, default=128, help="training batch (small budgets need a small one)")
+    parser.add_argument("--img-size", type=int, default=None,
+                        help="input size (default: the family's, " + ", ".join(f"{f} {s}" for f, (_, s) in FAMILIES.items())
+                        + ")")
     parser.add_argument("--mixer", default="cga", choices=["cga", "mhsa"], help="attention type in evit blocks")
     parser.add_argument("--data-dir", default=None, help="folder with the Fashion-MNIST IDX .gz files")
     parser.add_argument("--speed-only", action="store_true",
@@ -204,10 +212,11 @@ def main(argv: Optional[list[str]] = None) -> pd.DataFrame:
             if not path.is_file():
                 parser.error(f"--speed-only needs the study's results in {path}; run it without --speed-only first")
             trained = pd.read_csv(path).drop(columns=["throughput", "memory_bound_share"])
-            df = trained.merge(speed_table(family, sorted(trained.share.unique()), args.mixer), on="share")
+            size = args.img_size or (int(trained.img_size.iat[0]) if "img_size" in trained else None)
+            df = trained.merge(speed_table(family, sorted(trained.share.unique()), args.mixer, size), on="share")
         else:
             df = run_study(family, shares, seeds, args.epochs, args.limit_train or None, args.limit_val or None,
-                           args.mixer, args.data_dir, args.batch_size)
+                           args.mixer, args.data_dir, args.batch_size, args.img_size)
         write_csv(df.round(5), path)
     # The summary and figure cover every family run so far in this folder, not only this call's.
     runs = pd.concat(pd.read_csv(path) for name, _ in FAMILIES.values() if (path := args.out / f"{name}.csv").is_file())

@@ -41,7 +41,7 @@ PROXY_MODELS = dict(deit="deit_proxy", swin="swin_proxy", evit="evit_m0_proxy")
 PAPER_MODELS = dict(deit="deit_tiny", swin="swin_tiny", evit="evit_m4")
 DEFAULT_OUT = {"quick": RESULTS / "quick", "standard": RESULTS, "paper": RESULTS / "paper"}
 # What the steps run at each proxy scale. 'standard' made the committed results/ (about 1.5 h on 2 cores);
-# 'quick' fits in about 20 minutes from nothing: proxies on 10k images, fewer seeds' epochs and images, a subset
+# 'quick' fits in about 20 minutes from nothing: proxies on 10k images, fewer epochs, images and variants, a subset
 # of the benchmark's peers. Its numbers are indicative only, and its verdicts say so.
 BUDGETS = {
     "quick": dict(
@@ -51,13 +51,14 @@ BUDGETS = {
         taylor_prune=["--steps", "3", "--batches", "4", "--batch", "32", "--val-images", "1000",
                       "--finetune-epochs", "1", "--finetune-images", "4000"],
         # Small budgets need a small batch: with 128 the few updates leave evit at chance.
-        mhsa_ratio=dict(deit=["--epochs", "2", "--limit-train", "3000", "--limit-val", "1000", "--batch-size", "32"],
+        mhsa_ratio=dict(deit=["--epochs", "2", "--limit-train", "2000", "--limit-val", "1000", "--batch-size", "32",
+                              "--shares", "0,0.25,0.5,1"],
                         evit=["--epochs", "2", "--limit-train", "1500", "--limit-val", "1000", "--batch-size", "32",
-                              "--shares", "0,0.25,1"]),
-        family=["--epochs", "2", "--limit-train", "1500", "--limit-val", "1000", "--batch-size", "32",
+                              "--shares", "0,0.25,1", "--img-size", "32"]),
+        family=["--epochs", "2", "--limit-train", "1200", "--limit-val", "1000", "--batch-size", "32",
                 "--img-size", "32"],
-        benchmark=["--models", "evit_m0,evit_m2,evit_m4,efficientvit_m0,efficientvit_m4,mobilenetv3_large_100,"
-                   "deit_tiny_patch16_224", "--warmup", "0.5", "--seconds", "0.5"],
+        benchmark=["--models", "evit_m0,evit_m4,efficientvit_m0,mobilenetv3_large_100,deit_tiny_patch16_224",
+                   "--warmup", "0.5", "--seconds", "0.5"],
         fast_path=["--models", "evit_m0", "--warmup", "1", "--seconds", "1"],
     ),
     "standard": dict(

@@ -40,10 +40,10 @@ PROXY_RECIPES: dict[str, dict[str, Any]] = {
     "swin_proxy": dict(_FMNIST, img_size=32, epochs=4),
     **{f"evit_m{i}_proxy": dict(_FMNIST, img_size=64, epochs=5) for i in range(6)},
 }
-# Training budgets, by weights keyword: 'proxy' is the recipe itself; 'quick-proxy' trains on 10k images for two
+# Training budgets, by weights keyword: 'proxy' is the recipe itself; 'quick-proxy' trains on 5k images for two
 # epochs and validates on 2k (about a minute for evit_m0_proxy, against 13) so that `reproduce --scale quick` fits
 # in minutes.
-PROXY_BUDGETS: dict[str, dict[str, Any]] = {"proxy": {}, "quick-proxy": dict(epochs=2, limit_train=10000,
+PROXY_BUDGETS: dict[str, dict[str, Any]] = {"proxy": {}, "quick-proxy": dict(epochs=2, limit_train=5000,
                                                                               limit_val=2000)}
 KEYWORDS = (*PROXY_BUDGETS, "pretrained", "random")
 
