@@ -8,7 +8,6 @@ State-dict names follow timm's `efficientvit_msra` port for the paper's layout, 
 from __future__ import annotations
 
 import copy
-import warnings
 from collections import OrderedDict
 from typing import Any, Callable, Optional, Union
 
@@ -22,7 +21,7 @@ from timm.models._features_fx import register_notrace_module
 
 from .config import EfficientViTConfig, get_preset
 
-__all__ = ["EfficientViT", "fuse", "deploy", "create_evit"]
+__all__ = ["EfficientViT", "fuse", "create_evit"]
 
 ACT_LAYERS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "hardswish": nn.Hardswish, "gelu": nn.GELU}
 
@@ -507,60 +506,6 @@ def fuse(model: nn.Module, inplace: bool = False) -> nn.Module:
         model.head.bias.add_(model.head_dist.bias).mul_(0.5)
         model.head_dist = None
     return model
-
-
-class Compiled(nn.Module):
-    """A torch.compile'd model that always runs under inference_mode (the mode its frozen weights need)."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-        self.compiled = torch.compile(model, dynamic=False, options={"freezing": True})
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        with torch.inference_mode():
-            return self.compiled(x)
-
-
-DEPLOY_BACKENDS = ("compile", "trace")
-
-
-@torch.no_grad()
-def deploy(model: nn.Module, example_input: torch.Tensor, channels_last: bool = True,
-           backend: str = "compile") -> nn.Module:
-    """The fastest inference path measured here (README, performance): `fuse` (BN folded, attention bias
-    cached), channels-last memory format (oneDNN's depthwise and 1x1 convs run faster on NHWC), then
-
-    * backend 'compile': torch.compile (inductor) with weight freezing, compiled here on `example_input`
-      (~30-60 s on CPU; needs a C++ compiler, else falls back to 'trace' with a warning);
-    * backend 'trace': torch.jit.trace + freeze, ready at once.
-
-    The result is specialised to `example_input`'s spatial size (the window layout is fixed); other batch
-    sizes work (compile recompiles once per new size). Channels-last inputs run fastest; NCHW inputs give the
-    same outputs.
-    """
-    if backend not in DEPLOY_BACKENDS:
-        raise ValueError(f"unknown deploy backend '{backend}'; valid: {', '.join(DEPLOY_BACKENDS)}")
-    if backend == "compile" and not _have_cxx_compiler():
-        warnings.warn("evit.deploy: no C++ compiler found for torch.compile; using backend='trace'")
-        backend = "trace"
-    model = fuse(model)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-        example_input = example_input.contiguous(memory_format=torch.channels_last)
-    if backend == "trace":
-        return torch.jit.freeze(torch.jit.trace(model, example_input))
-    compiled = Compiled(model)
-    compiled(example_input)  # compile now, not on the user's first call
-    return compiled
-
-
-def _have_cxx_compiler() -> bool:
-    import shutil
-
-    from torch._inductor import config
-
-    return any(shutil.which(name) for name in (config.cpp.cxx[-1], "g++", "c++") if name)
 
 
 # --- timm registration ---------------------------------------------------------------------------------------

@@ -6,10 +6,13 @@ Beside it: batch-1 latency, peak memory and ONNX Runtime throughput of the same 
 of `--repeats` timed windows (min and max kept).
 
     python -m experiments.benchmark --models evit_m0,efficientvit_m0,mobilenetv3_large_100 --device cpu --quick
+    python -m experiments.benchmark --fast-path --with-compile   # evit.deploy vs timm's port and ONNX Runtime
+    python -m experiments.benchmark --levers                     # evit.deploy's levers one at a time (M0)
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import platform
 import resource
 import sys
@@ -26,6 +29,7 @@ import torch.nn as nn
 
 import evit
 from evit.config import PAPER
+from evit.fast_path import Compiled
 from evit.io import save_figure, write_csv
 from evit.summary import count_flops, count_params
 from experiments.models import UnknownModelError, create_model
@@ -135,8 +139,8 @@ def _runner(model: nn.Module, backend: str, x: torch.Tensor, amp: bool) -> Calla
         with torch.no_grad(), warnings.catch_warnings(), torch.autocast(x.device.type, enabled=amp):
             warnings.simplefilter("ignore")
             model = torch.jit.freeze(torch.jit.trace(model, x))
-    elif backend == "compile":  # with weight freezing, as evit.deploy: the best inductor setting for inference
-        model = torch.compile(model, dynamic=False, options={"freezing": True})
+    elif backend == "compile":  # the inductor settings of evit.deploy (freezing, C++ wrapper), no module rewrites
+        model = Compiled(model)
 
     def run() -> object:
         with torch.inference_mode(), torch.autocast(x.device.type, enabled=amp):
@@ -244,13 +248,72 @@ def fast_path_table(presets: tuple[str, ...] = tuple(f"m{i}" for i in range(6)),
         if with_compile:
             variants["timm torch.compile"] = _runner(reference, "compile", x, False)
         timings = time_interleaved(variants, batch, warmup_s, seconds, repeats, lambda: None)
-        base = timings["timm eager"].throughput
+        base, onnx = timings["timm eager"].throughput, timings["onnxruntime (evit folded export)"].throughput
         for variant, t in timings.items():
             rows.append(dict(model=f"evit_{preset}", variant=variant, batch=batch, threads=torch.get_num_threads(),
                              throughput=t.throughput, throughput_min=t.throughput_min,
                              throughput_max=t.throughput_max, ratio_vs_timm_eager=t.throughput / base,
+                             ratio_vs_onnxruntime=t.throughput / onnx,
                              max_abs_diff_vs_timm=diffs.get(variant),
                              max_abs_output_timm=float(expected.abs().max())))
+    return pd.DataFrame(rows)
+
+
+def lever_table(preset: str = "m0", batch: int = 16, img_size: int = 224, warmup_s: float = 5.0,
+                seconds: float = 10.0, repeats: int = 3) -> pd.DataFrame:
+    """The deploy levers added one at a time to a fused, channels-last evit preset under torch.compile, timed
+    interleaved beside timm eager and ONNX Runtime on the same folded model. Each step's `gain` is its
+    throughput over the step before; `kept` says whether `evit.deploy` uses it."""
+    import timm
+
+    from evit.fast_path import for_inductor
+
+    model = randomize_batchnorm_(timm.create_model(f"evit_{preset}").eval())
+    fused_cl = evit.fuse(model).to(memory_format=torch.channels_last)
+    x = torch.randn(batch, 3, img_size, img_size)
+    x_cl = x.contiguous(memory_format=torch.channels_last)
+    frozen_option = torch.compile(copy.deepcopy(fused_cl), dynamic=False, options={"freezing": True})
+
+    def option_only() -> torch.Tensor:
+        with torch.inference_mode():
+            return frozen_option(x_cl)
+
+    steps = [  # (variant, kept, for_inductor arguments (None: no rewrites), inductor settings)
+        ("freezing only as a compile option (weights stay graph inputs)", False, None, None),
+        ("+ freezing while dynamo traces (weights prepacked, fused epilogues)", True, None, {"freezing": True}),
+        ("+ C++ wrapper", True, None, Compiled.INDUCTOR_SETTINGS),
+        ("+ 1x1 convs as channels-last matmuls", True, dict(depthwise_kernels=()), Compiled.INDUCTOR_SETTINGS),
+        ("+ 3x3 depthwise convs as shifted sums", True, {}, Compiled.INDUCTOR_SETTINGS),
+        ("+ 5x5 depthwise convs as shifted sums", False, dict(depthwise_kernels=(3, 5)), Compiled.INDUCTOR_SETTINGS),
+        ("+ max-autotune GEMMs (inductor C++ templates)", False, {},
+         {**Compiled.INDUCTOR_SETTINGS, "max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN"}),
+    ]
+    variants: dict[str, Callable[[], object]] = {"timm eager": _runner(timm.create_model(f"efficientvit_{preset}")
+                                                                       .eval(), "eager", x, False)}
+    compile_s = {}
+    for variant, _, rewrites, settings in steps:
+        start = time.perf_counter()
+        if settings is None:
+            option_only()
+            variants[variant] = option_only
+        else:
+            rewritten = copy.deepcopy(fused_cl)
+            compiled = Compiled(rewritten if rewrites is None else for_inductor(rewritten, **rewrites), settings)
+            compiled(x_cl)
+            variants[variant] = lambda compiled=compiled: compiled(x_cl)
+        compile_s[variant] = time.perf_counter() - start
+    variants["onnxruntime (evit folded export)"] = _runner(evit.fuse(model), "onnxruntime", x, False)
+    timings = time_interleaved(variants, batch, warmup_s, seconds, repeats, lambda: None)
+    rows, previous = [], None
+    for variant, t in timings.items():
+        rows.append(dict(model=f"evit_{preset}", variant=variant, batch=batch, threads=torch.get_num_threads(),
+                         throughput=t.throughput, throughput_min=t.throughput_min, throughput_max=t.throughput_max,
+                         gain=t.throughput / previous if variant.startswith("+") else None,
+                         ratio_vs_onnxruntime=t.throughput / timings["onnxruntime (evit folded export)"].throughput,
+                         kept=next((k for v, k, _, _ in steps if v == variant), None),
+                         compile_s=compile_s.get(variant)))
+        if variant.startswith("+") and rows[-1]["kept"] or variant.startswith("freezing only"):
+            previous = t.throughput
     return pd.DataFrame(rows)
 
 
@@ -305,6 +368,9 @@ def main(argv: Optional[list[str]] = None) -> pd.DataFrame:
                         help="compare evit.deploy with timm's port (eager, official trace, ONNX Runtime) for the "
                              "evit presets among --models (all six by default) and print the ratios")
     parser.add_argument("--with-compile", action="store_true", help="add torch.compile of timm's port to --fast-path")
+    parser.add_argument("--levers", action="store_true",
+                        help="add evit.deploy's levers one at a time on the first evit preset among --models (M0 by "
+                             "default), beside timm eager and ONNX Runtime; writes levers_<device>.csv")
     parser.add_argument("--out", type=Path, default=Path("results/benchmark"))
     args = parser.parse_args(argv)
 
@@ -322,13 +388,22 @@ def main(argv: Optional[list[str]] = None) -> pd.DataFrame:
     machine = describe_machine(args.device, args.threads)
     print(f"machine: {machine}")
 
+    if args.levers:
+        preset = next((m.removeprefix("evit_") for m in args.models.split(",") if m.startswith("evit_m")), "m0")
+        df = lever_table(preset, main_batch, args.img_size, args.warmup, args.seconds, args.repeats)
+        write_csv(df.assign(machine=machine).round(4), args.out / f"levers_{args.device}.csv")
+        print(df[["variant", "throughput", "gain", "ratio_vs_onnxruntime", "kept", "compile_s"]].to_string(
+            index=False, float_format=lambda v: f"{v:.3g}"))
+        return df
     if args.fast_path:
         presets = tuple(m.removeprefix("evit_") for m in args.models.split(",") if m.startswith("evit_m"))
         df = fast_path_table(presets or tuple(f"m{i}" for i in range(6)), main_batch, args.img_size,
                              args.warmup, args.seconds, args.repeats, args.with_compile).assign(machine=machine)
-        timing_columns = ["throughput", "throughput_min", "throughput_max", "ratio_vs_timm_eager"]
+        timing_columns = ["throughput", "throughput_min", "throughput_max", "ratio_vs_timm_eager",
+                          "ratio_vs_onnxruntime"]
         write_csv(df.round({c: 4 for c in timing_columns}), args.out / f"fast_path_{args.device}.csv")
-        print(df[["model", "variant", "throughput", "ratio_vs_timm_eager", "max_abs_diff_vs_timm"]].to_string(
+        print(df[["model", "variant", "throughput", "ratio_vs_timm_eager", "ratio_vs_onnxruntime",
+                  "max_abs_diff_vs_timm"]].to_string(
             index=False, float_format=lambda v: f"{v:.3g}"))
         return df
 

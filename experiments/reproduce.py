@@ -364,7 +364,7 @@ def _section_benchmark(out: Path) -> Optional[str]:
     folder = out / "benchmark"
     text = ""
     for path in sorted(folder.glob("*.csv")) if folder.is_dir() else []:
-        if path.name.startswith("fast_path"):
+        if path.name.startswith(("fast_path", "levers")):
             continue
         df = pd.read_csv(path)
         main = df[df.batch == df.batch.max()].pivot_table(index="model", columns="backend", values="throughput")
@@ -384,6 +384,10 @@ def _section_benchmark(out: Path) -> Optional[str]:
             verdict = "met" if (ratio >= 1.5).all() else "not met"
             text += (f"\nTarget: evit.deploy >= 1.5x timm eager on every preset: **{verdict}** (min "
                      f"{ratio.min():.2f}x, max {ratio.max():.2f}x).\n")
+            if "ratio_vs_onnxruntime" in df:  # CSVs written before the column existed lack it
+                parity = df[df.variant == "evit.deploy (compile)"].ratio_vs_onnxruntime
+                text += (f"Beyond: ONNX Runtime's throughput from PyTorch: evit.deploy / ORT = {parity.min():.2f}-"
+                         f"{parity.max():.2f}x.\n")
     return text or None
 
 

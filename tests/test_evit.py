@@ -1,16 +1,20 @@
 """The EfficientViT builder: presets vs the paper, equivalence with timm's port, fusion, ONNX, configs."""
 from __future__ import annotations
 
+import collections
+import copy
 import math
 
 import pytest
 import timm
 import torch
 import torch.nn as nn
+from torch._dynamo.utils import counters
 
 import evit
 from evit.config import ConfigError, EfficientViTConfig
 from evit.efficientvit import CascadedGroupAttention, MultiHeadSelfAttention, WindowAttention
+from evit.fast_path import DepthwiseTaps, PointwiseLinear, for_inductor
 from evit.summary import preset_table
 
 PRESET_NAMES = list(evit.PRESETS)
@@ -91,14 +95,52 @@ def test_fuse_merges_distillation_head_and_keeps_layernorm():
 @pytest.mark.parametrize("backend, size", [("trace", 224), ("compile", 64)])  # compiling takes ~30 s
 def test_deploy_path_equals_unfused_model(backend, size):
     model = randomize_(timm.create_model("evit_m0", num_classes=10, img_size=size), seed=4)
+    counters.clear()
     fast = evit.deploy(model, torch.randn(4, 3, size, size), backend=backend)
+    if backend == "compile":
+        # weights frozen into constants is what lets inductor prepack them for oneDNN (a freezing flag given
+        # only as a compile option once left them as graph inputs: no packing, no fused epilogues)
+        assert counters["inductor"]["mkldnn_conv_weight_pack_matcher_count"] > 0
+        assert counters["inductor"]["mkldnn_linear_weight_pack_matcher_count"] > 0
     x = torch.randn(3, 3, size, size)  # another batch size than deployed with
     with torch.no_grad():
         expected = model(x)
-        torch.testing.assert_close(fast(x.contiguous(memory_format=torch.channels_last)), expected, atol=1e-4, rtol=0)
+        if backend == "trace":  # compile: one new batch size and memory format at once (each recompiles)
+            torch.testing.assert_close(fast(x.contiguous(memory_format=torch.channels_last)), expected, atol=1e-4,
+                                       rtol=0)
         torch.testing.assert_close(fast(x), expected, atol=1e-4, rtol=0)
     with pytest.raises(ValueError, match="valid: compile, trace"):
         evit.deploy(model, x, backend="onnx")
+
+
+@pytest.mark.parametrize("kernel, stride, size", [(3, 1, 7), (3, 2, 14), (5, 1, 4), (3, 1, 5)])
+def test_inductor_rewrites_compute_the_same_convs(kernel, stride, size):
+    torch.manual_seed(kernel + stride + size)
+    depthwise = nn.Conv2d(24, 24, kernel, stride, kernel // 2, groups=24)
+    pointwise = nn.Conv2d(24, 40, 1)
+    x = torch.randn(2, 24, size, size)
+    with torch.no_grad():
+        for inp in (x, x.contiguous(memory_format=torch.channels_last)):
+            torch.testing.assert_close(DepthwiseTaps(depthwise)(inp), depthwise(inp), atol=1e-5, rtol=0)
+            torch.testing.assert_close(PointwiseLinear(pointwise)(inp), pointwise(inp), atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="1x1, stride-1"):
+        PointwiseLinear(depthwise)
+    with pytest.raises(ValueError, match="depthwise"):
+        DepthwiseTaps(pointwise)
+
+
+def test_for_inductor_rewrites_only_what_it_names():
+    fused = evit.fuse(randomize_(timm.create_model("evit_m0", num_classes=10, img_size=64), seed=2))
+    convs = [m for m in fused.modules() if isinstance(m, nn.Conv2d)]
+    n_pointwise = sum(c.kernel_size == (1, 1) and c.groups == 1 for c in convs)
+    n_depthwise3 = sum(c.kernel_size == (3, 3) and c.groups == c.in_channels > 1 for c in convs)
+    rewritten = for_inductor(copy.deepcopy(fused))
+    kinds = collections.Counter(type(m).__name__ for m in rewritten.modules())
+    assert kinds["PointwiseLinear"] == n_pointwise > 0 and kinds["DepthwiseTaps"] == n_depthwise3 > 0
+    assert kinds["Conv2d"] == len(convs) - n_pointwise - n_depthwise3  # stem, 5x5 query convs
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(rewritten(x), fused(x), atol=1e-4, rtol=0)
 
 
 def test_fused_model_runs_in_onnxruntime(tmp_path):

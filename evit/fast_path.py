@@ -1,0 +1,149 @@
+"""The fastest inference path measured here for an evit model (README, performance section).
+
+`deploy(model, example)` = `fuse` (BN folded, attention biases cached) + channels-last, then one of
+
+* 'compile' (default): 1x1 convs rewritten as channels-last matmuls and 3x3 depthwise convs as sums of shifted
+  slices, then torch.compile (inductor) with weight freezing and the C++ wrapper;
+* 'trace': torch.jit.trace + freeze, ready at once.
+"""
+from __future__ import annotations
+
+import shutil
+import warnings
+from typing import Any, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .efficientvit import fuse
+
+__all__ = ["DEPLOY_BACKENDS", "Compiled", "DepthwiseTaps", "PointwiseLinear", "deploy", "for_inductor"]
+
+DEPLOY_BACKENDS = ("compile", "trace")
+
+
+class PointwiseLinear(nn.Module):
+    """A 1x1, stride-1 conv computed as a matmul over the channel axis of a channels-last tensor.
+
+    Same outputs as the conv. Under inductor with freezing it becomes a prepacked GEMM whose bias and following
+    elementwise ops (activation, residual add) fuse into generated code (README, performance: the levers).
+    """
+
+    def __init__(self, conv: nn.Conv2d):
+        super().__init__()
+        if conv.kernel_size != (1, 1) or conv.stride != (1, 1) or conv.groups != 1:
+            raise ValueError(f"PointwiseLinear needs a 1x1, stride-1, ungrouped conv, got {conv}")
+        self.weight = nn.Parameter(conv.weight.detach().flatten(1).clone(), requires_grad=False)
+        self.bias = None if conv.bias is None else nn.Parameter(conv.bias.detach().clone(), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # (B, C, H, W) -> (B, H, W, C) is free on a channels-last tensor; so is the permute back
+        return F.linear(x.permute(0, 2, 3, 1), self.weight, self.bias).permute(0, 3, 1, 2)
+
+
+class DepthwiseTaps(nn.Module):
+    """A depthwise conv computed as a sum over its k*k taps of shifted input slices times per-channel weights.
+
+    Same outputs as the conv. Inductor fuses the taps, bias and residual into one vectorised loop over
+    channels-last memory instead of a oneDNN call per conv (README, performance: the levers).
+    """
+
+    def __init__(self, conv: nn.Conv2d):
+        super().__init__()
+        if not (conv.groups == conv.in_channels == conv.out_channels) or conv.dilation != (1, 1):
+            raise ValueError(f"DepthwiseTaps needs a depthwise, undilated conv, got {conv}")
+        self.kernel_size, self.stride, self.padding = conv.kernel_size, conv.stride, conv.padding
+        # (taps, channels): each tap's weights contiguous, so they load as one vector
+        self.taps = nn.Parameter(conv.weight.detach().flatten(1).T.contiguous(), requires_grad=False)
+        bias = conv.bias.detach().clone() if conv.bias is not None else torch.zeros_like(self.taps[0])
+        self.bias = nn.Parameter(bias, requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        (kh, kw), (sh, sw), (ph, pw) = self.kernel_size, self.stride, self.padding
+        channels, height, width = x.shape[1:]
+        out_h, out_w = (height + 2 * ph - kh) // sh + 1, (width + 2 * pw - kw) // sw + 1
+        x = F.pad(x, (pw, pw, ph, ph))
+        out = self.bias.view(1, channels, 1, 1)
+        for i in range(kh):
+            for j in range(kw):
+                shifted = x[:, :, i:i + sh * (out_h - 1) + 1:sh, j:j + sw * (out_w - 1) + 1:sw]
+                out = out + shifted * self.taps[i * kw + j].view(1, channels, 1, 1)
+        return out
+
+
+def for_inductor(model: nn.Module, pointwise: bool = True, depthwise_kernels: tuple[int, ...] = (3,)) -> nn.Module:
+    """Rewrite (in place) convs as ops that inductor fuses into its own code: every 1x1, stride-1, ungrouped
+    conv as a `PointwiseLinear` (if `pointwise`), every depthwise conv with a square kernel in
+    `depthwise_kernels` as `DepthwiseTaps`. The defaults are evit.deploy's, each lever measured by `python -m
+    experiments.benchmark --levers`; 5x5 taps are left to oneDNN (no faster, 3x longer to compile)."""
+    for name, child in model.named_children():
+        if not isinstance(child, nn.Conv2d):
+            for_inductor(child, pointwise, depthwise_kernels)
+        elif pointwise and child.kernel_size == (1, 1) and child.stride == (1, 1) and child.groups == 1 \
+                and child.padding == (0, 0):
+            model.add_module(name, PointwiseLinear(child))
+        elif child.groups == child.in_channels == child.out_channels and child.dilation == (1, 1) \
+                and child.kernel_size[0] == child.kernel_size[1] and child.kernel_size[0] in depthwise_kernels:
+            model.add_module(name, DepthwiseTaps(child))
+    return model
+
+
+class Compiled(nn.Module):
+    """A torch.compile'd model that always runs under inference_mode with the inductor settings of `deploy`."""
+
+    # Freezing must be on while dynamo traces, not only as a compile option: only then are the parameters
+    # static, folded into constants and the convs/GEMMs prepacked with fused epilogues. The C++ wrapper calls
+    # the few hundred kernels of a forward without Python in between.
+    INDUCTOR_SETTINGS = {"freezing": True, "cpp_wrapper": True}
+
+    def __init__(self, model: nn.Module, settings: Optional[dict[str, Any]] = None):
+        super().__init__()
+        self.model = model
+        self.settings = self.INDUCTOR_SETTINGS if settings is None else settings
+        self.compiled = torch.compile(model, dynamic=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from torch._inductor import config
+
+        # patched on every call so that a recompile (new batch size or memory format) gets the same settings
+        with torch.inference_mode(), config.patch(self.settings):
+            return self.compiled(x)
+
+
+@torch.no_grad()
+def deploy(model: nn.Module, example_input: torch.Tensor, channels_last: bool = True,
+           backend: str = "compile") -> nn.Module:
+    """The fastest inference path measured here: `fuse`, channels-last memory format (oneDNN's depthwise and
+    1x1 convs run faster on NHWC), then
+
+    * backend 'compile': 1x1 convs as channels-last matmuls and 3x3 depthwise convs as shifted sums
+      (`for_inductor`), torch.compile (inductor) with weight freezing and the C++ wrapper, compiled here on `example_input` (~1 min on CPU; needs a C++
+      compiler, else falls back to 'trace' with a warning);
+    * backend 'trace': torch.jit.trace + freeze, ready at once.
+
+    The result is specialised to `example_input`'s spatial size (the window layout is fixed); other batch
+    sizes work (compile recompiles once per new size). Channels-last inputs run fastest; NCHW inputs give the
+    same outputs.
+    """
+    if backend not in DEPLOY_BACKENDS:
+        raise ValueError(f"unknown deploy backend '{backend}'; valid: {', '.join(DEPLOY_BACKENDS)}")
+    if backend == "compile" and not have_cxx_compiler():
+        warnings.warn("evit.deploy: no C++ compiler found for torch.compile; using backend='trace'")
+        backend = "trace"
+    model = fuse(model)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+        example_input = example_input.contiguous(memory_format=torch.channels_last)
+    if backend == "trace":
+        return torch.jit.freeze(torch.jit.trace(model, example_input))
+    compiled = Compiled(for_inductor(model))
+    compiled(example_input)  # compile now, not on the user's first call
+    return compiled
+
+
+def have_cxx_compiler() -> bool:
+    """Whether inductor's C++ backend can build kernels here."""
+    from torch._inductor import config
+
+    return any(shutil.which(name) for name in (config.cpp.cxx[-1], "g++", "c++") if name)
