@@ -32,8 +32,8 @@ class PointwiseLinear(nn.Module):
 
     def __init__(self, conv: nn.Conv2d):
         super().__init__()
-        if conv.kernel_size != (1, 1) or conv.stride != (1, 1) or conv.groups != 1:
-            raise ValueError(f"PointwiseLinear needs a 1x1, stride-1, ungrouped conv, got {conv}")
+        if conv.kernel_size != (1, 1) or conv.stride != (1, 1) or conv.groups != 1 or conv.padding != (0, 0):
+            raise ValueError(f"PointwiseLinear needs a 1x1, stride-1, unpadded, ungrouped conv, got {conv}")
         self.weight = nn.Parameter(conv.weight.detach().flatten(1).clone(), requires_grad=False)
         self.bias = None if conv.bias is None else nn.Parameter(conv.bias.detach().clone(), requires_grad=False)
 
@@ -51,8 +51,9 @@ class DepthwiseTaps(nn.Module):
 
     def __init__(self, conv: nn.Conv2d):
         super().__init__()
-        if not (conv.groups == conv.in_channels == conv.out_channels) or conv.dilation != (1, 1):
-            raise ValueError(f"DepthwiseTaps needs a depthwise, undilated conv, got {conv}")
+        if not (conv.groups == conv.in_channels == conv.out_channels) or conv.dilation != (1, 1) \
+                or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+            raise ValueError(f"DepthwiseTaps needs a depthwise, undilated, zero-padded conv, got {conv}")
         self.kernel_size, self.stride, self.padding = conv.kernel_size, conv.stride, conv.padding
         # (taps, channels): each tap's weights contiguous, so they load as one vector
         self.taps = nn.Parameter(conv.weight.detach().flatten(1).T.contiguous(), requires_grad=False)
@@ -118,8 +119,8 @@ def deploy(model: nn.Module, example_input: torch.Tensor, channels_last: bool = 
     1x1 convs run faster on NHWC), then
 
     * backend 'compile': 1x1 convs as channels-last matmuls and 3x3 depthwise convs as shifted sums
-      (`for_inductor`), torch.compile (inductor) with weight freezing and the C++ wrapper, compiled here on `example_input` (~1 min on CPU; needs a C++
-      compiler, else falls back to 'trace' with a warning);
+      (`for_inductor`), torch.compile (inductor) with weight freezing and the C++ wrapper, compiled here on
+      `example_input` (~1 min on CPU; needs a C++ compiler, else falls back to 'trace' with a warning);
     * backend 'trace': torch.jit.trace + freeze, ready at once.
 
     The result is specialised to `example_input`'s spatial size (the window layout is fixed); other batch

@@ -263,7 +263,7 @@ def lever_table(preset: str = "m0", batch: int = 16, img_size: int = 224, warmup
                 seconds: float = 10.0, repeats: int = 3) -> pd.DataFrame:
     """The deploy levers added one at a time to a fused, channels-last evit preset under torch.compile, timed
     interleaved beside timm eager and ONNX Runtime on the same folded model. Each step's `gain` is its
-    throughput over the step before; `kept` says whether `evit.deploy` uses it."""
+    throughput over the last kept step; `kept` says whether `evit.deploy` uses it. CPU only."""
     import timm
 
     from evit.fast_path import for_inductor
@@ -374,6 +374,8 @@ def main(argv: Optional[list[str]] = None) -> pd.DataFrame:
     parser.add_argument("--out", type=Path, default=Path("results/benchmark"))
     args = parser.parse_args(argv)
 
+    if args.levers and args.device != "cpu":
+        sys.exit("error: --levers measures the CPU inference path (ONNX Runtime's CPU build); use --device cpu")
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("error: --device cuda asked but no CUDA GPU is visible to torch; use --device cpu")
     backends = tuple(args.backends.split(",")) if args.backends else (

@@ -53,6 +53,7 @@ def test_cli_writes_csv_with_documented_columns(tmp_path):
 @pytest.mark.parametrize("argv, message", [
     (["--models", "evit_m9"], "unknown model 'evit_m9'"),
     (["--models", "evit_m0", "--backends", "tensorrt"], "unknown backend(s) tensorrt"),
+    (["--levers", "--device", "cuda"], "--levers measures the CPU inference path"),
 ])
 def test_cli_errors_are_one_clear_line(argv, message, tmp_path):
     with pytest.raises(SystemExit) as exc:

@@ -123,8 +123,10 @@ def test_inductor_rewrites_compute_the_same_convs(kernel, stride, size):
         for inp in (x, x.contiguous(memory_format=torch.channels_last)):
             torch.testing.assert_close(DepthwiseTaps(depthwise)(inp), depthwise(inp), atol=1e-5, rtol=0)
             torch.testing.assert_close(PointwiseLinear(pointwise)(inp), pointwise(inp), atol=1e-5, rtol=0)
-    with pytest.raises(ValueError, match="1x1, stride-1"):
+    with pytest.raises(ValueError, match="1x1, stride-1, unpadded"):
         PointwiseLinear(depthwise)
+    with pytest.raises(ValueError, match="unpadded"):
+        PointwiseLinear(nn.Conv2d(24, 40, 1, padding=1))
     with pytest.raises(ValueError, match="depthwise"):
         DepthwiseTaps(pointwise)
 
