@@ -29,7 +29,7 @@ import torch.nn as nn
 
 import evit
 from evit.config import PAPER
-from evit.fast_path import Compiled
+from evit.fast_path import Compiled, for_inductor
 from evit.io import save_figure, write_csv
 from evit.summary import count_flops, count_params
 from experiments.models import UnknownModelError, create_model
@@ -265,8 +265,6 @@ def lever_table(preset: str = "m0", batch: int = 16, img_size: int = 224, warmup
     interleaved beside timm eager and ONNX Runtime on the same folded model. Each step's `gain` is its
     throughput over the last kept step; `kept` says whether `evit.deploy` uses it. CPU only."""
     import timm
-
-    from evit.fast_path import for_inductor
 
     model = randomize_batchnorm_(timm.create_model(f"evit_{preset}").eval())
     fused_cl = evit.fuse(model).to(memory_format=torch.channels_last)

@@ -41,7 +41,7 @@ PROXY_MODELS = dict(deit="deit_proxy", swin="swin_proxy", evit="evit_m0_proxy")
 PAPER_MODELS = dict(deit="deit_tiny", swin="swin_tiny", evit="evit_m4")
 DEFAULT_OUT = {"quick": RESULTS / "quick", "standard": RESULTS, "paper": RESULTS / "paper"}
 # What the steps run at each proxy scale. 'standard' made the committed results/ (about 1.5 h on 2 cores);
-# 'quick' fits in about 20 minutes from nothing: proxies on 10k images, fewer epochs, images and variants, a subset
+# 'quick' fits in about 20 minutes from nothing: proxies on 5k images, fewer epochs, images and variants, a subset
 # of the benchmark's peers. Its numbers are indicative only, and its verdicts say so.
 BUDGETS = {
     "quick": dict(
