@@ -40,6 +40,7 @@ DEFAULT_MODELS = (
        "levit_128s", "mobilevit_xxs"]
 )
 BACKENDS = ("eager", "trace", "compile", "onnxruntime")
+ONNX_VARIANT = "onnxruntime (evit folded export)"  # the reference row of the fast-path and lever tables
 # The paper's own numbers (FACTS.md): V100 GPU throughput per preset, and M0 on CPU (PyTorch, ONNX).
 PAPER_CPU_M0 = {"trace": 228.4, "onnxruntime": 340.1}
 
@@ -223,9 +224,11 @@ def randomize_batchnorm_(model: nn.Module, seed: int = 0) -> nn.Module:
 
 def fast_path_table(presets: tuple[str, ...] = tuple(f"m{i}" for i in range(6)), batch: int = 16,
                     img_size: int = 224, warmup_s: float = 5.0, seconds: float = 10.0, repeats: int = 3,
-                    with_compile: bool = False) -> pd.DataFrame:
+                    with_compile: bool = False,
+                    deploy_backends: tuple[str, ...] = evit.DEPLOY_BACKENDS) -> pd.DataFrame:
     """evit's deploy path against timm's port given the same weights: throughput ratios to timm eager, and
-    the largest output difference (must stay <= 1e-4; BatchNorm randomized so that outputs are O(1))."""
+    the largest output difference (must stay <= 1e-4; BatchNorm randomized so that outputs are O(1)).
+    `deploy_backends=("trace",)` skips compiling (about a minute per preset)."""
     import timm
 
     rows = []
@@ -235,7 +238,7 @@ def fast_path_table(presets: tuple[str, ...] = tuple(f"m{i}" for i in range(6)),
         ours.load_state_dict(evit.from_timm(reference.state_dict()))
         x = torch.randn(batch, 3, img_size, img_size)
         x_cl = x.contiguous(memory_format=torch.channels_last)
-        deployed = {f"evit.deploy ({b})": evit.deploy(ours, x, backend=b) for b in evit.DEPLOY_BACKENDS}
+        deployed = {f"evit.deploy ({b})": evit.deploy(ours, x, backend=b) for b in deploy_backends}
         with torch.inference_mode():
             expected = reference(x)
             diffs = {name: float((fast(x_cl) - expected).abs().max()) for name, fast in deployed.items()}
@@ -243,20 +246,24 @@ def fast_path_table(presets: tuple[str, ...] = tuple(f"m{i}" for i in range(6)),
             "timm eager": _runner(reference, "eager", x, False),
             "timm BN-folded + trace (official)": _runner(fold_batchnorm(reference)[0], "trace", x, False),
             **{name: (lambda fast=fast: fast(x_cl)) for name, fast in deployed.items()},
-            "onnxruntime (evit folded export)": _runner(evit.fuse(ours), "onnxruntime", x, False),
+            ONNX_VARIANT: _runner(evit.fuse(ours), "onnxruntime", x, False),
         }
         if with_compile:
             variants["timm torch.compile"] = _runner(reference, "compile", x, False)
         timings = time_interleaved(variants, batch, warmup_s, seconds, repeats, lambda: None)
-        base, onnx = timings["timm eager"].throughput, timings["onnxruntime (evit folded export)"].throughput
-        for variant, t in timings.items():
-            rows.append(dict(model=f"evit_{preset}", variant=variant, batch=batch, threads=torch.get_num_threads(),
-                             throughput=t.throughput, throughput_min=t.throughput_min,
-                             throughput_max=t.throughput_max, ratio_vs_timm_eager=t.throughput / base,
-                             ratio_vs_onnxruntime=t.throughput / onnx,
-                             max_abs_diff_vs_timm=diffs.get(variant),
-                             max_abs_output_timm=float(expected.abs().max())))
+        base = timings["timm eager"].throughput
+        rows += [dict(row, ratio_vs_timm_eager=row["throughput"] / base, max_abs_diff_vs_timm=diffs.get(row["variant"]),
+                      max_abs_output_timm=float(expected.abs().max()))
+                 for row in _variant_rows(f"evit_{preset}", batch, timings)]
     return pd.DataFrame(rows)
+
+
+def _variant_rows(model: str, batch: int, timings: dict[str, Timing]) -> list[dict]:
+    """One row per timed variant, with its throughput relative to ONNX Runtime timed in the same windows."""
+    onnx = timings[ONNX_VARIANT].throughput
+    return [dict(model=model, variant=variant, batch=batch, threads=torch.get_num_threads(),
+                 throughput=t.throughput, throughput_min=t.throughput_min, throughput_max=t.throughput_max,
+                 ratio_vs_onnxruntime=t.throughput / onnx) for variant, t in timings.items()]
 
 
 def lever_table(preset: str = "m0", batch: int = 16, img_size: int = 224, warmup_s: float = 5.0,
@@ -300,18 +307,16 @@ def lever_table(preset: str = "m0", batch: int = 16, img_size: int = 224, warmup
             compiled(x_cl)
             variants[variant] = lambda compiled=compiled: compiled(x_cl)
         compile_s[variant] = time.perf_counter() - start
-    variants["onnxruntime (evit folded export)"] = _runner(evit.fuse(model), "onnxruntime", x, False)
+    variants[ONNX_VARIANT] = _runner(evit.fuse(model), "onnxruntime", x, False)
     timings = time_interleaved(variants, batch, warmup_s, seconds, repeats, lambda: None)
+    kept = {variant: k for variant, k, _, _ in steps}
     rows, previous = [], None
-    for variant, t in timings.items():
-        rows.append(dict(model=f"evit_{preset}", variant=variant, batch=batch, threads=torch.get_num_threads(),
-                         throughput=t.throughput, throughput_min=t.throughput_min, throughput_max=t.throughput_max,
-                         gain=t.throughput / previous if variant.startswith("+") else None,
-                         ratio_vs_onnxruntime=t.throughput / timings["onnxruntime (evit folded export)"].throughput,
-                         kept=next((k for v, k, _, _ in steps if v == variant), None),
-                         compile_s=compile_s.get(variant)))
-        if variant.startswith("+") and rows[-1]["kept"] or variant.startswith("freezing only"):
-            previous = t.throughput
+    for row in _variant_rows(f"evit_{preset}", batch, timings):
+        step = row["variant"] in kept
+        rows.append(dict(row, gain=row["throughput"] / previous if step and previous else None,
+                         kept=kept.get(row["variant"]), compile_s=compile_s.get(row["variant"])))
+        if kept.get(row["variant"], False) or row["variant"] == steps[0][0]:
+            previous = row["throughput"]
     return pd.DataFrame(rows)
 
 

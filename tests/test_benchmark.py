@@ -78,3 +78,16 @@ def test_onnxruntime_runs_models_with_fused_attention():
     with torch.no_grad():
         torch.testing.assert_close(torch.from_numpy(out), model(x), atol=1e-4, rtol=0)
     assert model.blocks[0].attn.fused_attn  # restored after the export
+
+
+def test_fast_path_table_matches_timm_and_rates_against_onnxruntime():
+    df = benchmark.fast_path_table(("m0",), batch=2, img_size=64, warmup_s=0.0, seconds=0.05, repeats=1,
+                                   deploy_backends=("trace",))
+    assert list(df.variant) == ["timm eager", "timm BN-folded + trace (official)", "evit.deploy (trace)",
+                                benchmark.ONNX_VARIANT]
+    deployed = df.set_index("variant").loc["evit.deploy (trace)"]
+    assert deployed.max_abs_diff_vs_timm <= 1e-4 < deployed.max_abs_output_timm
+    rows = df.set_index("variant")
+    assert rows.loc[benchmark.ONNX_VARIANT, "ratio_vs_onnxruntime"] == pytest.approx(1.0)
+    assert rows.loc["timm eager", "ratio_vs_timm_eager"] == pytest.approx(1.0)
+    assert (df.throughput > 0).all()
