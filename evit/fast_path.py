@@ -38,8 +38,12 @@ class PointwiseLinear(nn.Module):
         self.bias = None if conv.bias is None else nn.Parameter(conv.bias.detach().clone(), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # (B, C, H, W) -> (B, H, W, C) is free on a channels-last tensor; so is the permute back
-        return F.linear(x.permute(0, 2, 3, 1), self.weight, self.bias).permute(0, 3, 1, 2)
+        # (B, C, H, W) -> (B*H*W, C) is free on a channels-last tensor; so is the way back. Flattened here, not
+        # left to F.linear: on a channel slice (a head's split) inductor would otherwise emit a bmm of tiny
+        # per-row matmuls instead of one GEMM
+        B, C, H, W = x.shape
+        out = F.linear(x.permute(0, 2, 3, 1).reshape(B * H * W, C), self.weight, self.bias)
+        return out.view(B, H, W, -1).permute(0, 3, 1, 2)
 
 
 class DepthwiseTaps(nn.Module):
