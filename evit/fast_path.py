@@ -30,9 +30,14 @@ class PointwiseLinear(nn.Module):
     elementwise ops (activation, residual add) fuse into generated code (README, performance: the levers).
     """
 
+    @staticmethod
+    def fits(conv: nn.Conv2d) -> bool:
+        """Whether `conv` can be computed this way (for_inductor rewrites exactly these)."""
+        return conv.kernel_size == (1, 1) and conv.stride == (1, 1) and conv.groups == 1 and conv.padding == (0, 0)
+
     def __init__(self, conv: nn.Conv2d):
         super().__init__()
-        if conv.kernel_size != (1, 1) or conv.stride != (1, 1) or conv.groups != 1 or conv.padding != (0, 0):
+        if not self.fits(conv):
             raise ValueError(f"PointwiseLinear needs a 1x1, stride-1, unpadded, ungrouped conv, got {conv}")
         self.weight = nn.Parameter(conv.weight.detach().flatten(1).clone(), requires_grad=False)
         self.bias = None if conv.bias is None else nn.Parameter(conv.bias.detach().clone(), requires_grad=False)
@@ -53,10 +58,15 @@ class DepthwiseTaps(nn.Module):
     channels-last memory instead of a oneDNN call per conv (README, performance: the levers).
     """
 
+    @staticmethod
+    def fits(conv: nn.Conv2d) -> bool:
+        """Whether `conv` can be computed this way (for_inductor rewrites exactly these)."""
+        return conv.groups == conv.in_channels == conv.out_channels and conv.dilation == (1, 1) \
+            and conv.padding_mode == "zeros" and not isinstance(conv.padding, str)
+
     def __init__(self, conv: nn.Conv2d):
         super().__init__()
-        if not (conv.groups == conv.in_channels == conv.out_channels) or conv.dilation != (1, 1) \
-                or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+        if not self.fits(conv):
             raise ValueError(f"DepthwiseTaps needs a depthwise, undilated, zero-padded conv, got {conv}")
         self.kernel_size, self.stride, self.padding = conv.kernel_size, conv.stride, conv.padding
         # (taps, channels): each tap's weights contiguous, so they load as one vector
@@ -85,11 +95,10 @@ def for_inductor(model: nn.Module, pointwise: bool = True, depthwise_kernels: tu
     for name, child in model.named_children():
         if not isinstance(child, nn.Conv2d):
             for_inductor(child, pointwise, depthwise_kernels)
-        elif pointwise and child.kernel_size == (1, 1) and child.stride == (1, 1) and child.groups == 1 \
-                and child.padding == (0, 0):
+        elif pointwise and PointwiseLinear.fits(child):
             model.add_module(name, PointwiseLinear(child))
-        elif child.groups == child.in_channels == child.out_channels and child.dilation == (1, 1) \
-                and child.kernel_size[0] == child.kernel_size[1] and child.kernel_size[0] in depthwise_kernels:
+        elif DepthwiseTaps.fits(child) and child.kernel_size[0] == child.kernel_size[1] \
+                and child.kernel_size[0] in depthwise_kernels:
             model.add_module(name, DepthwiseTaps(child))
     return model
 
@@ -104,7 +113,6 @@ class Compiled(nn.Module):
 
     def __init__(self, model: nn.Module, settings: Optional[dict[str, Any]] = None):
         super().__init__()
-        self.model = model
         self.settings = self.INDUCTOR_SETTINGS if settings is None else settings
         self.compiled = torch.compile(model, dynamic=False)
 

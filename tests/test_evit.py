@@ -149,6 +149,8 @@ def test_for_inductor_rewrites_only_what_it_names():
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(rewritten(x), fused(x), atol=1e-4, rtol=0)
+    reflect_padded = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1, groups=8, padding_mode="reflect"))
+    assert isinstance(for_inductor(reflect_padded)[0], nn.Conv2d)  # left to the conv, not an error
 
 
 def test_fused_model_runs_in_onnxruntime(tmp_path):
