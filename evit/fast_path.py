@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from .efficientvit import fuse
 
-__all__ = ["DEPLOY_BACKENDS", "Compiled", "DepthwiseTaps", "PointwiseLinear", "deploy", "for_inductor"]
+__all__ = ["DEPLOY_BACKENDS", "Compiled", "DepthwiseTaps", "PointwiseLinear", "deploy", "for_inductor", "trace"]
 
 DEPLOY_BACKENDS = ("compile", "trace")
 
@@ -104,29 +104,35 @@ def for_inductor(model: nn.Module, pointwise: bool = True, depthwise_kernels: tu
 
 
 class Compiled(nn.Module):
-    """A torch.compile'd model that always runs under inference_mode with the inductor settings of `deploy`."""
+    """A torch.compile'd model that always runs under inference_mode with the inductor settings of `deploy`, and
+    under autocast if `amp`."""
 
     # Freezing must be on while dynamo traces, not only as a compile option: only then are the parameters
     # static, folded into constants and the convs/GEMMs prepacked with fused epilogues. The C++ wrapper calls
     # the few hundred kernels of a forward without Python in between.
     INDUCTOR_SETTINGS = {"freezing": True, "cpp_wrapper": True}
+    # On a GPU at the paper's batch (2048) launches are amortised, and the C++ wrapper would cost a CUDA C++ build.
+    CUDA_INDUCTOR_SETTINGS = {"freezing": True}
 
-    def __init__(self, model: nn.Module, settings: Optional[dict[str, Any]] = None):
+    def __init__(self, model: nn.Module, settings: Optional[dict[str, Any]] = None, amp: bool = False):
         super().__init__()
-        self.settings = self.INDUCTOR_SETTINGS if settings is None else settings
+        on_cuda = any(p.is_cuda for p in model.parameters())
+        self.settings = settings if settings is not None else (
+            self.CUDA_INDUCTOR_SETTINGS if on_cuda else self.INDUCTOR_SETTINGS)
+        self.amp = amp
         self.compiled = torch.compile(model, dynamic=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         from torch._inductor import config
 
         # patched on every call so that a recompile (new batch size or memory format) gets the same settings
-        with torch.inference_mode(), config.patch(self.settings):
+        with torch.inference_mode(), config.patch(self.settings), torch.autocast(x.device.type, enabled=self.amp):
             return self.compiled(x)
 
 
 @torch.no_grad()
 def deploy(model: nn.Module, example_input: torch.Tensor, channels_last: bool = True,
-           backend: str = "compile") -> nn.Module:
+           backend: str = "compile", amp: bool = False) -> nn.Module:
     """The fastest inference path measured here: `fuse`, channels-last memory format (oneDNN's depthwise and
     1x1 convs run faster on NHWC), then
 
@@ -134,6 +140,10 @@ def deploy(model: nn.Module, example_input: torch.Tensor, channels_last: bool = 
       (`for_inductor`), torch.compile (inductor) with weight freezing and the C++ wrapper, compiled here on
       `example_input` (~1 min on CPU; needs a C++ compiler, else falls back to 'trace' with a warning);
     * backend 'trace': torch.jit.trace + freeze, ready at once.
+
+    On a GPU the model runs where `model` and `example_input` are, compiled with freezing only
+    (`Compiled.CUDA_INDUCTOR_SETTINGS`). `amp`: run under torch.autocast (float16 on CUDA, bfloat16 on CPU), as the
+    paper's GPU measurement does; outputs are then in that precision, no longer within 1e-4 of float32.
 
     The result is specialised to `example_input`'s spatial size (the window layout is fixed); other batch
     sizes work (compile recompiles once per new size). Channels-last inputs run fastest; NCHW inputs give the
@@ -149,10 +159,18 @@ def deploy(model: nn.Module, example_input: torch.Tensor, channels_last: bool = 
         model = model.to(memory_format=torch.channels_last)
         example_input = example_input.contiguous(memory_format=torch.channels_last)
     if backend == "trace":
-        return torch.jit.freeze(torch.jit.trace(model, example_input))
-    compiled = Compiled(for_inductor(model))
+        return torch.jit.freeze(trace(model, example_input, amp))
+    compiled = Compiled(for_inductor(model), amp=amp)
     compiled(example_input)  # compile now, not on the user's first call
     return compiled
+
+
+def trace(model: nn.Module, example_input: torch.Tensor, amp: bool = False) -> torch.jit.ScriptModule:
+    """torch.jit.trace, under autocast if `amp`: the traced graph then holds the casts and runs in reduced
+    precision without an autocast context."""
+    # no autocast weight cache while tracing: a cached cast would be recorded as a constant (PyTorch's advice)
+    with torch.no_grad(), torch.autocast(example_input.device.type, enabled=amp, cache_enabled=False):
+        return torch.jit.trace(model, example_input)
 
 
 def have_cxx_compiler() -> bool:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import copy
 import platform
+import re
 import resource
 import sys
 import tempfile
@@ -29,7 +30,7 @@ import torch.nn as nn
 
 import evit
 from evit.config import PAPER
-from evit.fast_path import Compiled, for_inductor
+from evit.fast_path import Compiled, for_inductor, trace
 from evit.io import save_figure, write_csv
 from evit.summary import count_flops, count_params
 from experiments.models import UnknownModelError, create_model
@@ -61,6 +62,15 @@ def describe_machine(device: str, threads: int) -> str:
                    if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() \
             else platform.processor()
     return f"{hw}; {threads} thread(s); torch {torch.__version__}; python {platform.python_version()}"
+
+
+def device_stem(device: str) -> str:
+    """The results file stem: 'cpu', or 'cuda_' + the GPU's model ('NVIDIA H100 80GB HBM3' -> 'cuda_h100')."""
+    if device != "cuda":
+        return device
+    name = torch.cuda.get_device_name()
+    return "cuda_" + next((t for t in re.split(r"[\s-]+", name) if re.fullmatch(r"[A-Za-z]*\d+[A-Za-z]*", t)),
+                          name.split()[-1]).lower()
 
 
 def fold_batchnorm(model: nn.Module) -> tuple[nn.Module, bool]:
@@ -137,11 +147,11 @@ def _runner(model: nn.Module, backend: str, x: torch.Tensor, amp: bool) -> Calla
         feed = {"x": x.cpu().numpy()}
         return lambda: session.run(None, feed)
     if backend == "trace":
-        with torch.no_grad(), warnings.catch_warnings(), torch.autocast(x.device.type, enabled=amp):
+        with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            model = torch.jit.freeze(torch.jit.trace(model, x))
-    elif backend == "compile":  # the inductor settings of evit.deploy (freezing, C++ wrapper), no module rewrites
-        model = Compiled(model)
+            model = torch.jit.freeze(trace(model, x, amp))
+    elif backend == "compile":  # the inductor settings of evit.deploy, no module rewrites
+        model = Compiled(model, amp=amp)
 
     def run() -> object:
         with torch.inference_mode(), torch.autocast(x.device.type, enabled=amp):
@@ -224,43 +234,53 @@ def randomize_batchnorm_(model: nn.Module, seed: int = 0) -> nn.Module:
 
 def fast_path_table(presets: tuple[str, ...] = tuple(f"m{i}" for i in range(6)), batch: int = 16,
                     img_size: int = 224, warmup_s: float = 5.0, seconds: float = 10.0, repeats: int = 3,
-                    with_compile: bool = False,
-                    deploy_backends: tuple[str, ...] = evit.DEPLOY_BACKENDS) -> pd.DataFrame:
+                    with_compile: bool = False, deploy_backends: tuple[str, ...] = evit.DEPLOY_BACKENDS,
+                    device: str = "cpu", amp: Optional[bool] = None,
+                    on_preset: Optional[Callable[[pd.DataFrame], None]] = None) -> pd.DataFrame:
     """evit's deploy path against timm's port given the same weights: throughput ratios to timm eager, and
-    the largest output difference (must stay <= 1e-4; BatchNorm randomized so that outputs are O(1)).
-    `deploy_backends=("trace",)` skips compiling (about a minute per preset)."""
+    the largest output difference to timm's float32 outputs (must stay <= 1e-4 without AMP; BatchNorm randomized
+    so that outputs are O(1)). `deploy_backends=("trace",)` skips compiling (about a minute per preset on CPU).
+    `amp` (default: on CUDA, as the paper measures GPUs) runs every variant under autocast; ONNX Runtime (its
+    CPU build, float32) is timed on CPU without AMP only. `on_preset` gets the table so far after each preset
+    (to save it: a run stopped midway keeps the presets it finished)."""
     import timm
 
+    amp = device == "cuda" if amp is None else amp
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     rows = []
     for preset in presets:
-        reference = randomize_batchnorm_(timm.create_model(f"efficientvit_{preset}").eval())
-        ours = timm.create_model(f"evit_{preset}").eval()
+        reference = randomize_batchnorm_(timm.create_model(f"efficientvit_{preset}").eval()).to(device)
+        ours = timm.create_model(f"evit_{preset}").eval().to(device)
         ours.load_state_dict(evit.from_timm(reference.state_dict()))
-        x = torch.randn(batch, 3, img_size, img_size)
+        x = torch.randn(batch, 3, img_size, img_size, device=device)
         x_cl = x.contiguous(memory_format=torch.channels_last)
-        deployed = {f"evit.deploy ({b})": evit.deploy(ours, x, backend=b) for b in deploy_backends}
+        deployed = {f"evit.deploy ({b})": evit.deploy(ours, x, backend=b, amp=amp) for b in deploy_backends}
         with torch.inference_mode():
             expected = reference(x)
-            diffs = {name: float((fast(x_cl) - expected).abs().max()) for name, fast in deployed.items()}
+            diffs = {name: float((fast(x_cl).float() - expected).abs().max()) for name, fast in deployed.items()}
         variants = {
-            "timm eager": _runner(reference, "eager", x, False),
-            "timm BN-folded + trace (official)": _runner(fold_batchnorm(reference)[0], "trace", x, False),
+            "timm eager": _runner(reference, "eager", x, amp),
+            "timm BN-folded + trace (official)": _runner(fold_batchnorm(reference)[0], "trace", x, amp),
             **{name: (lambda fast=fast: fast(x_cl)) for name, fast in deployed.items()},
-            ONNX_VARIANT: _runner(evit.fuse(ours), "onnxruntime", x, False),
         }
+        if device == "cpu" and not amp:
+            variants[ONNX_VARIANT] = _runner(evit.fuse(ours), "onnxruntime", x, False)
         if with_compile:
-            variants["timm torch.compile"] = _runner(reference, "compile", x, False)
-        timings = time_interleaved(variants, batch, warmup_s, seconds, repeats, lambda: None)
+            variants["timm torch.compile"] = _runner(reference, "compile", x, amp)
+        timings = time_interleaved(variants, batch, warmup_s, seconds, repeats, sync)
         base, largest_output = timings["timm eager"].throughput, float(expected.abs().max())
-        rows += [dict(row, ratio_vs_timm_eager=row["throughput"] / base, max_abs_diff_vs_timm=diffs.get(row["variant"]),
-                      max_abs_output_timm=largest_output)
+        rows += [dict(row, device=device, amp=amp, ratio_vs_timm_eager=row["throughput"] / base,
+                      max_abs_diff_vs_timm=diffs.get(row["variant"]), max_abs_output_timm=largest_output)
                  for row in _variant_rows(f"evit_{preset}", batch, timings)]
+        if on_preset:
+            on_preset(pd.DataFrame(rows))
     return pd.DataFrame(rows)
 
 
 def _variant_rows(model: str, batch: int, timings: dict[str, Timing]) -> list[dict]:
-    """One row per timed variant, with its throughput relative to ONNX Runtime timed in the same windows."""
-    onnx = timings[ONNX_VARIANT].throughput
+    """One row per timed variant, with its throughput relative to ONNX Runtime timed in the same windows (NaN
+    where ONNX Runtime was not timed)."""
+    onnx = timings[ONNX_VARIANT].throughput if ONNX_VARIANT in timings else float("nan")
     return [dict(model=model, variant=variant, batch=batch, threads=torch.get_num_threads(),
                  throughput=t.throughput, throughput_min=t.throughput_min, throughput_max=t.throughput_max,
                  ratio_vs_onnxruntime=t.throughput / onnx) for variant, t in timings.items()]
@@ -400,13 +420,19 @@ def main(argv: Optional[list[str]] = None) -> pd.DataFrame:
         print(df[["variant", "throughput", "gain", "ratio_vs_onnxruntime", "kept", "compile_s"]].to_string(
             index=False, float_format=lambda v: f"{v:.3g}"))
         return df
+    stem = device_stem(args.device)
     if args.fast_path:
         presets = tuple(m.removeprefix("evit_") for m in args.models.split(",") if m.startswith("evit_m"))
-        df = fast_path_table(presets or tuple(f"m{i}" for i in range(6)), main_batch, args.img_size,
-                             args.warmup, args.seconds, args.repeats, args.with_compile).assign(machine=machine)
         timing_columns = ["throughput", "throughput_min", "throughput_max", "ratio_vs_timm_eager",
                           "ratio_vs_onnxruntime"]
-        write_csv(df.round({c: 4 for c in timing_columns}), args.out / f"fast_path_{args.device}.csv")
+
+        def save(table: pd.DataFrame) -> None:
+            write_csv(table.assign(machine=machine).round({c: 4 for c in timing_columns}),
+                      args.out / f"fast_path_{stem}.csv")
+
+        df = fast_path_table(presets or tuple(f"m{i}" for i in range(6)), main_batch, args.img_size,
+                             args.warmup, args.seconds, args.repeats, args.with_compile, device=args.device,
+                             on_preset=save).assign(machine=machine)
         print(df[["model", "variant", "throughput", "ratio_vs_timm_eager", "ratio_vs_onnxruntime",
                   "max_abs_diff_vs_timm"]].to_string(
             index=False, float_format=lambda v: f"{v:.3g}"))
@@ -421,11 +447,11 @@ def main(argv: Optional[list[str]] = None) -> pd.DataFrame:
                                     args.warmup, args.seconds, args.repeats)
         except UnknownModelError as e:
             sys.exit(f"error: {e}")
+        if rows:  # saved after each model: a run stopped midway keeps the models it finished
+            write_csv(pd.DataFrame(rows).assign(machine=machine).round(3), args.out / f"{stem}.csv")
     df = pd.DataFrame(rows).assign(machine=machine)
     if df.empty:
         sys.exit("error: no model could be measured")
-    stem = args.device if args.device == "cpu" else f"cuda_{torch.cuda.get_device_name().split()[-1].lower()}"
-    write_csv(df.round(3), args.out / f"{stem}.csv")
     accuracy = None
     if args.accuracy_csv and args.accuracy_csv.is_file():  # ours (experiments.family: val_acc) or the user's
         known = pd.read_csv(args.accuracy_csv).set_index("model")

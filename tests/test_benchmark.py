@@ -8,7 +8,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from experiments import benchmark
+from evit.io import write_csv
+from experiments import benchmark, reproduce
 
 
 def _conv_bn_net() -> nn.Module:
@@ -91,3 +92,27 @@ def test_fast_path_table_matches_timm_and_rates_against_onnxruntime():
     assert rows.loc[benchmark.ONNX_VARIANT, "ratio_vs_onnxruntime"] == pytest.approx(1.0)
     assert rows.loc["timm eager", "ratio_vs_timm_eager"] == pytest.approx(1.0)
     assert (df.throughput > 0).all()
+
+
+def test_fast_path_table_under_amp_and_its_report_section(tmp_path):
+    # the GPU table's method (every variant under autocast, no ONNX Runtime) run on CPU, where autocast is bfloat16
+    df = benchmark.fast_path_table(("m0",), batch=2, img_size=64, warmup_s=0.0, seconds=0.05, repeats=1,
+                                   deploy_backends=("trace",), amp=True)
+    rows = df.set_index("variant")
+    assert benchmark.ONNX_VARIANT not in rows.index and rows.ratio_vs_onnxruntime.isna().all() and df.amp.all()
+    deployed = rows.loc["evit.deploy (trace)"]
+    # bfloat16 keeps 8 bits of mantissa: differences of a few percent of the output, far above float32's 1e-6
+    assert 1e-4 < deployed.max_abs_diff_vs_timm < 0.1 * deployed.max_abs_output_timm
+    write_csv(df, tmp_path / "benchmark" / "fast_path_cuda_test.csv")
+    report = reproduce.write_report(tmp_path).read_text()
+    assert "## Fast path: evit.deploy vs timm's port (cuda_test, batch 2 under AMP)" in report
+    assert "Target: evit.deploy >= 1.3x" not in report  # no compiled row, no verdict
+    assert "ONNX Runtime's throughput" not in report
+
+
+@pytest.mark.parametrize("name, stem", [("NVIDIA H100 80GB HBM3", "cuda_h100"), ("NVIDIA H200", "cuda_h200"),
+                                        ("Tesla V100-SXM2-16GB", "cuda_v100"), ("NVIDIA A100-SXM4-80GB", "cuda_a100"),
+                                        ("NVIDIA GeForce RTX 4090", "cuda_4090")])
+def test_gpu_results_are_named_by_the_gpu_model(name, stem, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *_: name)
+    assert benchmark.device_stem("cuda") == stem and benchmark.device_stem("cpu") == "cpu"
