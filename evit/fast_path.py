@@ -2,8 +2,8 @@
 
 `deploy(model, example)` = `fuse` (BN folded, attention biases cached) + channels-last, then one of
 
-* 'compile' (default): 1x1 convs rewritten as channels-last matmuls and 3x3 depthwise convs as sums of shifted
-  slices, then torch.compile (inductor) with weight freezing and the C++ wrapper;
+* 'compile' (default): 1x1 convs rewritten as channels-last matmuls, 3x3 depthwise convs as sums of shifted
+  slices and larger ones as reductions over unfolded windows, then torch.compile (inductor) with weight freezing and the C++ wrapper;
 * 'trace': torch.jit.trace + freeze, ready at once.
 """
 from __future__ import annotations
@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from .efficientvit import fuse
 
-__all__ = ["DEPLOY_BACKENDS", "Compiled", "DepthwiseTaps", "PointwiseLinear", "deploy", "for_inductor", "trace"]
+__all__ = ["DEPLOY_BACKENDS", "Compiled", "DepthwiseTaps", "DepthwiseUnfold", "PointwiseLinear", "deploy", "for_inductor", "trace"]
 
 DEPLOY_BACKENDS = ("compile", "trace")
 
@@ -87,19 +87,50 @@ class DepthwiseTaps(nn.Module):
         return out
 
 
-def for_inductor(model: nn.Module, pointwise: bool = True, depthwise_kernels: tuple[int, ...] = (3,)) -> nn.Module:
+class DepthwiseUnfold(nn.Module):
+    """A depthwise conv computed as a sum over each output position's k*k input window, the windows taken as an
+    unfolded view of the channels-last input.
+
+    Same outputs as the conv. Inductor makes it one reduction loop, vectorised over channels, with few graph
+    nodes: unlike `DepthwiseTaps` its compile time does not grow with k*k, and unlike oneDNN it has no per-call
+    overhead (about 50 us here, which the 24 small 5x5 query convs of M0 pay at every forward).
+    """
+
+    fits = staticmethod(DepthwiseTaps.fits)
+
+    def __init__(self, conv: nn.Conv2d):
+        super().__init__()
+        if not self.fits(conv):
+            raise ValueError(f"DepthwiseUnfold needs a depthwise, undilated, zero-padded conv, got {conv}")
+        self.kernel_size, self.stride, self.padding = conv.kernel_size, conv.stride, conv.padding
+        self.weight = nn.Parameter(conv.weight.detach()[:, 0].clone(), requires_grad=False)  # (C, kh, kw)
+        bias = conv.bias.detach().clone() if conv.bias is not None else torch.zeros(conv.out_channels)
+        self.bias = nn.Parameter(bias, requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        (kh, kw), (sh, sw), (ph, pw) = self.kernel_size, self.stride, self.padding
+        x = F.pad(x.permute(0, 2, 3, 1), (0, 0, pw, pw, ph, ph))  # (B, H, W, C): free on channels-last
+        windows = x.unfold(1, kh, sh).unfold(2, kw, sw)  # (B, H', W', C, kh, kw), a view
+        return ((windows * self.weight).sum((-2, -1)) + self.bias).permute(0, 3, 1, 2)
+
+
+def for_inductor(model: nn.Module, pointwise: bool = True, depthwise_kernels: tuple[int, ...] = (3,),
+                 unfold_kernels: tuple[int, ...] = (5, 7)) -> nn.Module:
     """Rewrite (in place) convs as ops that inductor fuses into its own code: every 1x1, stride-1, ungrouped
     conv as a `PointwiseLinear` (if `pointwise`), every depthwise conv with a square kernel in
-    `depthwise_kernels` as `DepthwiseTaps`. The defaults are evit.deploy's, each lever measured by `python -m
-    experiments.benchmark --levers`; 5x5 taps are left to oneDNN (no faster, 3x longer to compile)."""
+    `depthwise_kernels` as `DepthwiseTaps` and one in `unfold_kernels` as `DepthwiseUnfold`. The defaults are
+    evit.deploy's, each lever measured by `python -m experiments.benchmark --levers`: taps win on 3x3 kernels,
+    the unfolded reduction on larger ones (5x5 taps: no faster, 3x longer to compile)."""
     for name, child in model.named_children():
         if not isinstance(child, nn.Conv2d):
-            for_inductor(child, pointwise, depthwise_kernels)
+            for_inductor(child, pointwise, depthwise_kernels, unfold_kernels)
         elif pointwise and PointwiseLinear.fits(child):
             model.add_module(name, PointwiseLinear(child))
-        elif DepthwiseTaps.fits(child) and child.kernel_size[0] == child.kernel_size[1] \
-                and child.kernel_size[0] in depthwise_kernels:
-            model.add_module(name, DepthwiseTaps(child))
+        elif DepthwiseTaps.fits(child) and child.kernel_size[0] == child.kernel_size[1]:
+            if child.kernel_size[0] in depthwise_kernels:
+                model.add_module(name, DepthwiseTaps(child))
+            elif child.kernel_size[0] in unfold_kernels:
+                model.add_module(name, DepthwiseUnfold(child))
     return model
 
 
@@ -136,8 +167,8 @@ def deploy(model: nn.Module, example_input: torch.Tensor, channels_last: bool = 
     """The fastest inference path measured here: `fuse`, channels-last memory format (oneDNN's depthwise and
     1x1 convs run faster on NHWC), then
 
-    * backend 'compile': 1x1 convs as channels-last matmuls and 3x3 depthwise convs as shifted sums
-      (`for_inductor`), torch.compile (inductor) with weight freezing and the C++ wrapper, compiled here on
+    * backend 'compile': 1x1 convs as channels-last matmuls, 3x3 depthwise convs as shifted sums and 5x5/7x7
+      ones as reductions over unfolded windows (`for_inductor`), torch.compile (inductor) with weight freezing and the C++ wrapper, compiled here on
       `example_input` (~1 min on CPU; needs a C++ compiler, else falls back to 'trace' with a warning);
     * backend 'trace': torch.jit.trace + freeze, ready at once.
 

@@ -307,9 +307,12 @@ def lever_table(preset: str = "m0", batch: int = 16, img_size: int = 224, warmup
         ("freezing only as a compile option (weights stay graph inputs)", False, None, None),
         ("+ freezing while dynamo traces (weights prepacked, fused epilogues)", True, None, {"freezing": True}),
         ("+ C++ wrapper", True, None, Compiled.INDUCTOR_SETTINGS),
-        ("+ 1x1 convs as channels-last matmuls", True, dict(depthwise_kernels=()), Compiled.INDUCTOR_SETTINGS),
-        ("+ 3x3 depthwise convs as shifted sums", True, {}, Compiled.INDUCTOR_SETTINGS),
-        ("+ 5x5 depthwise convs as shifted sums", False, dict(depthwise_kernels=(3, 5)), Compiled.INDUCTOR_SETTINGS),
+        ("+ 1x1 convs as channels-last matmuls", True, dict(depthwise_kernels=(), unfold_kernels=()),
+         Compiled.INDUCTOR_SETTINGS),
+        ("+ 3x3 depthwise convs as shifted sums", True, dict(unfold_kernels=()), Compiled.INDUCTOR_SETTINGS),
+        ("+ 5x5/7x7 depthwise convs as reductions over unfolded windows", True, {}, Compiled.INDUCTOR_SETTINGS),
+        ("5x5 depthwise convs as shifted sums instead", False, dict(depthwise_kernels=(3, 5), unfold_kernels=()),
+         Compiled.INDUCTOR_SETTINGS),
         ("+ max-autotune GEMMs (inductor C++ templates)", False, {},
          {**Compiled.INDUCTOR_SETTINGS, "max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN"}),
     ]
@@ -409,7 +412,8 @@ def main(argv: Optional[list[str]] = None) -> pd.DataFrame:
     if args.quick:
         args.warmup, args.seconds, args.repeats = 1.0, 1.0, 3
     torch.set_num_threads(args.threads)
-    main_batch = args.batch or (2048 if args.device == "cuda" else 16)
+    default_batch = 2048 if args.device == "cuda" else 16
+    main_batch = args.batch or default_batch
     machine = describe_machine(args.device, args.threads)
     print(f"machine: {machine}")
 
@@ -423,12 +427,14 @@ def main(argv: Optional[list[str]] = None) -> pd.DataFrame:
     stem = device_stem(args.device)
     if args.fast_path:
         presets = tuple(m.removeprefix("evit_") for m in args.models.split(",") if m.startswith("evit_m"))
+        # the device's main batch (the targets) is fast_path_<device>.csv; others, such as batch 1, beside it
+        batch_suffix = "" if main_batch == default_batch else f"_batch{main_batch}"
         timing_columns = ["throughput", "throughput_min", "throughput_max", "ratio_vs_timm_eager",
                           "ratio_vs_onnxruntime"]
 
         def save(table: pd.DataFrame) -> None:
             write_csv(table.assign(machine=machine).round({c: 4 for c in timing_columns}),
-                      args.out / f"fast_path_{stem}.csv")
+                      args.out / f"fast_path_{stem}{batch_suffix}.csv")
 
         df = fast_path_table(presets or tuple(f"m{i}" for i in range(6)), main_batch, args.img_size,
                              args.warmup, args.seconds, args.repeats, args.with_compile, device=args.device,

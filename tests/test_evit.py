@@ -14,7 +14,7 @@ from torch._dynamo.utils import counters
 import evit
 from evit.config import ConfigError, EfficientViTConfig
 from evit.efficientvit import CascadedGroupAttention, MultiHeadSelfAttention, WindowAttention
-from evit.fast_path import DepthwiseTaps, PointwiseLinear, for_inductor
+from evit.fast_path import DepthwiseTaps, DepthwiseUnfold, PointwiseLinear, for_inductor
 from evit.summary import preset_table
 
 PRESET_NAMES = list(evit.PRESETS)
@@ -119,7 +119,7 @@ def test_deploy_path_equals_unfused_model(backend):
         evit.deploy(model, x, backend="onnx")
 
 
-@pytest.mark.parametrize("kernel, stride, size", [(3, 1, 7), (3, 2, 14), (5, 1, 4), (3, 1, 5)])
+@pytest.mark.parametrize("kernel, stride, size", [(3, 1, 7), (3, 2, 14), (5, 1, 4), (3, 1, 5), (7, 1, 7), (5, 2, 9)])
 def test_inductor_rewrites_compute_the_same_convs(kernel, stride, size):
     torch.manual_seed(kernel + stride + size)
     depthwise = nn.Conv2d(24, 24, kernel, stride, kernel // 2, groups=24)
@@ -128,6 +128,7 @@ def test_inductor_rewrites_compute_the_same_convs(kernel, stride, size):
     with torch.no_grad():
         for inp in (x, x.contiguous(memory_format=torch.channels_last)):
             torch.testing.assert_close(DepthwiseTaps(depthwise)(inp), depthwise(inp), atol=1e-5, rtol=0)
+            torch.testing.assert_close(DepthwiseUnfold(depthwise)(inp), depthwise(inp), atol=1e-5, rtol=0)
             torch.testing.assert_close(PointwiseLinear(pointwise)(inp), pointwise(inp), atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match="1x1, stride-1, unpadded"):
         PointwiseLinear(depthwise)
@@ -135,6 +136,8 @@ def test_inductor_rewrites_compute_the_same_convs(kernel, stride, size):
         PointwiseLinear(nn.Conv2d(24, 40, 1, padding=1))
     with pytest.raises(ValueError, match="depthwise"):
         DepthwiseTaps(pointwise)
+    with pytest.raises(ValueError, match="depthwise"):
+        DepthwiseUnfold(pointwise)
 
 
 def test_for_inductor_rewrites_only_what_it_names():
@@ -142,10 +145,14 @@ def test_for_inductor_rewrites_only_what_it_names():
     convs = [m for m in fused.modules() if isinstance(m, nn.Conv2d)]
     n_pointwise = sum(c.kernel_size == (1, 1) and c.groups == 1 for c in convs)
     n_depthwise3 = sum(c.kernel_size == (3, 3) and c.groups == c.in_channels > 1 for c in convs)
+    n_depthwise5 = sum(c.kernel_size == (5, 5) and c.groups == c.in_channels > 1 for c in convs)
     rewritten = for_inductor(copy.deepcopy(fused))
     kinds = collections.Counter(type(m).__name__ for m in rewritten.modules())
     assert kinds["PointwiseLinear"] == n_pointwise > 0 and kinds["DepthwiseTaps"] == n_depthwise3 > 0
-    assert kinds["Conv2d"] == len(convs) - n_pointwise - n_depthwise3  # stem, 5x5 query convs
+    assert kinds["DepthwiseUnfold"] == n_depthwise5 > 0  # the query convs
+    assert kinds["Conv2d"] == len(convs) - n_pointwise - n_depthwise3 - n_depthwise5 == 4  # the stem
+    assert collections.Counter(type(m).__name__ for m in for_inductor(copy.deepcopy(fused), unfold_kernels=())
+                               .modules())["Conv2d"] == 4 + n_depthwise5
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(rewritten(x), fused(x), atol=1e-4, rtol=0)
