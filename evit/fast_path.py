@@ -3,7 +3,8 @@
 `deploy(model, example)` = `fuse` (BN folded, attention biases cached) + channels-last, then one of
 
 * 'compile' (default): 1x1 convs rewritten as channels-last matmuls, 3x3 depthwise convs as sums of shifted
-  slices and larger ones as reductions over unfolded windows, then torch.compile (inductor) with weight freezing and the C++ wrapper;
+  slices and 5x5/7x7 ones as reductions over unfolded windows, then torch.compile (inductor) with weight
+  freezing and the C++ wrapper;
 * 'trace': torch.jit.trace + freeze, ready at once.
 """
 from __future__ import annotations
@@ -18,7 +19,8 @@ import torch.nn.functional as F
 
 from .efficientvit import fuse
 
-__all__ = ["DEPLOY_BACKENDS", "Compiled", "DepthwiseTaps", "DepthwiseUnfold", "PointwiseLinear", "deploy", "for_inductor", "trace"]
+__all__ = ["DEPLOY_BACKENDS", "Compiled", "DepthwiseTaps", "DepthwiseUnfold", "PointwiseLinear", "deploy",
+           "for_inductor", "trace"]
 
 DEPLOY_BACKENDS = ("compile", "trace")
 
@@ -91,9 +93,9 @@ class DepthwiseUnfold(nn.Module):
     """A depthwise conv computed as a sum over each output position's k*k input window, the windows taken as an
     unfolded view of the channels-last input.
 
-    Same outputs as the conv. Inductor makes it one reduction loop, vectorised over channels, with few graph
-    nodes: unlike `DepthwiseTaps` its compile time does not grow with k*k, and unlike oneDNN it has no per-call
-    overhead (about 50 us here, which the 24 small 5x5 query convs of M0 pay at every forward).
+    Same outputs as the conv. Inductor makes it one reduction loop from a few graph nodes: unlike
+    `DepthwiseTaps` its compile time does not grow with k*k, and unlike oneDNN it has no per-call overhead (about
+    50 us here, which the 24 small 5x5 query convs of M0 pay at every forward; README, performance).
     """
 
     fits = staticmethod(DepthwiseTaps.fits)
@@ -120,7 +122,7 @@ def for_inductor(model: nn.Module, pointwise: bool = True, depthwise_kernels: tu
     conv as a `PointwiseLinear` (if `pointwise`), every depthwise conv with a square kernel in
     `depthwise_kernels` as `DepthwiseTaps` and one in `unfold_kernels` as `DepthwiseUnfold`. The defaults are
     evit.deploy's, each lever measured by `python -m experiments.benchmark --levers`: taps win on 3x3 kernels,
-    the unfolded reduction on larger ones (5x5 taps: no faster, 3x longer to compile)."""
+    the unfolded reduction on larger ones (5x5 taps: no faster, 2x longer to compile)."""
     for name, child in model.named_children():
         if not isinstance(child, nn.Conv2d):
             for_inductor(child, pointwise, depthwise_kernels, unfold_kernels)
@@ -168,8 +170,9 @@ def deploy(model: nn.Module, example_input: torch.Tensor, channels_last: bool = 
     1x1 convs run faster on NHWC), then
 
     * backend 'compile': 1x1 convs as channels-last matmuls, 3x3 depthwise convs as shifted sums and 5x5/7x7
-      ones as reductions over unfolded windows (`for_inductor`), torch.compile (inductor) with weight freezing and the C++ wrapper, compiled here on
-      `example_input` (~1 min on CPU; needs a C++ compiler, else falls back to 'trace' with a warning);
+      ones as reductions over unfolded windows (`for_inductor`), torch.compile (inductor) with weight freezing
+      and the C++ wrapper, compiled here on `example_input` (~1 min on CPU; needs a C++ compiler, else falls
+      back to 'trace' with a warning);
     * backend 'trace': torch.jit.trace + freeze, ready at once.
 
     On a GPU the model runs where `model` and `example_input` are, compiled with freezing only
