@@ -53,12 +53,8 @@ class PointwiseLinear(nn.Module):
         return out.view(B, H, W, -1).permute(0, 3, 1, 2)
 
 
-class DepthwiseTaps(nn.Module):
-    """A depthwise conv computed as a sum over its k*k taps of shifted input slices times per-channel weights.
-
-    Same outputs as the conv. Inductor fuses the taps, bias and residual into one vectorised loop over
-    channels-last memory instead of a oneDNN call per conv (README, performance: the levers).
-    """
+class DepthwiseRewrite(nn.Module):
+    """What the depthwise rewrites share: the convs they take, and the conv's geometry and bias."""
 
     @staticmethod
     def fits(conv: nn.Conv2d) -> bool:
@@ -69,12 +65,23 @@ class DepthwiseTaps(nn.Module):
     def __init__(self, conv: nn.Conv2d):
         super().__init__()
         if not self.fits(conv):
-            raise ValueError(f"DepthwiseTaps needs a depthwise, undilated, zero-padded conv, got {conv}")
+            raise ValueError(f"{type(self).__name__} needs a depthwise, undilated, zero-padded conv, got {conv}")
         self.kernel_size, self.stride, self.padding = conv.kernel_size, conv.stride, conv.padding
+        bias = conv.bias.detach().clone() if conv.bias is not None else torch.zeros(conv.out_channels)
+        self.bias = nn.Parameter(bias, requires_grad=False)
+
+
+class DepthwiseTaps(DepthwiseRewrite):
+    """A depthwise conv computed as a sum over its k*k taps of shifted input slices times per-channel weights.
+
+    Same outputs as the conv. Inductor fuses the taps, bias and residual into one vectorised loop over
+    channels-last memory instead of a oneDNN call per conv (README, performance: the levers).
+    """
+
+    def __init__(self, conv: nn.Conv2d):
+        super().__init__(conv)
         # (taps, channels): each tap's weights contiguous, so they load as one vector
         self.taps = nn.Parameter(conv.weight.detach().flatten(1).T.contiguous(), requires_grad=False)
-        bias = conv.bias.detach().clone() if conv.bias is not None else torch.zeros_like(self.taps[0])
-        self.bias = nn.Parameter(bias, requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         (kh, kw), (sh, sw), (ph, pw) = self.kernel_size, self.stride, self.padding
@@ -89,7 +96,7 @@ class DepthwiseTaps(nn.Module):
         return out
 
 
-class DepthwiseUnfold(nn.Module):
+class DepthwiseUnfold(DepthwiseRewrite):
     """A depthwise conv computed as a sum over each output position's k*k input window, the windows taken as an
     unfolded view of the channels-last input.
 
@@ -98,16 +105,9 @@ class DepthwiseUnfold(nn.Module):
     50 us here, which the 24 small 5x5 query convs of M0 pay at every forward; README, performance).
     """
 
-    fits = staticmethod(DepthwiseTaps.fits)
-
     def __init__(self, conv: nn.Conv2d):
-        super().__init__()
-        if not self.fits(conv):
-            raise ValueError(f"DepthwiseUnfold needs a depthwise, undilated, zero-padded conv, got {conv}")
-        self.kernel_size, self.stride, self.padding = conv.kernel_size, conv.stride, conv.padding
+        super().__init__(conv)
         self.weight = nn.Parameter(conv.weight.detach()[:, 0].clone(), requires_grad=False)  # (C, kh, kw)
-        bias = conv.bias.detach().clone() if conv.bias is not None else torch.zeros(conv.out_channels)
-        self.bias = nn.Parameter(bias, requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         (kh, kw), (sh, sw), (ph, pw) = self.kernel_size, self.stride, self.padding
@@ -128,7 +128,7 @@ def for_inductor(model: nn.Module, pointwise: bool = True, depthwise_kernels: tu
             for_inductor(child, pointwise, depthwise_kernels, unfold_kernels)
         elif pointwise and PointwiseLinear.fits(child):
             model.add_module(name, PointwiseLinear(child))
-        elif DepthwiseTaps.fits(child) and child.kernel_size[0] == child.kernel_size[1]:
+        elif DepthwiseRewrite.fits(child) and child.kernel_size[0] == child.kernel_size[1]:
             if child.kernel_size[0] in depthwise_kernels:
                 model.add_module(name, DepthwiseTaps(child))
             elif child.kernel_size[0] in unfold_kernels:
