@@ -39,6 +39,7 @@ from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import flop_registry
 
 from evit.io import save_figure, write_csv
+from experiments.benchmark import synchronizer
 from experiments.models import model_img_size
 from experiments.train import USER_ERRORS, build_model
 
@@ -199,7 +200,7 @@ def profile_times(fn: Callable[[], object], iters: int, device: str, known: Coll
     for op, arity, _ in known:
         arities[op].add(arity)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    sync = synchronizer(device)
     with torch.no_grad(), profile(activities=activities, record_shapes=True) as prof:
         for _ in range(iters):
             fn()
@@ -243,7 +244,7 @@ def _best_seconds(fn: Callable[[], object], sync: Callable[[], None], seconds: f
 
 def measure_peaks(device: str = "cpu", seconds: float = 0.5) -> tuple[float, float]:
     """(peak GFLOP/s, peak GB/s) with the current thread count: the best of repeated fp32 matmuls and copies."""
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    sync = synchronizer(device)
     n = 4096 if device == "cuda" else 1024
     a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
     gflops = 2 * n ** 3 / _best_seconds(lambda: a @ b, sync, seconds) / 1e9

@@ -138,7 +138,8 @@ def for_inductor(model: nn.Module, pointwise: bool = True, depthwise_kernels: tu
 
 class Compiled(nn.Module):
     """A torch.compile'd model that always runs under inference_mode with the inductor settings of `deploy`, and
-    under autocast if `amp`."""
+    under autocast if `amp`. `cuda_graphs` (CUDA only): replay each forward as one CUDA graph (inductor's
+    cudagraph trees), which removes the per-kernel launch cost that dominates small batches on a GPU."""
 
     # Freezing must be on while dynamo traces, not only as a compile option: only then are the parameters
     # static, folded into constants and the convs/GEMMs prepacked with fused epilogues. The C++ wrapper calls
@@ -147,12 +148,17 @@ class Compiled(nn.Module):
     # On a GPU at the paper's batch (2048) launches are amortised, and the C++ wrapper would cost a CUDA C++ build.
     CUDA_INDUCTOR_SETTINGS = {"freezing": True}
 
-    def __init__(self, model: nn.Module, settings: Optional[dict[str, Any]] = None, amp: bool = False):
+    def __init__(self, model: nn.Module, settings: Optional[dict[str, Any]] = None, amp: bool = False,
+                 cuda_graphs: bool = False):
         super().__init__()
         on_cuda = any(p.is_cuda for p in model.parameters())
-        self.settings = settings if settings is not None else (
-            self.CUDA_INDUCTOR_SETTINGS if on_cuda else self.INDUCTOR_SETTINGS)
-        self.amp = amp
+        if cuda_graphs and not on_cuda:
+            raise ValueError("cuda_graphs=True needs the model on a CUDA device (CUDA graphs do not exist on CPU)")
+        self.settings = dict(settings if settings is not None else (
+            self.CUDA_INDUCTOR_SETTINGS if on_cuda else self.INDUCTOR_SETTINGS))
+        if cuda_graphs:
+            self.settings["triton.cudagraphs"] = True
+        self.amp, self.cuda_graphs = amp, cuda_graphs
         self.compiled = torch.compile(model, dynamic=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -160,12 +166,14 @@ class Compiled(nn.Module):
 
         # patched on every call so that a recompile (new batch size or memory format) gets the same settings
         with torch.inference_mode(), config.patch(self.settings), torch.autocast(x.device.type, enabled=self.amp):
-            return self.compiled(x)
+            out = self.compiled(x)
+        # a graph replay writes its output into the same memory each time: the caller gets its own copy
+        return out.clone() if self.cuda_graphs else out
 
 
 @torch.no_grad()
 def deploy(model: nn.Module, example_input: torch.Tensor, channels_last: bool = True,
-           backend: str = "compile", amp: bool = False) -> nn.Module:
+           backend: str = "compile", amp: bool = False, cuda_graphs: bool = False) -> nn.Module:
     """The fastest inference path measured here: `fuse`, channels-last memory format (oneDNN's depthwise and
     1x1 convs run faster on NHWC), then
 
@@ -178,6 +186,7 @@ def deploy(model: nn.Module, example_input: torch.Tensor, channels_last: bool = 
     On a GPU the model runs where `model` and `example_input` are, compiled with freezing only
     (`Compiled.CUDA_INDUCTOR_SETTINGS`). `amp`: run under torch.autocast (float16 on CUDA, bfloat16 on CPU), as the
     paper's GPU measurement does; outputs are then in that precision, no longer within 1e-4 of float32.
+    `cuda_graphs` (backend 'compile' on CUDA): each forward replays one CUDA graph, for small-batch latency.
 
     The result is specialised to `example_input`'s spatial size (the window layout is fixed); other batch
     sizes work (compile recompiles once per new size). Channels-last inputs run fastest; NCHW inputs give the
@@ -185,6 +194,9 @@ def deploy(model: nn.Module, example_input: torch.Tensor, channels_last: bool = 
     """
     if backend not in DEPLOY_BACKENDS:
         raise ValueError(f"unknown deploy backend '{backend}'; valid: {', '.join(DEPLOY_BACKENDS)}")
+    if cuda_graphs and (backend != "compile" or example_input.device.type != "cuda"):
+        raise ValueError(f"cuda_graphs=True needs backend='compile' and a CUDA example_input, not backend "
+                         f"'{backend}' on {example_input.device.type}")
     if backend == "compile" and not have_cxx_compiler():
         warnings.warn("evit.deploy: no C++ compiler found for torch.compile; using backend='trace'")
         backend = "trace"
@@ -194,7 +206,7 @@ def deploy(model: nn.Module, example_input: torch.Tensor, channels_last: bool = 
         example_input = example_input.contiguous(memory_format=torch.channels_last)
     if backend == "trace":
         return torch.jit.freeze(trace(model, example_input, amp))
-    compiled = Compiled(for_inductor(model), amp=amp)
+    compiled = Compiled(for_inductor(model), amp=amp, cuda_graphs=cuda_graphs)
     compiled(example_input)  # compile now, not on the user's first call
     return compiled
 

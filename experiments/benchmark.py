@@ -44,6 +44,13 @@ BACKENDS = ("eager", "trace", "compile", "onnxruntime")
 ONNX_VARIANT = "onnxruntime (evit folded export)"  # the reference row of the fast-path and lever tables
 # The paper's own numbers (FACTS.md): V100 GPU throughput per preset, and M0 on CPU (PyTorch, ONNX).
 PAPER_CPU_M0 = {"trace": 228.4, "onnxruntime": 340.1}
+# The paper's main batch per device (GPU under AMP, CPU on one thread); the fast-path targets are set at it.
+MAIN_BATCH = {"cpu": 16, "cuda": 2048}
+
+
+def synchronizer(device: str) -> Callable[[], None]:
+    """What to call before reading a clock so that the device's queued work is counted."""
+    return torch.cuda.synchronize if device == "cuda" else (lambda: None)
 
 
 @dataclass
@@ -189,7 +196,7 @@ def benchmark_model(name: str, device: str = "cpu", batches: tuple[int, ...] = (
     flops_m = count_flops(model.cpu(), img_size) / 1e6
     model = model.to(device)
     amp = device == "cuda"
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    sync = synchronizer(device)
     rows = []
     for backend in backends:
         if backend == "onnxruntime" and device == "cuda":
@@ -235,18 +242,21 @@ def randomize_batchnorm_(model: nn.Module, seed: int = 0) -> nn.Module:
 def fast_path_table(presets: tuple[str, ...] = tuple(f"m{i}" for i in range(6)), batch: int = 16,
                     img_size: int = 224, warmup_s: float = 5.0, seconds: float = 10.0, repeats: int = 3,
                     with_compile: bool = False, deploy_backends: tuple[str, ...] = evit.DEPLOY_BACKENDS,
-                    device: str = "cpu", amp: Optional[bool] = None,
+                    device: str = "cpu", amp: Optional[bool] = None, cuda_graphs: bool = False,
                     on_preset: Optional[Callable[[pd.DataFrame], None]] = None) -> pd.DataFrame:
     """evit's deploy path against timm's port given the same weights: throughput ratios to timm eager, and
     the largest output difference to timm's float32 outputs (must stay <= 1e-4 without AMP; BatchNorm randomized
     so that outputs are O(1)). `deploy_backends=("trace",)` skips compiling (about a minute per preset on CPU).
     `amp` (default: on CUDA, as the paper measures GPUs) runs every variant under autocast; ONNX Runtime (its
-    CPU build, float32) is timed on CPU without AMP only. `on_preset` gets the table so far after each preset
-    (to save it: a run stopped midway keeps the presets it finished)."""
+    CPU build, float32) is timed on CPU without AMP only. `cuda_graphs` (CUDA only) adds evit.deploy replayed
+    as CUDA graphs. `on_preset` gets the table so far after each preset (to save it: a run stopped midway keeps
+    the presets it finished)."""
     import timm
 
     amp = device == "cuda" if amp is None else amp
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    if cuda_graphs and device != "cuda":
+        raise ValueError(f"cuda_graphs=True needs device='cuda', not '{device}'")
+    sync = synchronizer(device)
     rows = []
     for preset in presets:
         reference = randomize_batchnorm_(timm.create_model(f"efficientvit_{preset}").eval()).to(device)
@@ -255,6 +265,8 @@ def fast_path_table(presets: tuple[str, ...] = tuple(f"m{i}" for i in range(6)),
         x = torch.randn(batch, 3, img_size, img_size, device=device)
         x_cl = x.contiguous(memory_format=torch.channels_last)
         deployed = {f"evit.deploy ({b})": evit.deploy(ours, x, backend=b, amp=amp) for b in deploy_backends}
+        if cuda_graphs:
+            deployed["evit.deploy (compile + CUDA graphs)"] = evit.deploy(ours, x, amp=amp, cuda_graphs=True)
         with torch.inference_mode():
             expected = reference(x)
             diffs = {name: float((fast(x_cl).float() - expected).abs().max()) for name, fast in deployed.items()}
@@ -394,6 +406,8 @@ def main(argv: Optional[list[str]] = None) -> pd.DataFrame:
                         help="compare evit.deploy with timm's port (eager, official trace, ONNX Runtime) for the "
                              "evit presets among --models (all six by default) and print the ratios")
     parser.add_argument("--with-compile", action="store_true", help="add torch.compile of timm's port to --fast-path")
+    parser.add_argument("--cuda-graphs", action="store_true",
+                        help="add evit.deploy replayed as CUDA graphs to --fast-path (CUDA only; small batches)")
     parser.add_argument("--levers", action="store_true",
                         help="add evit.deploy's levers one at a time on the first evit preset among --models (M0 by "
                              "default), beside timm eager and ONNX Runtime; writes levers_<device>.csv")
@@ -402,6 +416,8 @@ def main(argv: Optional[list[str]] = None) -> pd.DataFrame:
 
     if args.levers and args.device != "cpu":
         sys.exit("error: --levers measures the CPU inference path (ONNX Runtime's CPU build); use --device cpu")
+    if args.cuda_graphs and (args.device != "cuda" or not args.fast_path):
+        sys.exit("error: --cuda-graphs adds a --fast-path variant on the GPU; use it with --fast-path --device cuda")
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("error: --device cuda asked but no CUDA GPU is visible to torch; use --device cpu")
     backends = tuple(args.backends.split(",")) if args.backends else (
@@ -412,7 +428,7 @@ def main(argv: Optional[list[str]] = None) -> pd.DataFrame:
     if args.quick:
         args.warmup, args.seconds, args.repeats = 1.0, 1.0, 3
     torch.set_num_threads(args.threads)
-    default_batch = 2048 if args.device == "cuda" else 16
+    default_batch = MAIN_BATCH[args.device]
     main_batch = args.batch or default_batch
     machine = describe_machine(args.device, args.threads)
     print(f"machine: {machine}")
@@ -438,7 +454,7 @@ def main(argv: Optional[list[str]] = None) -> pd.DataFrame:
 
         df = fast_path_table(presets or tuple(f"m{i}" for i in range(6)), main_batch, args.img_size,
                              args.warmup, args.seconds, args.repeats, args.with_compile, device=args.device,
-                             on_preset=save).assign(machine=machine)
+                             cuda_graphs=args.cuda_graphs, on_preset=save).assign(machine=machine)
         print(df[["model", "variant", "throughput", "ratio_vs_timm_eager", "ratio_vs_onnxruntime",
                   "max_abs_diff_vs_timm"]].to_string(
             index=False, float_format=lambda v: f"{v:.3g}"))

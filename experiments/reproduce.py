@@ -21,7 +21,7 @@ from typing import Callable, Optional
 import numpy as np
 import pandas as pd
 
-from evit.io import write_text
+from evit.io import save_figure, write_text
 
 RESULTS = Path("results")
 SCALES = ("quick", "standard", "paper")
@@ -102,9 +102,11 @@ def _head_similarity(out: Path, opts: argparse.Namespace) -> None:
     # Proxy scales: trained proxies on Fashion-MNIST. Paper: ImageNet weights on ImageNet validation images.
     data = (["--weights", BUDGETS[opts.scale]["weights"]] + BUDGETS[opts.scale]["head_similarity"]
             if opts.scale in BUDGETS else ["--weights", "pretrained", "--data", opts.data, "--num-images", "256"])
-    folder = ["--out", str(out / "head_similarity")]
-    head_similarity.main(["--model", f"{models['deit']},{models['swin']}"] + data + folder)
-    head_similarity.main(["--model", f"{models['deit']},{models['evit']}"] + data + folder)
+    folder = out / "head_similarity"
+    # the paper's two comparisons, MHSA (DeiT vs Swin) and DeiT vs cascaded group attention; DeiT computed once
+    deit, _ = head_similarity.main(["--model", f"{models['deit']},{models['swin']}", "--out", str(folder)] + data)
+    (evit,) = head_similarity.main(["--model", models["evit"], "--out", str(folder)] + data)
+    save_figure(head_similarity.plot([deit, evit]), folder / f"{deit.model.iat[0]}_vs_{evit.model.iat[0]}.png")
 
 
 def _taylor_prune(out: Path, opts: argparse.Namespace) -> None:
@@ -361,6 +363,8 @@ def _attention_blocks(out: Path, model: str) -> str:
 
 
 def _section_benchmark(out: Path) -> Optional[str]:
+    from experiments.benchmark import MAIN_BATCH
+
     folder = out / "benchmark"
     text = ""
     for path in sorted(folder.glob("*.csv")) if folder.is_dir() else []:
@@ -377,7 +381,7 @@ def _section_benchmark(out: Path) -> Optional[str]:
         df = pd.read_csv(path)
         device = path.stem.removeprefix("fast_path_").split("_batch")[0].replace("cpu", "CPU")
         on_gpu = device.startswith("cuda")
-        main_batch = df.batch.iloc[0] == (2048 if on_gpu else 16)  # the batch the targets are set for
+        main_batch = df.batch.iloc[0] == MAIN_BATCH["cuda" if on_gpu else "cpu"]  # the targets are set at it
         amp = " under AMP" if on_gpu else ""
         pivot = df.pivot(index="model", columns="variant", values="ratio_vs_timm_eager").reset_index()
         text += (f"## Fast path: evit.deploy vs timm's port ({device}, batch {df.batch.iloc[0]}{amp}"

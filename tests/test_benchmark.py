@@ -55,6 +55,7 @@ def test_cli_writes_csv_with_documented_columns(tmp_path):
     (["--models", "evit_m9"], "unknown model 'evit_m9'"),
     (["--models", "evit_m0", "--backends", "tensorrt"], "unknown backend(s) tensorrt"),
     (["--levers", "--device", "cuda"], "--levers measures the CPU inference path"),
+    (["--fast-path", "--cuda-graphs"], "--cuda-graphs adds a --fast-path variant on the GPU"),
 ])
 def test_cli_errors_are_one_clear_line(argv, message, tmp_path):
     with pytest.raises(SystemExit) as exc:
@@ -92,6 +93,8 @@ def test_fast_path_table_matches_timm_and_rates_against_onnxruntime():
     assert rows.loc[benchmark.ONNX_VARIANT, "ratio_vs_onnxruntime"] == pytest.approx(1.0)
     assert rows.loc["timm eager", "ratio_vs_timm_eager"] == pytest.approx(1.0)
     assert (df.throughput > 0).all()
+    with pytest.raises(ValueError, match="cuda_graphs=True needs device='cuda', not 'cpu'"):
+        benchmark.fast_path_table(("m0",), cuda_graphs=True)
 
 
 def test_fast_path_table_under_amp_and_its_report_section(tmp_path):

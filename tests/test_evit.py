@@ -117,6 +117,10 @@ def test_deploy_path_equals_unfused_model(backend):
         torch.testing.assert_close(fast(x), expected, atol=1e-4, rtol=0)
     with pytest.raises(ValueError, match="valid: compile, trace"):
         evit.deploy(model, x, backend="onnx")
+    with pytest.raises(ValueError, match="cuda_graphs=True needs backend='compile' and a CUDA example_input"):
+        evit.deploy(model, x, backend=backend, cuda_graphs=True)
+    with pytest.raises(ValueError, match="CUDA graphs do not exist on CPU"):
+        evit.fast_path.Compiled(model, cuda_graphs=True)
 
 
 @pytest.mark.parametrize("kernel, stride, size", [(3, 1, 7), (3, 2, 14), (5, 1, 4), (3, 1, 5), (7, 1, 7), (5, 2, 9)])
