@@ -1,11 +1,12 @@
 """Attention-head similarity (paper Fig. 4): how alike are the heads of each block?
 
-For every block and head: the maximum cosine similarity of the head's attention map (flattened N x N, per
-image and per window) to the other heads of the block, averaged over images and windows. Reported raw (the
-paper's measure) and centred (each query's uniform distribution over the keys it can see, 1/N unless Swin's
-shifted-window mask hides some, removed first: near-uniform maps, as at random init, give raw ~0.999 for every
-pair), next to a random-init baseline of the same architecture over several seeds (mean, std). Blocks whose
-window holds a single token get NaN.
+For every attention site (a module that ran softmax attention: a block's attention, a LeViT downsampling
+attention, a CaiT class attention) and head: the maximum cosine similarity of the head's attention map (flattened
+Nq x Nk, per image and per window) to the other heads of the site, averaged over images and windows. Reported
+raw (the paper's measure) and centred (each query's uniform distribution over the keys it can see, 1/Nk unless a
+mask hides some, as Swin's shifted windows do, removed first: near-uniform maps, as at random init, give raw
+~0.999 for every pair), next to a random-init baseline of the same architecture over several seeds (mean, std).
+Sites whose queries see a single key get NaN. Maps are read from any family by analysis.attention_capture.
 
     python -m analysis.head_similarity --model deit_tiny --weights pretrained
     python -m analysis.head_similarity --model deit_proxy,swin_proxy        # trained proxies, side by side
@@ -23,7 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from analysis.attention_capture import CapturedMaps, UnsupportedModelError, capture_attention
+from analysis.attention_capture import CapturedMaps, UnsupportedModelError, capture_attention, find_attention
 from evit.io import save_figure, write_csv
 from experiments.data import ArrayDataset, image_folder, load_digits_split, load_fashion_mnist, parse_spec, subset
 from experiments.models import is_config_file, model_img_size
@@ -82,30 +83,40 @@ def _sums(captured: CapturedMaps) -> dict[str, torch.Tensor]:
 
 @torch.no_grad()
 def head_similarity(model: nn.Module, images: torch.Tensor, batch_size: int = 16) -> pd.DataFrame:
-    """One row per (block, head) of `model`: its maximum raw and centred cosine similarity to another head of
-    the block, averaged over `images` and windows, and the head it resembles most (by mean centred similarity).
-    Blocks attending over a single token get NaN (one key: every map is 1).
+    """One row per (attention site, head) of `model`: its maximum raw and centred cosine similarity to another
+    head of the site, averaged over `images` and windows, the head it resembles most (by mean centred
+    similarity), and the site's layout (heads, query and key tokens, maps per image). Sites attending over a
+    single key get NaN (one key: every map is 1).
     """
     model.eval()
     sums: dict[str, dict[str, torch.Tensor]] = {}
-    tokens: dict[str, int] = {}
-    with capture_attention(model) as sites:
+    layouts: dict[str, torch.Size] = {}
+    with capture_attention(model) as capture:
         for batch in images.split(batch_size):  # reduce per batch: all maps of all images would not fit
             model(batch)
-            for site in sites:
-                captured = site.take()
-                new, old = _sums(captured), sums.get(site.name)
-                sums[site.name] = new if old is None else {k: old[k] + v for k, v in new.items()}
-                tokens[site.name] = captured.maps.shape[-1]
+            for name, captured in capture.take().items():
+                new, old = _sums(captured), sums.get(name)
+                sums[name] = new if old is None else {k: old[k] + v for k, v in new.items()}
+                layouts[name] = captured.maps.shape[1:]
+        module_types = {name: type(site.module).__name__ for name, site in capture.sites.items()}
     rows = []
-    for block, site in enumerate(sites):
-        acc, n, count = sums[site.name], tokens[site.name], int(sums[site.name]["count"])
-        closest = most_similar(acc["pairs"] / count) if n > 1 else [None] * site.num_heads
-        for head in range(site.num_heads):
-            metrics = {m: float(acc[m][head] / count) if n > 1 else float("nan") for m in METRICS}
-            rows.append(dict(block=block, module=site.name, head=head, num_heads=site.num_heads, tokens=n,
-                             maps_per_image=count // len(images), **metrics, most_similar_head=closest[head]))
+    for block, (name, acc) in enumerate(sums.items()):
+        (heads, queries, keys), count = layouts[name], int(acc["count"])
+        closest = most_similar(acc["pairs"] / count) if keys > 1 else [None] * heads
+        for head in range(heads):
+            metrics = {m: float(acc[m][head] / count) if keys > 1 else float("nan") for m in METRICS}
+            rows.append(dict(block=block, module=name, module_type=module_types[name], head=head, num_heads=heads,
+                             query_tokens=queries, key_tokens=keys, maps_per_image=count // len(images),
+                             **metrics, most_similar_head=closest[head]))
     return pd.DataFrame(rows)
+
+
+def check_readable(model: nn.Module, img_size: int) -> None:
+    """Fail fast (UnsupportedModelError) unless one forward of one image shows a site with two or more heads."""
+    sites = find_attention(model, torch.zeros(1, 3, img_size, img_size))
+    if all(captured.maps.shape[1] < 2 for captured in sites.values()):
+        raise UnsupportedModelError(f"every softmax attention of {type(model).__name__} has a single head "
+                                    f"({', '.join(sites)}): head similarity compares the heads of a block")
 
 
 # ------------------------------------------------------------------------------------------- models and data
@@ -244,6 +255,9 @@ def main(argv: Optional[Sequence[str]] = None) -> list[pd.DataFrame]:
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     try:
+        for name in args.models:  # every model's maps are readable before any long work starts
+            model = random_model(name)
+            check_readable(model, args.img_size or model_img_size(model))
         frames = []
         for name in args.models:
             df = run(name, args.weights, args.data, args.num_images, args.batch, args.seeds, args.img_size,

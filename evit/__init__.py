@@ -11,7 +11,6 @@ from .config import PAPER, PRESETS, ConfigError, EfficientViTConfig, get_preset
 from .convert import from_official, from_timm, load_checkpoint, to_official, to_timm
 from .fast_path import DEPLOY_BACKENDS, deploy
 from .efficientvit import (
-    AttentionProbe,
     CascadedGroupAttention,
     EfficientViT,
     EfficientViTBlock,
@@ -23,7 +22,7 @@ from .efficientvit import (
 __all__ = [
     "PAPER", "PRESETS", "ConfigError", "EfficientViTConfig", "get_preset",
     "from_official", "from_timm", "load_checkpoint", "to_official", "to_timm",
-    "AttentionProbe", "CascadedGroupAttention", "EfficientViT", "EfficientViTBlock", "MultiHeadSelfAttention",
+    "CascadedGroupAttention", "EfficientViT", "EfficientViTBlock", "MultiHeadSelfAttention",
     "DEPLOY_BACKENDS", "create_evit", "deploy", "fuse",
 ]
 __version__ = "0.1.0"

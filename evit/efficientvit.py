@@ -98,17 +98,6 @@ class ConvMlp(nn.Module):
         return self.pw2(self.act(self.pw1(x)))
 
 
-class AttentionProbe(nn.Identity):
-    """Identity that every attention module passes its softmax maps through, so hooks can read them.
-
-    MHSA calls it once with maps of shape (B, heads, N, N); CGA calls it once per head, in head order,
-    with maps of shape (B, N, N) and ``head=i``. B counts windows.
-    """
-
-    def forward(self, attn: torch.Tensor, head: Optional[int] = None) -> torch.Tensor:
-        return attn
-
-
 class RelativeBiasAttention(nn.Module):
     """Shared machinery of CGA and MHSA: sizes, output projection, and a learned bias per head and |dy|,|dx|
     offset (LeViT) in a window."""
@@ -125,7 +114,6 @@ class RelativeBiasAttention(nn.Module):
         self.proj = nn.Sequential(act_layer(), ConvNorm(v_dim * num_heads, dim, norm=norm, norm_init=0.0))
         self.attention_biases = nn.Parameter(torch.zeros(num_heads, resolution * resolution))
         self.register_buffer("attention_bias_idxs", self._bias_index(resolution), persistent=False)
-        self.attn_probe = AttentionProbe()
         self.deploy = False
 
     @staticmethod
@@ -194,7 +182,7 @@ class CascadedGroupAttention(RelativeBiasAttention):
             q = dw(q)
             q, k, v = q.flatten(2), k.flatten(2), v.flatten(2)
             attn = (q * self.scale).transpose(-2, -1) @ k + bias[i]
-            attn = self.attn_probe(attn.softmax(dim=-1), head=i)
+            attn = attn.softmax(dim=-1)
             feat = (v @ attn.transpose(-2, -1)).view(B, self.val_dim, H, W)
             outputs.append(feat)
         return self.proj(torch.cat(outputs, dim=1))
@@ -226,7 +214,7 @@ class MultiHeadSelfAttention(RelativeBiasAttention):
         k = k.reshape(B, nh, kd, H * W)
         v = v.reshape(B, nh, vd, H * W)
         attn = (q * self.scale).transpose(-2, -1) @ k + self.attention_bias()
-        attn = self.attn_probe(attn.softmax(dim=-1))
+        attn = attn.softmax(dim=-1)
         out = v @ attn.transpose(-2, -1)
         return self.proj(out.reshape(B, nh * vd, H, W))
 

@@ -8,8 +8,8 @@ from timm.models.swin_transformer import SwinTransformer
 from timm.models.vision_transformer import VisionTransformer
 
 import evit  # noqa: F401  (registers evit_custom)
-from analysis.attention_capture import TIMM_ATTENTION, UnsupportedModelError, capture_attention, find_attention
-from analysis.head_similarity import head_similarity, main, max_other, pairwise_cosine
+from analysis.attention_capture import UnsupportedModelError, capture_attention, find_attention
+from analysis.head_similarity import check_readable, head_similarity, main, max_other, pairwise_cosine
 
 EVIT_TINY = dict(img_size=64, embed_dims=(16,), depths=(1,), num_heads=(2,), key_dims=4, window_sizes=4,
                  kernels=(3, 3), num_classes=0)
@@ -94,43 +94,85 @@ def test_centring_over_visible_keys():
     (lambda: tiny_evit("mhsa"), 64, 1, 16)])
 def test_capture_shapes_and_softmax(make, size, windows, tokens):
     model = make()
-    with capture_attention(model) as sites:
+    with capture_attention(model) as capture:
         model(images(3, size))
-        for site in sites:
-            maps, visible = site.take()
-            assert maps.shape == (3 * windows, 2, tokens, tokens)
-            torch.testing.assert_close(maps.sum(-1), torch.ones(maps.shape[:-1]))
-            if visible is not None:  # Swin's shifted block: hidden keys get no attention
-                assert visible.shape == (3 * windows, 1, tokens, tokens) and not visible.all()
-                assert maps.masked_select(~visible).max() < 1e-30
+        captured = capture.take()
+    assert captured
+    for maps, visible in captured.values():
+        assert maps.shape == (3 * windows, 2, tokens, tokens)
+        torch.testing.assert_close(maps.sum(-1), torch.ones(maps.shape[:-1]))
+        if visible is not None:  # Swin's shifted block: hidden keys get no attention
+            assert visible.shape[0] == 3 * windows and not visible.all()
+            assert maps.masked_select(~visible.expand_as(maps)).max() < 1e-30
 
 
 def test_swin_shifted_windows_report_visible_keys():
     model = tiny_swin()
-    with capture_attention(model) as sites:
+    with capture_attention(model) as capture:
         model(images(1, 16))
-        assert [site.take().visible is None for site in sites] == [True, False]
+        assert [c.visible is None for c in capture.take().values()] == [True, False]
 
 
 @pytest.mark.parametrize("make", [tiny_vit, tiny_swin])
-def test_fused_attention_disabled_then_restored(make):
-    model = make()
-    modules = [m for m in model.modules() if isinstance(m, TIMM_ATTENTION)]
-    for m in modules:
-        m.fused_attn = True
-    expected = model(images(2, 16))
+def test_sdpa_maps_equal_the_explicit_path(make):
+    """With the fused path (F.scaled_dot_product_attention) the maps are computed from q, k, bias and mask; they
+    equal the explicit softmax path's, and the model's output is unchanged by the capture."""
+    model, x = make(), images(2, 16)
+    modules = [m for m in model.modules() if hasattr(m, "fused_attn")]
+    maps = {}
+    for fused in (True, False):
+        for m in modules:
+            m.fused_attn = fused
+        expected = model(x)
+        with capture_attention(model) as capture:
+            torch.testing.assert_close(model(x), expected, atol=0, rtol=0)
+            maps[fused] = capture.take()
+    assert maps[True].keys() == maps[False].keys()
+    for name, (sdpa, explicit) in enumerate(zip(maps[True].values(), maps[False].values())):
+        torch.testing.assert_close(sdpa.maps, explicit.maps, atol=1e-6, rtol=1e-5)
+        assert (sdpa.visible is None) == (explicit.visible is None)
+
+
+def test_sdpa_boolean_and_causal_masks_give_visible_keys():
+    class Causal(torch.nn.Module):
+        def forward(self, q, k, v, mask=None):
+            if mask is None:
+                return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+    q = k = v = torch.randn(2, 3, 5, 4)
+    model = Causal()
+    keep = torch.rand(5, 5) > 0.3
+    keep[:, 0] = True  # every query sees at least one key
+    for mask, expected in ((None, torch.ones(5, 5, dtype=torch.bool).tril()), (keep, keep)):
+        with capture_attention(model) as capture:
+            model(q, k, v, mask)
+            maps, visible = capture.take()[""]
+        assert maps.shape == (2, 3, 5, 5) and torch.equal(visible, expected.expand(2, 3, 5, 5))
+        assert maps.masked_select(~visible).abs().max() == 0
+
+
+def test_hooks_removed_after_an_error():
+    model = tiny_vit()
     with pytest.raises(KeyError):
         with capture_attention(model):
-            assert not any(m.fused_attn for m in modules)
-            torch.testing.assert_close(model(images(2, 16)), expected, atol=1e-5, rtol=1e-5)
-            raise KeyError("restored even after an error")
-    assert all(m.fused_attn for m in modules)
-    assert all(not m.attn_drop._forward_hooks for m in modules)
+            raise KeyError("removed even after an error")
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+    assert torch.overrides._get_current_function_mode() is None
 
 
-def test_model_without_attention_is_rejected():
-    with pytest.raises(UnsupportedModelError, match="no attention module"):
-        find_attention(torch.nn.Linear(2, 2))
+@pytest.mark.parametrize("model", [torch.nn.Conv2d(3, 4, 3), torch.nn.Sequential(torch.nn.Flatten(1),
+                                                                                     torch.nn.Softmax(-1))])
+def test_model_without_attention_is_rejected(model):
+    with pytest.raises(UnsupportedModelError, match="no softmax attention"):
+        find_attention(model, images(1, 8))
+
+
+def test_single_head_model_is_refused_by_head_similarity():
+    torch.manual_seed(0)
+    model = VisionTransformer(img_size=16, patch_size=4, embed_dim=8, depth=1, num_heads=1, num_classes=0)
+    with pytest.raises(UnsupportedModelError, match="single head"):
+        check_readable(model, 16)
 
 
 # ------------------------------------------------------------------------------------------ planted truth
@@ -139,6 +181,106 @@ def test_model_without_attention_is_rejected():
 def copy_rows(tensor: torch.Tensor, src: slice, dst: slice) -> None:
     with torch.no_grad():
         tensor[dst] = tensor[src]
+
+
+def assert_identical_heads(model: torch.nn.Module, size: int, sites: int) -> pd.DataFrame:
+    """Every site of `model` has two heads planted identical: both similarities are 1, each head's closest
+    head is the other."""
+    df = head_similarity(model.eval(), images(3, size), batch_size=3)
+    assert df.module.nunique() == sites and (df.num_heads == 2).all()
+    assert df.max_cos_raw.to_numpy() == pytest.approx(1, abs=1e-6)
+    assert df.max_cos_centred.to_numpy() == pytest.approx(1, abs=1e-5)
+    assert df.most_similar_head.tolist() == [1, 0] * sites
+    return df
+
+
+def copy_head(module: torch.nn.Module, width: int, offset: int = 0) -> None:
+    """Plant head 1 = head 0 in a projection: rows [offset, offset + width) of every parameter and buffer of
+    `module` whose first dim is its output (Linear weight/bias, BatchNorm affine and running statistics) are copied
+    to the next `width` rows."""
+    outputs = next(p.shape[0] for p in module.parameters())
+    for tensor in (*module.parameters(), *module.buffers()):
+        if tensor.dim() and tensor.shape[0] == outputs:
+            copy_rows(tensor, slice(offset, offset + width), slice(offset + width, offset + 2 * width))
+
+
+def test_identical_heads_swin_v1_shifted_windows_with_bias():
+    model = tiny_swin()  # window attention, relative position bias, the second block's windows shifted (masked)
+    for block in model.layers[0].blocks:
+        attn, dim = block.attn, block.attn.qkv.in_features
+        for offset in (0, dim):  # q, then k
+            copy_head(attn.qkv, dim // 2, offset)
+        copy_rows(attn.relative_position_bias_table.T, 0, 1)
+    df = assert_identical_heads(model, 16, sites=2)
+    assert df.maps_per_image.tolist() == [4] * 4 and (df.key_tokens == 16).all()
+
+
+def test_identical_heads_swin_v2_cosine_attention_and_continuous_bias():
+    from timm.models.swin_transformer_v2 import SwinTransformerV2
+
+    torch.manual_seed(0)
+    model = SwinTransformerV2(img_size=16, patch_size=2, window_size=4, embed_dim=8, depths=(2,), num_heads=(2,),
+                              num_classes=0)
+    for block in model.layers[0].blocks:
+        attn, dim = block.attn, block.attn.qkv.in_features
+        for offset in (0, dim):
+            copy_head(attn.qkv, dim // 2, offset)
+        for p in (attn.q_bias, attn.k_bias, attn.logit_scale, attn.cpb_mlp[2].weight):
+            copy_rows(p, slice(0, p.shape[0] // 2), slice(p.shape[0] // 2, None))
+    assert_identical_heads(model, 16, sites=2)
+
+
+def test_identical_heads_pvt_v2_spatial_reduction():
+    from timm.models.pvt_v2 import PyramidVisionTransformerV2
+
+    torch.manual_seed(0)  # 32 px: 8x8 queries; keys through a stride-2 reduction conv and its norm: 4x4
+    model = PyramidVisionTransformerV2(depths=(1,), embed_dims=(16,), num_heads=(2,), sr_ratios=(2,),
+                                       mlp_ratios=(2,), num_classes=0)
+    attn = model.stages[0].blocks[0].attn
+    copy_head(attn.q, 8)
+    copy_head(attn.kv, 8)  # the k half comes first
+    df = assert_identical_heads(model, 32, sites=1)
+    assert (df.query_tokens == 64).all() and (df.key_tokens == 16).all()
+
+
+def test_identical_heads_levit_attention_biases_and_stride_2_attention():
+    from timm.models.levit import Levit
+
+    torch.manual_seed(0)  # 64 px: 4x4 tokens, a stride-2 attention to 2x2, 2 heads everywhere
+    model = Levit(img_size=64, embed_dim=(16, 32), key_dim=8, depth=(1, 1), num_heads=(2, 4), attn_ratio=2,
+                  mlp_ratio=2, num_classes=0)
+    downsample = model.stages[1].downsample.attn_downsample
+    assert downsample.num_heads == 2
+    for attn in (model.stages[0].blocks[0].attn, downsample):
+        if attn is downsample:  # q from its own subsampled projection, k/v per head chunks of key + value dims
+            copy_head(attn.q.ln.linear, attn.key_dim)
+            copy_head(attn.q.ln.bn, attn.key_dim)
+            chunk = attn.key_dim + attn.val_dim
+        else:  # q/k/v per head chunks of 2 key dims + value dims
+            chunk = 2 * attn.key_dim + attn.val_dim
+        for projection in (attn.kv if attn is downsample else attn.qkv).children():
+            copy_head(projection, chunk)
+        copy_rows(attn.attention_biases, 0, 1)
+    model.stages[1].blocks[0].attn.attention_biases.data.zero_()
+    df = head_similarity(model.eval(), images(3, 64), batch_size=3)
+    planted = df[df.module.isin(["stages.0.blocks.0.attn", "stages.1.downsample.attn_downsample"])]
+    assert len(planted) == 4 and planted.max_cos_raw.to_numpy() == pytest.approx(1, abs=1e-6)
+    assert planted.max_cos_centred.to_numpy() == pytest.approx(1, abs=1e-5)
+    assert planted.query_tokens.tolist() == [16, 16, 4, 4] and (planted.key_tokens == 16).all()
+
+
+def test_identical_heads_cait_talking_heads_and_class_attention():
+    from timm.models.cait import Cait
+
+    torch.manual_seed(0)
+    model = Cait(img_size=16, patch_size=4, embed_dim=16, depth=1, num_heads=2, depth_token_only=1, num_classes=0)
+    talking = model.blocks[0].attn  # the map read is the softmax between the two head-mixing projections:
+    copy_head(talking.proj_l, 1)    # equal mixing rows make it equal for both heads whatever q and k are
+    class_attn = model.blocks_token_only[0].attn
+    copy_head(class_attn.q, 8)
+    copy_head(class_attn.k, 8)
+    df = assert_identical_heads(model, 16, sites=2)
+    assert df.query_tokens.tolist() == [16, 16, 1, 1] and df.key_tokens.tolist() == [16, 16, 17, 17]
 
 
 def test_identical_heads_vit():
