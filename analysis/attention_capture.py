@@ -11,7 +11,7 @@ is an attention map, recorded under the innermost running module (``nn.Softmax``
 SDPA never materializes its map, so the map is computed explicitly from its q, k, scale and mask (the call itself
 still runs as it was, so the model's output is unchanged); no fused-attention switch is needed.
 
-Layout rules, the only place a family shows through (docs/head_similarity.md lists what each family gives):
+Layout rules, the only place a family shows through (docs/attention_maps.md lists what each family gives):
 - four or more dims: (..., heads, Nq, Nk); leading dims (batch, windows folded into the batch as Swin does, or
   kept apart as Twins does, MobileViT's patch positions) are folded into M maps per forward;
 - three dims: (M, Nq, Nk), one head per call, as in cascaded group attention (timm's ``efficientvit_m*``,
@@ -178,9 +178,9 @@ class AttentionCapture:
         Raises UnsupportedModelError when the model ran no softmax attention."""
         if not self.sites:
             raise UnsupportedModelError(
-                f"{type(self.model).__name__} has no softmax attention whose maps can be read (no module ran a "
-                f"softmax over keys or scaled_dot_product_attention): convolutional models and linear or ReLU "
-                f"attention (e.g. MIT's efficientvit_b*) have no attention maps")
+                f"{type(self.model).__name__} has no softmax attention whose maps can be read: no module ran a "
+                f"softmax over keys or scaled_dot_product_attention (convolutional models and linear or ReLU "
+                f"attention, e.g. MIT's efficientvit_b*, have no attention maps)")
         masks, self.window_masks = self.window_masks, {}
         return {name: site.take(masks.get(site.module)) for name, site in self.sites.items() if site.maps}
 

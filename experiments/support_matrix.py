@@ -1,0 +1,212 @@
+"""Which timm model families each analysis can read: a support matrix computed by running the analyses.
+
+    python -m experiments.support_matrix                       # every family, every analysis
+    python -m experiments.support_matrix --out results/support --readme README.md   # and the README's table
+
+One model per family (the smallest timm ships), random weights, a couple of Fashion-MNIST validation images at the
+model's own resolution. A cell is `yes: <what was read>`, `no: <the analysis's own refusal>` (a clean, one-line
+error a user would also get) or `fails: <exception>` (a crash: a bug to fix, not a limit). The figures of the
+analyses are not computed here, only whether and how each one reads the model:
+- op_profile: one profiled forward of one image (work counted, times attributed; peaks fixed, not measured);
+- head_similarity: head similarity over the images (sites and heads read);
+- taylor_prune: the pruning groups found (Q/K, V, FFN hidden, widths).
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from pathlib import Path
+from typing import Callable, NamedTuple, Optional, Sequence
+
+import pandas as pd
+import torch
+import torch.nn as nn
+
+from analysis.attention_capture import UnsupportedModelError
+from evit.io import write_csv, write_text
+from experiments.models import create_model, model_img_size
+
+
+class Family(NamedTuple):
+    name: str
+    model: str  # a timm name (or evit's), the family's smallest
+    attention: str  # what its attention is, in a few words
+    heads: bool = True  # softmax attention with several heads per block: head similarity must read it
+
+
+FAMILIES = (
+    Family("ViT", "vit_tiny_patch16_224", "global MHSA"),
+    Family("DeiT", "deit_tiny_patch16_224", "global MHSA"),
+    Family("DeiT distilled", "deit_tiny_distilled_patch16_224", "global MHSA, class + distillation tokens"),
+    Family("DeiT-III", "deit3_small_patch16_224", "global MHSA, layer scale"),
+    Family("CaiT", "cait_xxs24_224", "talking heads, class attention"),
+    Family("EVA-02", "eva02_tiny_patch14_224", "rotary MHSA, SwiGLU FFN"),
+    Family("BEiT", "beit_base_patch16_224", "MHSA with relative position bias"),
+    Family("XCiT", "xcit_nano_12_p16_224", "cross-covariance (channel) attention, class attention"),
+    Family("Swin v1", "swin_tiny_patch4_window7_224", "shifted-window MHSA, relative bias"),
+    Family("Swin v2", "swinv2_tiny_window8_256", "shifted-window cosine attention, continuous bias"),
+    Family("Swin v2 (cr)", "swinv2_cr_tiny_ns_224", "shifted-window cosine attention (second implementation)"),
+    Family("LeViT", "levit_128s", "Linear-BN attention with biases, stride-2 attention"),
+    Family("PVT-v2", "pvt_v2_b0", "spatial-reduction attention"),
+    Family("Twins-SVT", "twins_svt_small", "locally grouped + sub-sampled global attention"),
+    Family("Twins-PCPVT", "twins_pcpvt_small", "spatial-reduction attention"),
+    Family("MobileViT", "mobilevit_xxs", "MHSA over unfolded patches"),
+    Family("EfficientFormer-v2", "efficientformerv2_s0", "talking-head attention with biases, stride-2 attention"),
+    Family("EfficientViT (MSRA, timm)", "efficientvit_m0", "cascaded group attention (the paper's model)"),
+    Family("EfficientViT (evit)", "evit_m0", "cascaded group attention (this project's builder)"),
+    Family("MobileViT-v2", "mobilevitv2_050", "separable (linear) attention", heads=False),
+    Family("EfficientViT (MIT)", "efficientvit_b0", "ReLU linear attention", heads=False),
+    Family("ConvNeXt", "convnext_atto", "none (convolutions)", heads=False),
+    Family("ResNet", "resnet18", "none (convolutions)", heads=False),
+)
+ANALYSES = ("op_profile", "head_similarity", "taylor_prune")
+NUM_IMAGES = 2
+DEFAULT_OUT = "results/support"
+README_BEGIN, README_END = "<!-- support matrix: begin -->", "<!-- support matrix: end -->"
+
+
+def _op_profile(model: nn.Module, images: torch.Tensor) -> str:
+    from analysis.op_profile import profile_model
+
+    # Peaks given: the matrix asks whether a model can be profiled, not where this device's ridge lies.
+    profile = profile_model(model, example=images[:1], iters=1, warmup=1, peaks=(100.0, 10.0))
+    unclassified = f", unclassified ops: {', '.join(profile.unknown_ops)}" if profile.unknown_ops else ""
+    return f"{len(profile.signatures)} op signatures{unclassified}"
+
+
+def _head_similarity(model: nn.Module, images: torch.Tensor) -> str:
+    from analysis.head_similarity import check_readable, head_similarity
+
+    check_readable(model, images.shape[-1])
+    df = head_similarity(model, images, batch_size=len(images))
+    return f"{df.module.nunique()} sites, {len(df)} heads"
+
+
+def _taylor_prune(model: nn.Module, images: torch.Tensor) -> str:
+    from analysis.taylor_prune import prepare
+
+    return f"{len(prepare(model))} groups"  # last: it splits attention projections in place
+
+
+CHECKS: dict[str, Callable[[nn.Module, torch.Tensor], str]] = {
+    "op_profile": _op_profile, "head_similarity": _head_similarity, "taylor_prune": _taylor_prune}
+
+
+def _refusals() -> tuple[type[Exception], ...]:
+    """The clean, one-line errors the analyses give users for a model they cannot read."""
+    from analysis.op_profile import ProfileError
+    from analysis.taylor_prune import UnsupportedModelError as PruneUnsupported
+
+    return UnsupportedModelError, PruneUnsupported, ProfileError
+
+
+def support_cell(analysis: str, model: nn.Module, images: torch.Tensor) -> str:
+    """`yes: ...`, `no: <refusal>` or `fails: <exception>` for one analysis of one model."""
+    try:
+        return f"yes: {CHECKS[analysis](model, images)}"
+    except _refusals() as e:
+        return f"no: {e}"
+    except Exception as e:  # noqa: BLE001 -- a crash is what this cell reports, in one line
+        return f"fails: {type(e).__name__}: {e}"
+
+
+def family_row(family: Family, analyses: Sequence[str] = ANALYSES, data_dir: Optional[str] = None) -> dict:
+    """One family's cells, each analysis on its own fresh model (the pruner edits the model it reads)."""
+    from analysis.head_similarity import load_images
+
+    torch.manual_seed(0)
+    size = model_img_size(create_model(family.model))
+    images = load_images("fashion_mnist", size, NUM_IMAGES, data_dir)
+    row = dict(family=family.name, model=family.model, attention=family.attention, img_size=size)
+    for analysis in analyses:
+        torch.manual_seed(0)
+        row[analysis] = support_cell(analysis, create_model(family.model).eval(), images)
+    return row
+
+
+def support_matrix(families: Sequence[Family] = FAMILIES, analyses: Sequence[str] = ANALYSES,
+                   data_dir: Optional[str] = None, progress: Callable[[str], None] = lambda line: None
+                   ) -> pd.DataFrame:
+    rows = []
+    for family in families:
+        rows.append(family_row(family, analyses, data_dir))
+        progress(f"{family.name} ({family.model}): " + "; ".join(f"{a} {rows[-1][a]}" for a in analyses))
+    return pd.DataFrame(rows)
+
+
+def short_cell(cell: str, limit: int = 100) -> str:
+    """A cell for the markdown table: a refusal's first clause, pipes escaped, cut at `limit` characters."""
+    verdict, _, message = cell.partition(": ")
+    if verdict == "no":
+        message = re.split(r"; |: ", message)[0]
+    cell = f"{verdict}: {message}".strip()
+    cell = cell if len(cell) <= limit else cell[:limit - 1].rstrip() + "…"
+    return cell.replace("|", "\\|")
+
+
+def to_markdown(df: pd.DataFrame) -> str:
+    table = df.assign(family=df.family + " (`" + df.model + "`)").drop(columns=["model", "img_size"])
+    analyses = [c for c in ANALYSES if c in table]
+    table[analyses] = table[analyses].map(short_cell)
+    return table.to_markdown(index=False) + "\n"
+
+
+def replace_readme_table(readme: Path, table: str) -> None:
+    text = readme.read_text()
+    begin, end = text.find(README_BEGIN), text.find(README_END)
+    if begin < 0 or end < begin:
+        raise ValueError(f"{readme} has no '{README_BEGIN}' ... '{README_END}' block for the table")
+    write_text(readme, text[:begin + len(README_BEGIN)] + "\n" + table + text[end:])
+
+
+def readme_table(readme: Path) -> str:
+    """The table between the README's markers (as `to_markdown` wrote it)."""
+    text = readme.read_text()
+    return text[text.index(README_BEGIN) + len(README_BEGIN):text.index(README_END)].strip("\n") + "\n"
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m experiments.support_matrix", description=__doc__.split("\n\n")[0])
+    names = [f.model for f in FAMILIES]
+    p.add_argument("--models", default=",".join(names),
+                   help="comma-separated models from the family list (default: all): " + ", ".join(names))
+    p.add_argument("--analyses", default=",".join(ANALYSES), help=f"comma separated, of: {', '.join(ANALYSES)}")
+    p.add_argument("--data-dir", default=None, help="folder holding Fashion-MNIST (default: Debian's location)")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    p.add_argument("--out", default=DEFAULT_OUT, help="folder for support_matrix.csv and support_matrix.md")
+    p.add_argument("--readme", type=Path, default=None, help="also replace the table between the README's markers")
+    args = p.parse_args(argv)
+    args.models = [m.strip() for m in args.models.split(",") if m.strip()]
+    args.analyses = [a.strip() for a in args.analyses.split(",") if a.strip()]
+    unknown = [m for m in args.models if m not in names] + [a for a in args.analyses if a not in ANALYSES]
+    if unknown or not args.models or not args.analyses:
+        p.error(f"unknown or missing models/analyses: {', '.join(unknown) or 'none given'}; valid models: "
+                f"{', '.join(names)}; valid analyses: {', '.join(ANALYSES)}")
+    if args.readme is not None and (sorted(args.analyses) != sorted(ANALYSES) or len(args.models) != len(names)):
+        p.error("--readme needs the whole matrix: every model and every analysis")
+    return args
+
+
+def main(argv: Optional[Sequence[str]] = None) -> pd.DataFrame:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    from experiments.data import DataError
+
+    families = [f for f in FAMILIES if f.model in args.models]
+    try:
+        df = support_matrix(families, args.analyses, args.data_dir, progress=print)
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    out = Path(args.out)
+    table = to_markdown(df)
+    print(f"-> {write_csv(df, out / 'support_matrix.csv')}, {write_text(out / 'support_matrix.md', table)}")
+    if args.readme is not None:
+        replace_readme_table(args.readme, table)
+        print(f"-> {args.readme}")
+    return df
+
+
+if __name__ == "__main__":
+    main()

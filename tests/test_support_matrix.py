@@ -1,0 +1,69 @@
+"""The support matrix: head similarity reads every softmax-attention family timm ships and refuses the others in
+one line; the README's table says what the analyses really do."""
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from experiments.support_matrix import (FAMILIES, README_BEGIN, README_END, main, readme_table,
+                                        replace_readme_table, short_cell, support_matrix)
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+@pytest.fixture(scope="module")
+def head_similarity_column() -> pd.DataFrame:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return support_matrix(analyses=("head_similarity",)).set_index("model")
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("family", FAMILIES, ids=[f.model for f in FAMILIES])
+def test_head_similarity_reads_every_softmax_attention_family(family, head_similarity_column):
+    cell = head_similarity_column.at[family.model, "head_similarity"]
+    if family.heads:
+        assert cell.startswith("yes: ") and "sites" in cell, cell
+    else:  # a refusal in one line, never a crash
+        assert cell.startswith("no: ") and "\n" not in cell, cell
+        assert "no softmax attention" in cell or "single head" in cell
+
+
+def _column(table: str, name: str) -> dict[str, str]:
+    rows = [[c.strip() for c in line.strip().strip("|").split("|")] for line in table.splitlines()]
+    header = rows[0]
+    return {row[0]: row[header.index(name)] for row in rows[2:]}
+
+
+def test_readme_table_says_what_head_similarity_does(head_similarity_column):
+    readme = _column(readme_table(README), "head_similarity")
+    computed = {f"{f.name} (`{f.model}`)": short_cell(head_similarity_column.at[f.model, "head_similarity"])
+                for f in FAMILIES}
+    assert readme == computed
+
+
+def test_cli_writes_tables_and_readme_block(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{README_BEGIN}\nold table\n{README_END}\noutro\n")
+    df = main(["--models", "resnet18", "--analyses", "head_similarity,taylor_prune", "--out", str(tmp_path)])
+    assert df.head_similarity.iat[0].startswith("no: ResNet has no softmax attention")
+    assert pd.read_csv(tmp_path / "support_matrix.csv").taylor_prune.iat[0].startswith("no: ")
+    table = (tmp_path / "support_matrix.md").read_text()
+    replace_readme_table(readme, table)
+    text = readme.read_text()
+    assert text.startswith("intro\n") and text.endswith(f"{README_END}\noutro\n") and "old table" not in text
+    assert readme_table(readme) == table
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--models", "no_such_model"], "unknown or missing models/analyses: no_such_model"),
+    (["--analyses", "fig9"], "unknown or missing models/analyses: fig9"),
+    (["--models", "resnet18", "--readme", "README.md"], "--readme needs the whole matrix"),
+])
+def test_cli_bad_input(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
