@@ -26,7 +26,8 @@ import torch.nn.functional as F
 
 from analysis.attention_capture import CapturedMaps, UnsupportedModelError, capture_attention, find_attention
 from evit.io import save_figure, write_csv
-from experiments.data import ArrayDataset, image_folder, load_digits_split, load_fashion_mnist, parse_spec, subset
+from experiments.data import (ArrayDataset, check_data, image_folder, load_digits_split, load_fashion_mnist,
+                              parse_spec, subset)
 from experiments.models import is_config_file, model_img_size
 from experiments.train import USER_ERRORS
 from experiments.zoo import PROXY_RECIPES, WeightsUnavailableError, load_model
@@ -255,7 +256,8 @@ def main(argv: Optional[Sequence[str]] = None) -> list[pd.DataFrame]:
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     try:
-        for name in args.models:  # every model's maps are readable before any long work starts
+        check_data(args.data, args.data_dir)  # data, then every model's maps, before any long work starts
+        for name in args.models:
             model = random_model(name)
             check_readable(model, args.img_size or model_img_size(model))
         frames = []

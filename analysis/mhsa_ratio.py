@@ -21,9 +21,9 @@ import torch.nn as nn
 
 import evit
 from evit.io import save_figure, write_csv
-from experiments.data import build_datasets
+from experiments.data import build_datasets, check_data
 from experiments.models import PROXY_MODELS, create_model
-from experiments.train import TrainConfig, train
+from experiments.train import TrainConfig, run_cli, train
 
 SHARES = (0.0, 0.25, 0.5, 0.75, 1.0)
 # family -> (proxy name, input size); the proxies are defined in experiments.models.PROXY_MODELS.
@@ -206,11 +206,24 @@ def main(argv: Optional[list[str]] = None) -> pd.DataFrame:
     if any(not 0 <= s <= 1 for s in shares):
         parser.error(f"--shares must lie in [0, 1], got {args.shares}")
     seeds = [int(s) for s in args.seeds.split(",")]
+    missing = [str(runs_csv(args.out, f)) for f in families if args.speed_only and not runs_csv(args.out, f).is_file()]
+    if missing:
+        parser.error(f"--speed-only needs the study's results in {', '.join(missing)}; run it without --speed-only "
+                     f"first")
+    return run_cli(lambda: study(args, families, shares, seeds))
+
+
+def runs_csv(out: Path, family: str) -> Path:
+    return out / f"{FAMILIES[family][0]}.csv"
+
+
+def study(args: argparse.Namespace, families: list[str], shares: list[float], seeds: list[int]) -> pd.DataFrame:
+    """Train (or, with --speed-only, time again) every family's variants; write the runs, summary and figure."""
+    if not args.speed_only:
+        check_data("fashion_mnist", args.data_dir)  # before the first variant trains
     for family in families:
-        path = args.out / f"{FAMILIES[family][0]}.csv"
+        path = runs_csv(args.out, family)
         if args.speed_only:
-            if not path.is_file():
-                parser.error(f"--speed-only needs the study's results in {path}; run it without --speed-only first")
             trained = pd.read_csv(path).drop(columns=["throughput", "memory_bound_share"])
             size = args.img_size or (int(trained.img_size.iat[0]) if "img_size" in trained else None)
             df = trained.merge(speed_table(family, sorted(trained.share.unique()), args.mixer, size), on="share")
@@ -219,7 +232,7 @@ def main(argv: Optional[list[str]] = None) -> pd.DataFrame:
                            args.mixer, args.data_dir, args.batch_size, args.img_size)
         write_csv(df.round(5), path)
     # The summary and figure cover every family run so far in this folder, not only this call's.
-    runs = pd.concat(pd.read_csv(path) for name, _ in FAMILIES.values() if (path := args.out / f"{name}.csv").is_file())
+    runs = pd.concat(pd.read_csv(path) for family in FAMILIES if (path := runs_csv(args.out, family)).is_file())
     summary = summarize(runs)
     write_csv(summary.round(5), args.out / "summary.csv")
     plot(summary, args.out / "mhsa_ratio.png")

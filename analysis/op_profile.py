@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 import time
 from collections import defaultdict
@@ -40,7 +41,7 @@ from torch.utils.flop_counter import flop_registry
 
 from evit.io import save_figure, write_csv
 from experiments.benchmark import synchronizer
-from experiments.models import model_img_size
+from experiments.models import check_model, model_img_size, skeleton
 from experiments.train import USER_ERRORS, build_model
 
 # The one table of operator classes. Each class: (memory-bound in the paper's sense, FLOPs per output element
@@ -191,6 +192,17 @@ def count_work(fn: Callable[[], object]) -> dict[Call, list[float]]:
 
 # --- time per op: torch.profiler, attributed to dispatch-level ops -------------------------------------------------
 
+def quiet_kineto() -> None:
+    """Keep the profiler's C++ backend (kineto) from logging to the terminal: on a machine without a GPU every
+    profile printed `ERROR: ... gpuGetDeviceCount failed with code 35` and two `USDT: profiler_start/stop` lines
+    between our own, which read as a failure. Profiling only the CPU does not stop them (we already did); kineto's
+    own log level does. Level 6 is above all of kineto's levels (VERBOSE 0 .. ERROR 4, USDT 5), so it hides only
+    kineto's lines: our errors are Python exceptions and torch's warnings go through another logger. Kineto reads
+    the variable once, when the process first profiles, so it is set before each profile; a level the user set
+    (e.g. KINETO_LOG_LEVEL=0 to debug the profiler) is kept."""
+    os.environ.setdefault("KINETO_LOG_LEVEL", "6")
+
+
 def profile_times(fn: Callable[[], object], iters: int, device: str, known: Collection[Call],
                   trace: Optional[Path] = None) -> tuple[dict[Call, float], dict[Call, float]]:
     """(self time in ms per iteration, calls per iteration) per op call signature; an op's self time is summed
@@ -200,6 +212,7 @@ def profile_times(fn: Callable[[], object], iters: int, device: str, known: Coll
     for op, arity, _ in known:
         arities[op].add(arity)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    quiet_kineto()
     sync = synchronizer(device)
     with torch.no_grad(), profile(activities=activities, record_shapes=True) as prof:
         for _ in range(iters):
@@ -354,6 +367,21 @@ def check_device(device: str) -> None:
                            "use --device cpu")
 
 
+def check_inputs(names: Sequence[str], device: str, fused: bool) -> None:
+    """Fail at once on a bad device, an unknown model name, a bad config file or --fused for a model without
+    fuse(): before the roofline is measured and the models before it are profiled."""
+    check_device(device)
+    for name in names:
+        check_model(name)
+        if fused:
+            require_fuse(skeleton(name), name)
+
+
+def require_fuse(model: nn.Module, label: str) -> None:
+    if not hasattr(model, "fuse"):
+        raise ProfileError(f"--fused needs a model with fuse() (evit models); {label} has none")
+
+
 def profile_model(model: nn.Module | str, batch: int = 16, img_size: Optional[int] = None, iters: int = 10,
                   warmup: int = 3, device: str = "cpu", fused: bool = False,
                   peaks: Optional[tuple[float, float]] = None, trace: Optional[Path] = None,
@@ -379,8 +407,7 @@ def profile_model(model: nn.Module | str, batch: int = 16, img_size: Optional[in
         size = img_size or model_img_size(model)
         example = torch.randn(batch, 3, size, size, device=device)
     if fused:
-        if not hasattr(model, "fuse"):
-            raise ProfileError(f"--fused needs a model with fuse() (evit models); {label} has none")
+        require_fuse(model, label)
         import evit
 
         with torch.no_grad():
@@ -480,7 +507,7 @@ def main(argv: Optional[Sequence[str]] = None) -> list[OpProfile]:
     names = [m for m in args.models.split(",") if m]
     suffix = args.device + ("_fused" if args.fused else "")
     try:
-        check_device(args.device)
+        check_inputs(names, args.device, args.fused)
         peaks = (args.peak_gflops, args.peak_gbs) if args.peak_gflops else measure_peaks(args.device)
         print(f"roofline ({args.device}, {args.threads} thread(s)): {peaks[0]:.1f} GFLOP/s, {peaks[1]:.1f} GB/s, "
               f"ridge {peaks[0] / peaks[1]:.2f} FLOP/byte")

@@ -62,6 +62,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch_pruning as tp
 from timm.layers import Mlp
+from torch.utils.data import Dataset
 
 from evit import EfficientViTConfig, get_preset
 from evit.io import save_figure, write_csv
@@ -90,7 +91,8 @@ class SplitAttention(nn.Module):
         super().__init__()
         qkv = attn.qkv
         width = qkv.out_features // 3
-        self.q, self.k, self.v = (nn.Linear(qkv.in_features, width, bias=qkv.bias is not None) for _ in range(3))
+        self.q, self.k, self.v = (nn.Linear(qkv.in_features, width, bias=qkv.bias is not None,
+                                            device=qkv.weight.device, dtype=qkv.weight.dtype) for _ in range(3))
         with torch.no_grad():
             for i, layer in enumerate((self.q, self.k, self.v)):
                 layer.weight.copy_(qkv.weight[i * width:(i + 1) * width])
@@ -698,13 +700,14 @@ class PruneResult:
     model: nn.Module         # the pruned model
 
 
-def evaluate(model: nn.Module, batches: Batches) -> float:
+def evaluate(model: nn.Module, batches: Batches) -> tuple[float, int]:
+    """(top-1 accuracy in %, images): counted here, as served batches would be served again to count them."""
     correct = total = 0
     with torch.no_grad():
         for images, labels in batches:
             correct += int((model(images).argmax(1) == labels).sum())
             total += len(labels)
-    return 100.0 * correct / max(total, 1)
+    return 100.0 * correct / max(total, 1), total
 
 
 def _params_by_block(model: nn.Module, blocks: Iterable[str]) -> dict[str, int]:
@@ -734,7 +737,7 @@ def taylor_prune(model: nn.Module, batches: Batches, target_macs: float = 0.5, s
     names = list(dict.fromkeys(g.block for g in groups if g.kind != "width"))
     macs_before, params_before = count_macs(model, example), _params_by_block(model, names)
     total_params_before = sum(p.numel() for p in model.parameters())
-    acc_before = evaluate(model, val_batches) if val_batches else None
+    acc_before, val_images = evaluate(model, val_batches) if val_batches else (None, 0)
     total_before = sum(macs_before.values())
     at_floor = False  # every prunable group down to its floor: nothing left to remove
     for step in range(1, steps + 1):
@@ -776,8 +779,8 @@ def taylor_prune(model: nn.Module, batches: Batches, target_macs: float = 0.5, s
                    steps=steps, normalizer=normalizer, reduction=reduction, floor=floor,
                    width_pruned=any(g.kind == "width" and g.prunable for g in groups),
                    gradient_images=sum(len(labels) for _, labels in batches),
-                   val_images=sum(len(labels) for _, labels in val_batches),
-                   acc_before=acc_before, acc_after=evaluate(model, val_batches) if val_batches else None)
+                   val_images=val_images, acc_before=acc_before,
+                   acc_after=evaluate(model, val_batches)[0] if val_batches else None)
     return PruneResult(blocks, stage_table(blocks), summary, model)
 
 
@@ -944,21 +947,37 @@ def load_weights(model_name: str, weights: str = "auto") -> tuple[nn.Module, str
         raise WeightsUnavailableError(f"{e} (or --weights random for a smoke run)") from e
 
 
+class ServedBatches(Sequence):
+    """Batches of chosen dataset items, served (resized, normalized) each time they are read, so that one batch at
+    the model's resolution is in memory at a time: 2000 validation images at 224 px are 1.2 GB of float32."""
+
+    def __init__(self, dataset: Dataset, picks: list[int], batch: int):
+        self.dataset, self.picks, self.batch = dataset, picks, batch
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.picks) / self.batch)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        items = [self.dataset[j] for j in self.picks[i * self.batch:(i + 1) * self.batch]]
+        return torch.stack([x for x, _ in items]), torch.tensor([int(y) for _, y in items])
+
+
 def load_batches(spec: str, img_size: int, batches: int, batch: int, val_images: int,
-                 data_dir: Optional[str] = None) -> tuple[list, list, int]:
+                 data_dir: Optional[str] = None) -> tuple[list, ServedBatches, int]:
     """(`batches` gradient batches from the train split, validation batches holding `val_images` images, number
-    of classes); fixed random choices."""
+    of classes); fixed random choices. The gradient batches are read every step, so they are served once and
+    kept; the validation batches, read twice, are served when read."""
     from experiments.data import build_datasets
 
     data = build_datasets(spec, img_size, data_dir)
 
-    def take(dataset, count: int, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        picks = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:count].tolist()
-        items = [dataset[i] for i in picks]
-        return [(torch.stack([x for x, _ in items[i:i + batch]]), torch.tensor([int(y) for _, y in items[i:i + batch]]))
-                for i in range(0, len(items), batch)]
+    def picks(dataset: Dataset, count: int, seed: int) -> list[int]:
+        return torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:count].tolist()
 
-    return take(data.train, batches * batch, 0), take(data.val, val_images, 1), data.num_classes
+    train = list(ServedBatches(data.train, picks(data.train, batches * batch, 0), batch))
+    return train, ServedBatches(data.val, picks(data.val, val_images, 1), batch), data.num_classes
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -1025,11 +1044,23 @@ def _attention_share(value: str, parser: argparse.ArgumentParser) -> float:
     return share
 
 
+def check_inputs(args: argparse.Namespace) -> None:
+    """Fail at once, reading no data and loading no weights, on a missing dataset, an unknown data spec or model
+    name, a bad config file or a model this analysis cannot prune: before a proxy is trained or weights are
+    fetched from the hub."""
+    from experiments.data import check_data
+    from experiments.models import check_model, skeleton
+
+    check_data(args.data, args.data_dir)
+    check_model(args.model)
+    prepare(skeleton(args.model))
+
+
 def run(args: argparse.Namespace) -> PruneResult:
     from experiments.models import model_img_size
 
+    check_inputs(args)
     model, weights = load_weights(args.model, args.weights)
-    prepare(model)  # fails at once, before any data is read, on models it cannot prune
     img_size = args.img_size or model_img_size(model)
     train, val, num_classes = load_batches(args.data, img_size, args.batches, args.batch, args.val_images,
                                            args.data_dir)

@@ -55,18 +55,24 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
         raise DataError(f"cannot read IDX file {path} ({e}); re-download it or point --data-dir elsewhere") from e
 
 
-def load_fashion_mnist(root: str | os.PathLike | None = None, train: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """Fashion-MNIST images (N, 28, 28) uint8 and labels (N,) from the four IDX .gz files in `root`."""
+def fashion_mnist_paths(root: str | os.PathLike | None = None, train: bool = True) -> tuple[Path, Path]:
+    """The (images, labels) IDX files of a split in `root`; a DataError naming the missing ones and the fix."""
     root = Path(root or FASHION_MNIST_DIR)
-    paths = [root / name for name in FASHION_MNIST_FILES[train]]
+    paths = tuple(root / name for name in FASHION_MNIST_FILES[train])
     missing = [p.name for p in paths if not p.is_file()]
     if missing:
         raise DataError(
             f"Fashion-MNIST not found in {root} (missing {', '.join(missing)}): install it with "
             f"'sudo apt-get install dataset-fashion-mnist' or pass --data-dir DIR holding the four IDX .gz files")
-    images, labels = (read_idx(p) for p in paths)
+    return paths
+
+
+def load_fashion_mnist(root: str | os.PathLike | None = None, train: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Fashion-MNIST images (N, 28, 28) uint8 and labels (N,) from the four IDX .gz files in `root`."""
+    images, labels = (read_idx(p) for p in fashion_mnist_paths(root, train))
     if len(images) == 0 or len(images) != len(labels):
-        raise DataError(f"Fashion-MNIST files in {root} are empty or inconsistent; re-download them")
+        raise DataError(f"Fashion-MNIST files in {root or FASHION_MNIST_DIR} are empty or inconsistent; "
+                        f"re-download them")
     return images, labels.astype(np.int64)
 
 
@@ -83,15 +89,20 @@ def load_digits_split(train: bool = True) -> tuple[np.ndarray, np.ndarray]:
 
 
 class ArrayDataset(Dataset):
-    """Grayscale uint8 images (N, H, W) served as normalized 3-channel float tensors at `img_size`."""
+    """Grayscale uint8 images (N, H, W) served as normalized 3-channel float tensors at `img_size`.
+
+    The images stay at their native size and each one is resized when served: resizing a whole split up front
+    (60k Fashion-MNIST images to 224 px) took ~12 GB of float32 on the way and kept 3 GB, against 47 MB now.
+    Served values are those of that up-front resize (antialiased bilinear, rounded to uint8 levels), so results
+    computed before do not shift. One image is resized per call (~0.5 ms at 224 px on one thread): resizing a
+    DataLoader batch in one call was faster at 64 px but slower at 224 px, where a batch's float32 tensors are too
+    large for the allocator to reuse and every one costs fresh pages.
+    """
 
     def __init__(self, images: np.ndarray, labels: np.ndarray, img_size: int):
-        x = torch.from_numpy(np.ascontiguousarray(images)).unsqueeze(1).float()
-        if x.shape[-1] != img_size or x.shape[-2] != img_size:
-            # Resize once up front (antialiased), not per sample per epoch.
-            x = F.interpolate(x, size=(img_size, img_size), mode="bilinear", antialias=True, align_corners=False)
-        self.images = x.clamp_(0, 255).round_().to(torch.uint8)  # uint8 keeps 60k images at ~60 MB
+        self.images = torch.from_numpy(np.ascontiguousarray(images))
         self.labels = torch.from_numpy(labels)
+        self.img_size = img_size
         self.mean = torch.tensor(IMAGENET_DEFAULT_MEAN).view(3, 1, 1)
         self.std = torch.tensor(IMAGENET_DEFAULT_STD).view(3, 1, 1)
 
@@ -99,18 +110,28 @@ class ArrayDataset(Dataset):
         return len(self.labels)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        gray = self.images[index].float().div_(255)
+        x = self.images[index][None, None].float()
+        if x.shape[-2:] != (self.img_size, self.img_size):
+            x = F.interpolate(x, size=(self.img_size, self.img_size), mode="bilinear", antialias=True,
+                              align_corners=False).clamp_(0, 255).round_()
+        gray = x[0].div_(255)
         return (gray.expand(3, -1, -1) - self.mean) / self.std, int(self.labels[index])
 
 
-def image_folder(root: str | os.PathLike, img_size: int, train: bool, augment: dict | None = None,
-                 class_map: dict[str, int] | None = None) -> ImageDataset:
-    """ImageNet-style `root/{train,val}/<class>/<image>` folder with timm's train or eval transforms."""
+def image_split_dir(root: str | os.PathLike, train: bool) -> Path:
+    """`root/train`, or `root/val` (or `root/validation`); a DataError saying the expected layout."""
     names = ("train",) if train else ("val", "validation")
     split_dir = next((Path(root) / n for n in names if (Path(root) / n).is_dir()), None)
     if split_dir is None:
         raise DataError(f"no {names[0]}/ folder in {root}: pass --data imagefolder:PATH with PATH/train and "
                         f"PATH/val each holding one sub-folder of images per class")
+    return split_dir
+
+
+def image_folder(root: str | os.PathLike, img_size: int, train: bool, augment: dict | None = None,
+                 class_map: dict[str, int] | None = None) -> ImageDataset:
+    """ImageNet-style `root/{train,val}/<class>/<image>` folder with timm's train or eval transforms."""
+    split_dir = image_split_dir(root, train)
     # Eval shares only the resize settings with training (e.g. bicubic, resize 256 -> crop 224).
     kwargs = dict(augment or {}) if train else {k: v for k, v in (augment or {}).items()
                                                 if k in ("interpolation", "crop_pct")}
@@ -138,6 +159,17 @@ def parse_spec(spec: str, data_dir: str | None = None) -> tuple[str, str | None]
     if kind == "imagefolder" and not root:
         raise DataError("imagefolder needs a path: --data imagefolder:PATH (or --data-dir PATH)")
     return kind, root
+
+
+def check_data(spec: str, data_dir: str | None = None) -> None:
+    """Fail at once on an unknown spec or missing files or folders, reading nothing: the CLIs call this first, so
+    that bad input is reported before a proxy is trained, a model built or weights fetched."""
+    kind, root = parse_spec(spec, data_dir)
+    for train in (True, False):
+        if kind == "fashion_mnist":
+            fashion_mnist_paths(root, train)
+        elif kind == "imagefolder":
+            image_split_dir(root, train)
 
 
 def build_datasets(spec: str, img_size: int, data_dir: str | None = None, augment: dict | None = None) -> Datasets:

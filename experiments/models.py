@@ -6,10 +6,12 @@ import os
 from typing import Any
 
 import timm
+import torch
 import torch.nn as nn
 from timm.data import resolve_model_data_config
 
 import evit  # noqa: F401  (registers evit_m0..evit_m5 and evit_custom with timm)
+from evit import ConfigError
 
 # Short names used throughout the paper's analyses.
 SHORT_NAMES: dict[str, str] = {
@@ -30,6 +32,7 @@ PROXY_MODELS: dict[str, tuple[str, dict[str, Any]]] = {
     **{f"evit_m{i}_proxy": (f"evit_m{i}", dict(img_size=64)) for i in range(6)},
 }
 PROXY_NUM_CLASSES = 10
+CONFIG_SUFFIXES = (".yaml", ".yml", ".json")  # a model name with one of these is an evit config file
 
 
 class UnknownModelError(ValueError):
@@ -37,7 +40,39 @@ class UnknownModelError(ValueError):
 
 
 def is_config_file(name: str) -> bool:
-    return name.endswith((".yaml", ".yml", ".json")) and os.path.isfile(name)
+    return name.endswith(CONFIG_SUFFIXES) and os.path.isfile(name)
+
+
+def read_config(path: str) -> evit.EfficientViTConfig:
+    """An evit config file, or a one-line ConfigError naming the file: YAML/JSON syntax and wrong value types
+    too, whose parser messages span lines."""
+    import yaml
+
+    if not os.path.isfile(path):
+        raise ConfigError(f"evit config file not found: {path}")
+    try:
+        return evit.EfficientViTConfig.from_file(path)
+    except (yaml.YAMLError, ValueError, TypeError) as e:  # ConfigError is a ValueError
+        raise ConfigError(f"evit config file {path}: {' '.join(str(e).split())}") from e
+
+
+def check_model(name: str) -> None:
+    """Fail at once, building nothing, on a name create_model would reject; an evit config file is read and
+    validated. The CLIs call this before any long work."""
+    if name.endswith(CONFIG_SUFFIXES):
+        read_config(name)
+    elif name not in PROXY_MODELS:
+        resolve_model_name(name)
+
+
+def skeleton(name: str) -> nn.Module:
+    """Model `name` with no weights to speak of, for structural checks before any long work: built on the meta
+    device (instant even for ViT-L), or on the CPU when its constructor computes with tensors (evit's does)."""
+    try:
+        with torch.device("meta"):
+            return create_model(name)
+    except NotImplementedError:  # "Cannot copy out of meta tensor"
+        return create_model(name)
 
 
 def resolve_model_name(name: str) -> str:
@@ -62,7 +97,7 @@ def create_model(name: str, **kwargs: Any) -> nn.Module:
         timm_name, proxy_kwargs = PROXY_MODELS[name]
         return timm.create_model(timm_name, **{"num_classes": PROXY_NUM_CLASSES, **proxy_kwargs, **kwargs})
     if is_config_file(name):
-        return timm.create_model("evit_custom", config=evit.EfficientViTConfig.from_file(name), **kwargs)
+        return timm.create_model("evit_custom", config=read_config(name), **kwargs)
     return timm.create_model(resolve_model_name(name), **kwargs)
 
 

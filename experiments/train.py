@@ -40,8 +40,8 @@ from tqdm import tqdm
 
 from evit import ConfigError
 from evit.io import torch_save, write_csv, write_json
-from experiments.data import DataError, Datasets, build_datasets, default_img_size, subset
-from experiments.models import UnknownModelError, create_model
+from experiments.data import DataError, Datasets, build_datasets, check_data, default_img_size, subset
+from experiments.models import UnknownModelError, check_model, create_model
 
 CHECKPOINT = "last.pth"
 FINAL = "model.pth"
@@ -117,7 +117,10 @@ def load_config(path: str | os.PathLike) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"training config not found: {path}")
-    values = yaml.safe_load(path.read_text()) or {}
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:  # its message spans lines: where, what
+        raise ConfigError(f"training config {path} is not valid YAML/JSON: {' '.join(str(e).split())}") from e
     if not isinstance(values, dict):
         raise ConfigError(f"training config {path} must hold a mapping of keys, got {type(values).__name__}")
     unknown = sorted(set(values) - {f.name for f in dataclasses.fields(TrainConfig)})
@@ -133,6 +136,13 @@ def as_config(cfg: TrainConfig | Mapping[str, Any]) -> TrainConfig:
 
 def resolve_img_size(cfg: TrainConfig) -> TrainConfig:
     return dataclasses.replace(cfg, img_size=cfg.img_size or default_img_size(cfg.data))
+
+
+def check_inputs(cfg: TrainConfig) -> None:
+    """Fail at once, reading and building nothing, on missing data, an unknown data spec or model name or a bad
+    evit config file: a bad run stops in its first second, not after its data loads."""
+    check_data(cfg.data, cfg.data_dir)
+    check_model(cfg.model)
 
 
 def load_data(cfg: TrainConfig) -> Datasets:
@@ -531,6 +541,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     def body() -> dict[str, Any]:
         cfg = parse_config(argv)
+        check_inputs(cfg)
         init_distributed()
         try:
             return fit(cfg)

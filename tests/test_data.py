@@ -5,14 +5,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from torch.utils.data import DataLoader
 
 from experiments.data import (
     FASHION_MNIST_DIR,
+    FASHION_MNIST_FILES,
     ArrayDataset,
     DataError,
     build_datasets,
+    check_data,
     load_digits_split,
     load_fashion_mnist,
     read_idx,
@@ -79,6 +83,55 @@ def test_array_dataset_gray_to_normalized_rgb():
     mean, std = torch.tensor(IMAGENET_DEFAULT_MEAN), torch.tensor(IMAGENET_DEFAULT_STD)
     torch.testing.assert_close(x[:, 0, 0], (1 - mean) / std)
     torch.testing.assert_close(ds[0][0][:, 5, 5], (0 - mean) / std)
+
+
+def upfront_resize(images: np.ndarray, img_size: int) -> torch.Tensor:
+    """What ArrayDataset served before it resized lazily: the whole array resized at once (antialiased bilinear),
+    rounded to uint8, then scaled and normalized per image."""
+    x = F.interpolate(torch.from_numpy(images).unsqueeze(1).float(), size=(img_size, img_size), mode="bilinear",
+                      antialias=True, align_corners=False)
+    gray = x.clamp_(0, 255).round_().to(torch.uint8).float().div_(255)
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD))
+    return (gray.expand(-1, 3, -1, -1) - mean) / std
+
+
+def sample_images() -> np.ndarray:
+    """A few Fashion-MNIST test images when installed (else random 28x28 ones), with pure black and white."""
+    if HAS_FASHION_MNIST:
+        images = load_fashion_mnist(train=False)[0][:6]
+    else:
+        images = np.random.default_rng(0).integers(0, 256, (6, 28, 28), dtype=np.uint8)
+    return np.concatenate([images, np.zeros((1, 28, 28), np.uint8), np.full((1, 28, 28), 255, np.uint8)])
+
+
+@pytest.mark.parametrize("img_size", [224, 64, 32, 16, 28])
+def test_served_images_equal_the_upfront_resize(img_size):
+    images = sample_images()
+    expected = upfront_resize(images, img_size)
+    ds = ArrayDataset(images, np.arange(len(images)), img_size)
+    assert ds.images.shape == images.shape and ds.images.dtype == torch.uint8  # kept at native size
+    for i in range(len(images)):
+        x, y = ds[i]
+        assert y == i and torch.equal(x, expected[i])
+    x, y = next(iter(DataLoader(subset(ds, 5), batch_size=5)))
+    assert torch.equal(x, expected[y])
+
+
+def test_check_data_reads_nothing_and_names_what_is_missing(tmp_path):
+    check_data("digits")
+    for name in FASHION_MNIST_FILES[True] + FASHION_MNIST_FILES[False]:
+        (tmp_path / name).write_bytes(b"not read")  # garbage passes: the files are not opened
+    check_data("fashion_mnist", str(tmp_path))
+    (tmp_path / FASHION_MNIST_FILES[False][0]).unlink()
+    with pytest.raises(DataError, match=f"{tmp_path}.*missing {FASHION_MNIST_FILES[False][0]}"):
+        check_data("fashion_mnist", str(tmp_path))
+    (tmp_path / "train").mkdir()
+    with pytest.raises(DataError, match="no val/ folder"):
+        check_data(f"imagefolder:{tmp_path}")
+    (tmp_path / "validation").mkdir()
+    check_data(f"imagefolder:{tmp_path}")
+    with pytest.raises(DataError, match="fashion_mnist, digits or imagefolder:PATH"):
+        check_data("cifar10")
 
 
 def make_image_folder(root: Path, classes=("cat", "dog"), per_class: int = 3) -> None:

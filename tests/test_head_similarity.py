@@ -369,3 +369,21 @@ def test_cli_pretrained_offline_fails_fast(capsys, monkeypatch, tmp_path):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
     assert "pretrained weights for 'evit_m0' are unreachable" in err and "\n" not in err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--model", "deit_tiny", "--data-dir", "/no/such/dir"], "Fashion-MNIST not found in /no/such/dir"),
+    (["--model", "deit_tiny", "--data", "cifar10"], "unknown data 'cifar10'"),
+    (["--model", "deit_tiny,resnet18"], "ResNet has no softmax attention whose maps can be read"),
+])
+def test_cli_bad_input_fails_before_any_work(argv, message, capsys, tmp_path):
+    """One line, exit 2, before any proxy is trained or image loaded (the first model would take minutes)."""
+    import time
+
+    start = time.perf_counter()
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv + ["--out", str(tmp_path)])
+    assert exit_info.value.code == 2 and time.perf_counter() - start < 10
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and message in err and "\n" not in err
+    assert not list(tmp_path.iterdir())

@@ -1,4 +1,9 @@
 """analysis.op_profile: planted op sequences land in the right classes with hand-computed FLOPs and bytes."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pandas as pd
 import pytest
 import torch
@@ -6,6 +11,7 @@ import torch.nn as nn
 
 from analysis import op_profile
 from analysis.op_profile import OTHER, ProfileError, attention_flops, event_call, op_class, profile_model
+from tests.test_train import one_line_error
 
 M, K, N = 64, 32, 48
 PEAKS = (100.0, 10.0)  # GFLOP/s, GB/s: ridge at 10 FLOP/byte
@@ -214,3 +220,45 @@ def test_cuda_without_gpu_is_a_clear_message(capsys):
 def test_fused_needs_a_fuse_method():
     with pytest.raises(ProfileError, match="fuse"):
         profile_model(Planted(), example=torch.randn(M, K), fused=True, peaks=PEAKS)
+
+
+@pytest.fixture
+def no_measuring(monkeypatch):
+    """Input errors must come before the roofline micro-benchmark and before any model is profiled."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("measured before the inputs were checked")
+
+    monkeypatch.setattr(op_profile, "measure_peaks", refuse)
+    monkeypatch.setattr(op_profile, "profile_model", refuse)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--models", "evit_m0,deit_tinny"], "unknown model 'deit_tinny'. Close matches: deit_tiny"),
+    (["--model", "nowhere.yaml"], "evit config file not found: nowhere.yaml"),
+    (["--models", "evit_m0,deit_tiny", "--fused"], "--fused needs a model with fuse() (evit models); deit_tiny"),
+])
+def test_bad_models_fail_before_the_roofline_is_measured(capsys, no_measuring, argv, message):
+    assert message in one_line_error(capsys, argv, op_profile.main)
+
+
+PROFILE_ONCE = ("import torch; from analysis.op_profile import profile_model; "
+                "profile_model(torch.nn.Linear(8, 8), example=torch.randn(2, 8), iters=1, warmup=0, peaks=(1.0, 1.0))")
+TORCH_PROFILE_ONCE = ("import torch; from torch.profiler import profile\n"
+                      "with profile(): torch.randn(8) + 1")
+
+
+def stderr_of(code: str) -> str:
+    """stderr of a fresh Python running `code`, with no profiler log level set (kineto reads it once per process)."""
+    env = {k: v for k, v in os.environ.items() if k != "KINETO_LOG_LEVEL"}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return done.stderr
+
+
+def test_profiling_prints_nothing_of_the_profilers_own():
+    noise = ("gpuGetDeviceCount", "USDT")
+    if not any(word in stderr_of(TORCH_PROFILE_ONCE) for word in noise):
+        pytest.skip("torch.profiler itself prints none of its log lines here: nothing to keep quiet")
+    err = stderr_of(PROFILE_ONCE)
+    assert not any(word in err for word in noise), err

@@ -12,6 +12,7 @@ import torch_pruning as tp
 from analysis import taylor_prune as tpr
 from evit.summary import count_flops
 from experiments.models import create_model
+from tests.test_train import one_line_error
 
 
 def tiny_vit(**kwargs):
@@ -284,6 +285,39 @@ def test_clear_errors(capsys, monkeypatch, tmp_path):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("error: pretrained weights for 'deit_tiny' are unreachable") and "--weights random" in err
+
+
+def test_validation_batches_are_served_when_read():
+    train, val, classes = tpr.load_batches("digits", 16, batches=2, batch=8, val_images=20)
+    assert classes == 10 and [len(y) for _, y in train] == [8, 8] and train[0][0].shape == (8, 3, 16, 16)
+    assert isinstance(val, tpr.ServedBatches) and [len(y) for _, y in val] == [8, 8, 4]
+    assert val[2][0] is not val[2][0] and torch.equal(val[2][0], val[2][0])  # served again, the same images
+    with pytest.raises(IndexError):
+        val[3]
+
+
+@pytest.fixture
+def no_long_work(monkeypatch):
+    """Input errors must come before any weights load (a proxy would train, hub weights download) or data is read:
+    either fails the test."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("weights or data were loaded before the inputs were checked")
+
+    monkeypatch.setattr(tpr, "load_model", refuse)
+    monkeypatch.setattr(tpr, "load_batches", refuse)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--data-dir", "/nowhere/fmnist"], "Fashion-MNIST not found in /nowhere/fmnist"),
+    (["--data", "imagefolder:/nowhere/imagenet"], "no train/ folder in /nowhere/imagenet"),
+    (["--data", "cifar10"], "unknown data 'cifar10': use fashion_mnist, digits or imagefolder:PATH"),
+    (["--model", "deit_tinny"], "unknown model 'deit_tinny'. Close matches: deit_tiny"),
+    (["--model", "resnet18"], "no prunable blocks; supported: timm VisionTransformer"),
+    (["--model", "eva02_tiny_patch14_224"], "is not a plain timm Mlp"),
+    (["--model", "nowhere.yaml"], "evit config file not found: nowhere.yaml"),
+])
+def test_bad_inputs_fail_at_once_before_weights_or_data(capsys, no_long_work, argv, message):
+    assert message in one_line_error(capsys, ["--model", "deit_proxy", *argv], tpr.main)
 
 
 # --- EfficientViT --------------------------------------------------------------------------------------------------

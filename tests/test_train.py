@@ -152,17 +152,40 @@ def test_image_folder_with_the_official_recipe(tmp_path):
     assert final["epoch"] == 1 and "val_acc_ema" in final
 
 
-def one_line_error(capsys, argv: list[str]) -> str:
+def one_line_error(capsys, argv: list[str], cli=main, seconds: float = 10.0) -> str:
+    """Run a CLI's main(argv): it must exit 2 within `seconds` with one `error: ...` line on stderr."""
+    start = time.perf_counter()
     with pytest.raises(SystemExit) as exit_:
-        main(argv)
+        cli(argv)
+    elapsed = time.perf_counter() - start
     err = capsys.readouterr().err.strip()
     assert exit_.value.code == 2 and err.startswith("error: ") and "\n" not in err and "Traceback" not in err
+    assert elapsed < seconds, f"took {elapsed:.1f} s to report: {err}"
     return err
 
 
-def test_cli_error_missing_data(tmp_path, capsys):
+@pytest.fixture
+def no_data_loading(monkeypatch):
+    """Input errors must come before the data loads: loading fails the test."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("the data was loaded before the inputs were checked")
+
+    monkeypatch.setattr(train_mod, "build_datasets", refuse)
+
+
+def test_cli_error_missing_data(tmp_path, capsys, no_data_loading):
     err = one_line_error(capsys, ["--data", "fashion_mnist", "--data-dir", str(tmp_path / "nowhere")])
     assert str(tmp_path / "nowhere") in err and "--data-dir" in err
+
+
+def test_cli_error_missing_image_folder_split(tmp_path, capsys, no_data_loading):
+    (tmp_path / "train" / "cls").mkdir(parents=True)
+    err = one_line_error(capsys, ["--data", f"imagefolder:{tmp_path}"])
+    assert "no val/ folder" in err and str(tmp_path) in err
+
+
+def test_cli_error_unknown_data_spec(capsys, no_data_loading):
+    assert "fashion_mnist, digits or imagefolder:PATH" in one_line_error(capsys, ["--data", "cifar10"])
 
 
 def test_cli_error_empty_image_folder(tmp_path, capsys):
@@ -186,9 +209,25 @@ def test_cli_error_checkpoint_of_another_model(tmp_path, capsys):
     assert "do not fit" in err and "shape" in err
 
 
-def test_cli_error_unknown_model(capsys):
+def test_cli_error_unknown_model(capsys, no_data_loading):
     err = one_line_error(capsys, ["--data", "digits", "--model", "vit_tinny_patch16_224"])
     assert "unknown model 'vit_tinny_patch16_224'" in err and "vit_tiny_patch16_224" in err
+
+
+@pytest.mark.parametrize("text, message", [("embed_dims: [64, 128\n", "expected ',' or ']'"),
+                                           ("mixers: attention\n", "unknown mixer 'attention'"),
+                                           ("embed_dims: 64\n", "not iterable")])
+def test_cli_error_bad_evit_config_file(tmp_path, capsys, no_data_loading, text, message):
+    path = tmp_path / "arch.yaml"
+    path.write_text(text)
+    err = one_line_error(capsys, ["--data", "digits", "--model", str(path)])
+    assert str(path) in err and message in err
+
+
+def test_cli_error_bad_training_config_syntax(tmp_path, capsys, no_data_loading):
+    path = tmp_path / "cfg.yaml"
+    path.write_text("epochs: [3\n")
+    assert str(path) in one_line_error(capsys, ["--config", str(path)])
 
 
 def test_cli_error_unknown_config_key(tmp_path, capsys):
