@@ -24,10 +24,10 @@ def count_params(model: nn.Module) -> int:
 
 def count_flops(model: nn.Module, img_size: int = 224, in_chans: int = 3) -> float:
     """fvcore FLOPs (one fused multiply-add = one FLOP, the paper's convention) for one image."""
-    from fvcore.nn import FlopCountAnalysis
-
-    with warnings.catch_warnings():
+    with warnings.catch_warnings():  # fvcore warns about ops it skips, and its import about torch.jit.script
         warnings.simplefilter("ignore")
+        from fvcore.nn import FlopCountAnalysis
+
         analysis = FlopCountAnalysis(model.eval(), torch.zeros(1, in_chans, img_size, img_size))
         analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
         return float(analysis.total())

@@ -65,7 +65,7 @@ BUDGETS = {
         weights="proxy",
         op_profile=["--iters", "5"],
         head_similarity=["--num-images", "64"],
-        taylor_prune=["--finetune-epochs", "1"],
+        taylor_prune=["--batches", "8", "--batch", "64", "--val-images", "2000", "--finetune-epochs", "1"],
         mhsa_ratio=dict(deit=["--epochs", "4", "--limit-train", "20000"],
                         evit=["--epochs", "2", "--limit-train", "5000"]),
         family=[],

@@ -52,6 +52,22 @@ def fvcore_macs(model, size):
     return sum(v for k, v in ops.items() if k in ("linear", "conv", "matmul"))
 
 
+def test_gradients_in_chunks_equal_whole_batches(monkeypatch):
+    """Large inputs go through backward in chunks (bounded memory) with the same summed gradient."""
+    model = tiny_vit()
+    data = batches()
+    tpr.accumulate_gradients(model, data)
+    whole = {n: p.grad.clone() for n, p in model.named_parameters()}
+    monkeypatch.setattr(tpr, "GRADIENT_PIXELS", 3 * 16 * 16)  # 3 images per pass: chunks of 3, 3 and 2
+    calls = []
+    handle = model.register_forward_pre_hook(lambda m, args: calls.append(len(args[0])))
+    tpr.accumulate_gradients(model, data)
+    handle.remove()
+    assert calls == [3, 3, 2] * len(data)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, whole[name], atol=1e-6, rtol=1e-5)
+
+
 @pytest.mark.parametrize("name, size", [("vit", 16), ("swin", 32)])
 def test_split_attention_is_the_same_function(name, size):
     model = tiny_vit() if name == "vit" else tiny_swin()
