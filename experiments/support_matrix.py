@@ -9,7 +9,8 @@ error a user would also get) or `fails: <exception>` (a crash: a bug to fix, not
 analyses are not computed here, only whether and how each one reads the model:
 - op_profile: one profiled forward of one image (work counted, times attributed; peaks fixed, not measured);
 - head_similarity: head similarity over the images (sites and heads read);
-- taylor_prune: the pruning groups found (Q/K, V, FFN hidden, widths).
+- taylor_prune: the pruning groups found (Q/K, V, FFN hidden, widths), on a model that still computes the
+  same function once the pruner has rewritten its attention.
 """
 from __future__ import annotations
 
@@ -84,9 +85,17 @@ def _head_similarity(model: nn.Module, images: torch.Tensor) -> str:
 
 
 def _taylor_prune(model: nn.Module, images: torch.Tensor) -> str:
+    """The groups found, once the model the pruner rewrote (attention projections split in place) is shown to
+    compute what it computed before: a rewrite that drops a bias or a position term would prune another model."""
     from analysis.taylor_prune import prepare
 
-    return f"{len(prepare(model))} groups"  # last: it splits attention projections in place
+    with torch.no_grad():
+        before = model(images)
+        groups = prepare(model)
+        diff = float((model(images) - before).abs().max())
+    if not diff <= 1e-4 * max(1.0, float(before.abs().max())):
+        raise AssertionError(f"the model prepared for pruning computes another function (max diff {diff:.3g})")
+    return f"{len(groups)} groups"
 
 
 CHECKS: dict[str, Callable[[nn.Module, torch.Tensor], str]] = {
