@@ -35,12 +35,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
+from experiments.models import UnsupportedModelError
+
 SOFTMAX_FUNCTIONS = (torch.softmax, torch.Tensor.softmax, F.softmax)
 SDPA_FUNCTIONS = (F.scaled_dot_product_attention,)
-
-
-class UnsupportedModelError(ValueError):
-    """A model, or a part of one, that an analysis cannot read; the message says why and what is supported."""
 
 
 class CapturedMaps(NamedTuple):

@@ -39,6 +39,10 @@ class UnknownModelError(ValueError):
     """Raised for a model name that is neither a short name, an evit config file nor a timm model."""
 
 
+class UnsupportedModelError(ValueError):
+    """A known model that an analysis cannot read or rewrite; the message says which part and what is supported."""
+
+
 def is_config_file(name: str) -> bool:
     return name.endswith(CONFIG_SUFFIXES) and os.path.isfile(name)
 

@@ -10,6 +10,7 @@ import torch.nn as nn
 import torch_pruning as tp
 
 from analysis import taylor_prune as tpr
+from analysis.taylor_prune import cli, importance
 from evit.summary import count_flops
 from experiments.models import create_model
 from tests.test_train import one_line_error
@@ -58,7 +59,7 @@ def test_gradients_in_chunks_equal_whole_batches(monkeypatch):
     data = batches()
     tpr.accumulate_gradients(model, data)
     whole = {n: p.grad.clone() for n, p in model.named_parameters()}
-    monkeypatch.setattr(tpr, "GRADIENT_PIXELS", 3 * 16 * 16)  # 3 images per pass: chunks of 3, 3 and 2
+    monkeypatch.setattr(importance, "GRADIENT_PIXELS", 3 * 16 * 16)  # 3 images per pass: chunks of 3, 3 and 2
     calls = []
     handle = model.register_forward_pre_hook(lambda m, args: calls.append(len(args[0])))
     tpr.accumulate_gradients(model, data)
@@ -98,9 +99,9 @@ def test_planted_zero_channels_are_pruned_first_and_change_nothing():
         before = model(x)
     tpr.accumulate_gradients(model, batches())
     for group, planted in ((qk, [4, 10]), (v, [1, 7])):
-        first = tpr.candidate_units(group, tpr.channel_importance(group), floor=0.1)[0]
+        first = tpr.candidate_units(group, tpr.TaylorImportance()(group), floor=0.1)[0]
         assert sorted(first.channels) == planted and first.importance == 0
-    ffn_units = tpr.candidate_units(ffn, tpr.channel_importance(ffn), floor=0.1)
+    ffn_units = tpr.candidate_units(ffn, tpr.TaylorImportance()(ffn), floor=0.1)
     assert sorted(u.channels[0] for u in ffn_units[:2]) == [3, 7]
     assert ffn_units[0].importance < 1e-6 and ffn_units[1].importance < 1e-6
     scale = attn.scale
@@ -123,7 +124,7 @@ def test_importance_is_torch_prunings_group_taylor():
         for reduction in tpr.REDUCTIONS:
             scorer = tp.importance.GroupTaylorImportance(group_reduction=reduction, bias=True,
                                                          normalizer=None if normalizer == "none" else normalizer)
-            torch.testing.assert_close(tpr.channel_importance(ffn, normalizer, reduction), scorer(tp_group))
+            torch.testing.assert_close(tpr.TaylorImportance(normalizer, reduction)(ffn), scorer(tp_group))
 
 
 def test_mac_counter_matches_a_hand_count_before_and_after_pruning():
@@ -160,7 +161,7 @@ def test_planted_dead_width_channel_is_pruned_first():
     width = tpr.prepare(model)[-1]
     zero_channel_(width, 7)  # channel 7 of the residual stream: written by nothing, read by nothing
     tpr.accumulate_gradients(model, batches())
-    first = tpr.candidate_units(width, tpr.channel_importance(width), floor=0.1)[0]
+    first = tpr.candidate_units(width, tpr.TaylorImportance()(width), floor=0.1)[0]
     assert first.channels == [7] and first.importance == 0
 
 
@@ -177,7 +178,7 @@ def test_swin_stage_widths_go_through_patch_merging():
     assert [(g.block, g.channels) for g in widths] == [("layers.0", 48), ("layers.1", 96), ("layers.2", 192)]
     zero_channel_(widths[1], 30)  # a dead channel of stage 1, read by stage 2's PatchMerging at 30, 126, 222, 318
     tpr.accumulate_gradients(model, batches(size=32, classes=10))
-    first = tpr.candidate_units(widths[1], tpr.channel_importance(widths[1]), floor=0.1)[0]
+    first = tpr.candidate_units(widths[1], tpr.TaylorImportance()(widths[1]), floor=0.1)[0]
     assert first.channels == [30] and first.importance == 0
     norm_before, reduction_before = merge.norm.weight.detach().clone(), merge.reduction.weight.detach().clone()
     drop = list(range(0, 40)) + [45]  # enough that torch-pruning's LayerNorm pruner would reorder the kept channels
@@ -319,8 +320,8 @@ def no_long_work(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("weights or data were loaded before the inputs were checked")
 
-    monkeypatch.setattr(tpr, "load_model", refuse)
-    monkeypatch.setattr(tpr, "load_batches", refuse)
+    monkeypatch.setattr(cli, "load_model", refuse)
+    monkeypatch.setattr(cli, "load_batches", refuse)
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -393,9 +394,9 @@ def test_evit_planted_qk_v_ffn_channels_go_first_in_cga_and_mhsa(mixer):
     tpr.accumulate_gradients(model, batches(size=64, classes=10))
     planted = {"qk": [h * kd + dim_qk for h in range(heads)], "v": [h * vd + dim_v for h in range(heads)]}
     for group in (qk, v) if mixer == "mhsa" else (qk,):
-        first = tpr.candidate_units(group, tpr.channel_importance(group), floor=0.1)[0]
+        first = tpr.candidate_units(group, tpr.TaylorImportance()(group), floor=0.1)[0]
         assert sorted(first.channels) == planted[group.kind] and first.importance == 0
-    ffn_units = tpr.candidate_units(ffn, tpr.channel_importance(ffn), floor=0.1)
+    ffn_units = tpr.candidate_units(ffn, tpr.TaylorImportance()(ffn), floor=0.1)
     assert sorted(u.channels[0] for u in ffn_units[:2]) == [5, 9]
     assert ffn_units[0].importance == 0 and ffn_units[1].importance == 0 and ffn_units[2].importance > 0
     scale = attn.scale
@@ -589,7 +590,7 @@ def test_evit_planted_dead_stage_width_channel_goes_first_and_changes_nothing(mi
     with torch.no_grad():
         before = model(x)
     tpr.accumulate_gradients(model, batches(size=64, classes=5))
-    units = tpr.candidate_units(width, tpr.channel_importance(width), floor=0.1)
+    units = tpr.candidate_units(width, tpr.TaylorImportance()(width), floor=0.1)
     assert sorted(units[0].channels) == planted and units[0].importance == 0 and units[1].importance > 0
     tpr.prune_channels(width, planted)
     with torch.no_grad():

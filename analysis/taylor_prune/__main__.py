@@ -1,0 +1,3 @@
+from analysis.taylor_prune.cli import main
+
+main()

@@ -1,0 +1,169 @@
+"""The pruning loop: remove channels group by group (torch-pruning's layer pruners), ranking units globally by
+importance until each step's MAC goal is met."""
+from __future__ import annotations
+
+import math
+import sys
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Callable, Iterable, Sequence
+
+import pandas as pd
+import torch
+import torch.nn as nn
+import torch_pruning as tp
+
+from analysis.taylor_prune.builders import prepare
+from analysis.taylor_prune.groups import Group
+from analysis.taylor_prune.importance import Batches, TaylorImportance, accumulate_gradients
+from analysis.taylor_prune.macs import count_macs, measure_positions
+from analysis.taylor_prune.tables import block_table, stage_table
+
+
+def _cut_last(layer: nn.Module, names: Sequence[str], drop: Sequence[int]) -> None:
+    """Remove indices `drop` from the last dimension of the parameters `names` of `layer` (those present)."""
+    for name in names:
+        old = getattr(layer, name, None)
+        if old is not None:
+            keep = [i for i in range(old.shape[-1]) if i not in set(drop)]
+            setattr(layer, name, nn.Parameter(old.data[..., keep].clone(), requires_grad=old.requires_grad))
+
+
+def prune_channels(group: Group, idxs: list[int]) -> None:
+    """Remove the group's channels `idxs` from every layer (torch-pruning's layer pruners for Linear, Conv and
+    BatchNorm; norms' and bare parameters' channels cut here: tp 1.6.1's LayerNorm pruner sorts a tensor out of
+    place and so can reorder the channels it keeps)."""
+    rows: dict[tuple[int, str, str], tuple[nn.Module, list[int]]] = {}
+    for s in group.layout():
+        picked = [s.offset + c - s.first for c in idxs if s.first <= c < s.first + s.count]
+        rows.setdefault((id(s.layer), s.axis, s.param), (s.layer, []))[1].extend(picked)
+    for (_, axis, param), (layer, picked) in rows.items():
+        picked = sorted(set(picked))
+        if axis == "last":
+            _cut_last(layer, [param], picked)
+        elif isinstance(layer, nn.LayerNorm):
+            _cut_last(layer, ["weight", "bias"], picked)
+            layer.normalized_shape = (layer.normalized_shape[-1] - len(picked),)
+        elif isinstance(layer, nn.Linear):
+            (tp.prune_linear_out_channels if axis == "out" else tp.prune_linear_in_channels)(layer, picked)
+        elif isinstance(layer, nn.modules.batchnorm._BatchNorm):  # evit's BatchNorm2d, its head's BatchNorm1d
+            tp.prune_batchnorm_out_channels(layer, picked)
+        elif layer.groups == layer.in_channels and layer.groups > 1:  # depthwise: in, out and groups together
+            tp.prune_depthwise_conv_out_channels(layer, picked)
+        else:
+            (tp.prune_conv_out_channels if axis == "out" else tp.prune_conv_in_channels)(layer, picked)
+    group.on_prune(len(idxs) // group.heads)
+
+
+@dataclass
+class Unit:
+    importance: float        # mean normalized importance of its channels
+    group: Group
+    channels: list[int]
+
+
+def candidate_units(group: Group, importance: torch.Tensor, floor: float) -> list[Unit]:
+    """The group's removable units in removal order: the k-th lowest channel of every head together, leaving at
+    least `floor` of the group's original channels (at least one per head)."""
+    per_head = group.channels // group.heads
+    keep_at_least = max(1, math.ceil(floor * group.original / group.heads))
+    order = importance.view(group.heads, per_head).argsort(dim=1)
+    units = []
+    for k in range(per_head - keep_at_least):
+        channels = [h * per_head + int(order[h, k]) for h in range(group.heads)]
+        units.append(Unit(float(importance[channels].mean()), group, channels))
+    return units
+
+
+# --- the procedure ----------------------------------------------------------------------------------------------
+
+@dataclass
+class PruneResult:
+    blocks: pd.DataFrame     # one row per block
+    stages: pd.DataFrame     # one row per stage
+    summary: dict            # whole model: MACs, params, accuracy before/after, settings
+    model: nn.Module         # the pruned model
+
+
+def evaluate(model: nn.Module, batches: Batches) -> tuple[float, int]:
+    """(top-1 accuracy in %, images): counted here, as served batches would be served again to count them."""
+    correct = total = 0
+    with torch.no_grad():
+        for images, labels in batches:
+            correct += int((model(images).argmax(1) == labels).sum())
+            total += len(labels)
+    return 100.0 * correct / max(total, 1), total
+
+
+def _params_by_block(model: nn.Module, blocks: Iterable[str]) -> dict[str, int]:
+    return {b: sum(p.numel() for n, p in model.named_parameters() if n.startswith(b + ".")) for b in blocks}
+
+
+def taylor_prune(model: nn.Module, batches: Batches, target_macs: float = 0.5, steps: int = 5,
+                 importance: Callable[[Group], torch.Tensor] = TaylorImportance(), floor: float = 0.1,
+                 val_batches: Batches = (), prune_width: bool = True) -> PruneResult:
+    """Prune `model` (in place, eval mode) to `target_macs` of its MACs in `steps` Taylor steps; report per block.
+
+    batches: (images, labels) used for the gradients (all of them, every step). importance: a group's channel
+    scores from those gradients (TaylorImportance by default; any callable Group -> (channels,) tensor).
+    floor: fraction of each group's channels always kept.
+    val_batches: accuracy before and after, when given. prune_width: include the residual-stream width groups.
+    """
+    if not 0 < target_macs < 1:
+        raise ValueError(f"target_macs must lie in (0, 1), got {target_macs}")
+    model.eval()
+    groups = prepare(model)
+    if not prune_width:
+        for group in groups:
+            group.prunable &= group.kind != "width"
+    example = batches[0][0][:1]
+    measure_positions(model, groups, example)
+    names = list(dict.fromkeys(g.block for g in groups if g.kind != "width"))
+    macs_before, params_before = count_macs(model, example), _params_by_block(model, names)
+    total_params_before = sum(p.numel() for p in model.parameters())
+    acc_before, val_images = evaluate(model, val_batches) if val_batches else (None, 0)
+    total_before = sum(macs_before.values())
+    at_floor = False  # every prunable group down to its floor: nothing left to remove
+    for step in range(1, steps + 1):
+        goal = total_before * (1 - (1 - target_macs) * step / steps)
+        # The savings of a unit are estimated alone; removing a width channel and a Q/K channel together saves
+        # their shared weight once, not twice, so a step can fall short: it then tops up with fresh gradients.
+        for _ in range(4):
+            excess = sum(count_macs(model, example).values()) - goal
+            if excess <= 0.002 * total_before or at_floor:
+                break
+            accumulate_gradients(model, batches)
+            units = sorted((u for g in groups if g.prunable
+                            for u in candidate_units(g, importance(g), floor)),
+                           key=lambda u: u.importance)
+            chosen: dict[int, list[int]] = defaultdict(list)
+            taken = 0
+            for unit in units:
+                if excess <= 0:
+                    break
+                chosen[id(unit.group)] += unit.channels
+                excess -= len(unit.channels) * unit.group.macs_per_channel()
+                taken += 1
+            at_floor = taken == len(units)
+            for group in groups:
+                if chosen.get(id(group)):
+                    prune_channels(group, sorted(chosen[id(group)]))
+            model.zero_grad(set_to_none=True)
+    macs_after = count_macs(model, example)
+    total_after = sum(macs_after.values())
+    if total_after > (target_macs + 0.01) * total_before:
+        reason = (f"the prunable groups are at their floor ({floor:g}), the rest of the model is not pruned"
+                  if at_floor else "raise --steps")
+        print(f"note: MAC target {target_macs:.2f} not reached ({total_after / total_before:.3f} kept): {reason}",
+              file=sys.stderr)
+    blocks = block_table(groups, macs_before, macs_after, params_before, _params_by_block(model, names))
+    summary = dict(macs_before_m=total_before / 1e6, macs_after_m=total_after / 1e6,
+                   macs_kept=total_after / total_before, params_before_m=total_params_before / 1e6,
+                   params_after_m=sum(p.numel() for p in model.parameters()) / 1e6, target_macs=target_macs,
+                   steps=steps, normalizer=getattr(importance, "normalizer", None),
+                   reduction=getattr(importance, "reduction", None), floor=floor,
+                   width_pruned=any(g.kind == "width" and g.prunable for g in groups),
+                   gradient_images=sum(len(labels) for _, labels in batches),
+                   val_images=val_images, acc_before=acc_before,
+                   acc_after=evaluate(model, val_batches)[0] if val_batches else None)
+    return PruneResult(blocks, stage_table(blocks), summary, model)
