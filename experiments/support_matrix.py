@@ -10,7 +10,7 @@ analyses are not computed here, only whether and how each one reads the model:
 - op_profile: one profiled forward of one image (work counted, times attributed; peaks fixed, not measured);
 - head_similarity: head similarity over the images (sites and heads read);
 - taylor_prune: the pruning groups found (Q/K, V, FFN hidden, widths), on a model that still computes the
-  same function once the pruner has rewritten its attention.
+  same function once the pruner has rewritten its attention, and one pruning step after which it still runs.
 """
 from __future__ import annotations
 
@@ -24,9 +24,8 @@ import pandas as pd
 import torch
 import torch.nn as nn
 
-from analysis.attention_capture import UnsupportedModelError
 from evit.io import write_csv, write_text
-from experiments.models import create_model, model_img_size
+from experiments.models import UnsupportedModelError, create_model, model_img_size
 
 
 class Family(NamedTuple):
@@ -86,8 +85,9 @@ def _head_similarity(model: nn.Module, images: torch.Tensor) -> str:
 
 def _taylor_prune(model: nn.Module, images: torch.Tensor) -> str:
     """The groups found, once the model the pruner rewrote (attention projections split in place) is shown to
-    compute what it computed before: a rewrite that drops a bias or a position term would prune another model."""
-    from analysis.taylor_prune import prepare
+    compute what it computed before (a rewrite that drops a bias or a position term would prune another model),
+    and one pruning step to half the MACs after which the model still runs."""
+    from analysis.taylor_prune import prepare, taylor_prune
 
     with torch.no_grad():
         before = model(images)
@@ -95,7 +95,11 @@ def _taylor_prune(model: nn.Module, images: torch.Tensor) -> str:
         diff = float((model(images) - before).abs().max())
     if not diff <= 1e-4 * max(1.0, float(before.abs().max())):
         raise AssertionError(f"the model prepared for pruning computes another function (max diff {diff:.3g})")
-    return f"{len(groups)} groups"
+    labels = torch.zeros(len(images), dtype=torch.long)  # any labels: the step is a smoke test, not a result
+    kept = taylor_prune(model, [(images, labels)], target_macs=0.5, steps=1).summary["macs_kept"]
+    with torch.no_grad():
+        model(images)
+    return f"{len(groups)} groups, one step to {kept:.2f} of the MACs"
 
 
 CHECKS: dict[str, Callable[[nn.Module, torch.Tensor], str]] = {
@@ -105,9 +109,8 @@ CHECKS: dict[str, Callable[[nn.Module, torch.Tensor], str]] = {
 def _refusals() -> tuple[type[Exception], ...]:
     """The clean, one-line errors the analyses give users for a model they cannot read."""
     from analysis.op_profile import ProfileError
-    from analysis.taylor_prune import UnsupportedModelError as PruneUnsupported
 
-    return UnsupportedModelError, PruneUnsupported, ProfileError
+    return UnsupportedModelError, ProfileError
 
 
 def support_cell(analysis: str, model: nn.Module, images: torch.Tensor) -> str:

@@ -165,6 +165,21 @@ def test_planted_dead_width_channel_is_pruned_first():
     assert first.channels == [7] and first.importance == 0
 
 
+def test_distilled_deit_width_covers_the_distillation_token_and_head():
+    torch.manual_seed(0)
+    model = timm.create_model("deit_tiny_distilled_patch16_224", img_size=16, patch_size=8, embed_dim=12, depth=2,
+                              num_heads=2, num_classes=3).eval()
+    x = torch.randn(2, 3, 16, 16)
+    width = tpr.prepare(model)[-1]
+    zero_channel_(width, 7)  # written by nothing (tokens, embeddings, projections), read by nothing
+    tpr.accumulate_gradients(model, batches())
+    first = tpr.candidate_units(width, tpr.TaylorImportance()(width), floor=0.1)[0]
+    assert first.channels == [7] and first.importance == 0
+    tpr.prune_channels(width, [1, 7])
+    assert model.dist_token.shape[-1] == model.cls_token.shape[-1] == model.head_dist.in_features == 10
+    assert model(x).shape == (2, 3)
+
+
 def test_swin_stage_widths_go_through_patch_merging():
     model = tiny_swin()
     merge = model.layers[1].downsample

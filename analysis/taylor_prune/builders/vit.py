@@ -93,8 +93,8 @@ def block_stream(block: nn.Module) -> list[tuple[nn.Module, str]]:
 
 @register_model(VisionTransformer)
 def width_groups(model: nn.Module) -> list[Group]:
-    """The residual-stream width of a timm VisionTransformer: patch embedding outputs, class/register tokens and
-    position embedding, every LayerNorm and LayerScale on the stream, every Linear reading or writing it. Pruning
+    """The residual-stream width of a timm VisionTransformer: patch embedding outputs, class/distillation/register
+    tokens and position embedding, every LayerNorm and LayerScale on the stream, every Linear reading or writing it. Pruning
     it changes the LayerNorms' statistics, so outputs move slightly even for channels that carry nothing."""
     if not isinstance(model.patch_embed.proj, nn.Conv2d):
         return []
@@ -103,8 +103,10 @@ def width_groups(model: nn.Module) -> list[Group]:
     def layout() -> list[Slice]:
         entries = [(model.patch_embed.proj, "out"), (model.patch_embed.norm, "out")]
         entries += [e for block in model.blocks for e in block_stream(block)]
-        entries += [(model.norm, "out"), (model.fc_norm, "out"), (model.head, "in")]
-        return [Slice(model, "last", 0, 0, count(), param=p) for p in ("cls_token", "reg_token", "pos_embed")
+        entries += [(model.norm, "out"), (model.fc_norm, "out"), (model.head, "in"),
+                    (getattr(model, "head_dist", None), "in")]  # distilled DeiT's second classifier
+        tokens = ("cls_token", "dist_token", "reg_token", "pos_embed")
+        return [Slice(model, "last", 0, 0, count(), param=p) for p in tokens
                 if getattr(model, p, None) is not None] + whole(count(), entries)
 
     def resize(removed: int) -> None:
