@@ -8,7 +8,7 @@ from timm.models.vision_transformer import Attention
 
 from analysis import mhsa_ratio
 from evit.efficientvit import CascadedGroupAttention, MultiHeadSelfAttention
-from tests.test_train import one_line_error
+from tests.test_train import one_line_error, refuse
 
 
 @pytest.mark.parametrize("depth, share, expected", [
@@ -85,10 +85,6 @@ def test_bad_shares_and_families_are_clear_errors(capsys):
 
 
 def test_missing_data_fails_at_once_before_any_training(tmp_path, capsys, monkeypatch):
-    def refuse(*args, **kwargs):
-        raise AssertionError("the data was read or a variant trained before the inputs were checked")
-
-    monkeypatch.setattr(mhsa_ratio, "build_datasets", refuse)
-    monkeypatch.setattr(mhsa_ratio, "train", refuse)
+    refuse(monkeypatch, mhsa_ratio, ["build_datasets", "train"], "the data was read or a variant trained")
     err = one_line_error(capsys, ["--data-dir", str(tmp_path / "nowhere"), "--out", str(tmp_path)], mhsa_ratio.main)
     assert f"Fashion-MNIST not found in {tmp_path / 'nowhere'}" in err and "--data-dir" in err

@@ -11,7 +11,7 @@ import torch.nn as nn
 
 from analysis import op_profile
 from analysis.op_profile import OTHER, ProfileError, attention_flops, event_call, op_class, profile_model
-from tests.test_train import one_line_error
+from tests.test_train import one_line_error, refuse
 
 M, K, N = 64, 32, 48
 PEAKS = (100.0, 10.0)  # GFLOP/s, GB/s: ridge at 10 FLOP/byte
@@ -225,11 +225,7 @@ def test_fused_needs_a_fuse_method():
 @pytest.fixture
 def no_measuring(monkeypatch):
     """Input errors must come before the roofline micro-benchmark and before any model is profiled."""
-    def refuse(*args, **kwargs):
-        raise AssertionError("measured before the inputs were checked")
-
-    monkeypatch.setattr(op_profile, "measure_peaks", refuse)
-    monkeypatch.setattr(op_profile, "profile_model", refuse)
+    refuse(monkeypatch, op_profile, ["measure_peaks", "profile_model"], "measured")
 
 
 @pytest.mark.parametrize("argv, message", [

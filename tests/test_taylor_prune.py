@@ -13,7 +13,7 @@ from analysis import taylor_prune as tpr
 from analysis.taylor_prune import cli, importance
 from evit.summary import count_flops
 from experiments.models import create_model
-from tests.test_train import one_line_error
+from tests.test_train import one_line_error, refuse
 
 
 def tiny_vit(**kwargs):
@@ -332,11 +332,7 @@ def test_validation_batches_are_served_when_read():
 def no_long_work(monkeypatch):
     """Input errors must come before any weights load (a proxy would train, hub weights download) or data is read:
     either fails the test."""
-    def refuse(*args, **kwargs):
-        raise AssertionError("weights or data were loaded before the inputs were checked")
-
-    monkeypatch.setattr(cli, "load_model", refuse)
-    monkeypatch.setattr(cli, "load_batches", refuse)
+    refuse(monkeypatch, cli, ["load_model", "load_batches"], "weights or data were loaded")
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -164,13 +164,19 @@ def one_line_error(capsys, argv: list[str], cli=main, seconds: float = 10.0) -> 
     return err
 
 
+def refuse(monkeypatch, module, names: list[str], what: str) -> None:
+    """Make each `module.name` fail the test when called: `what` must not happen before the inputs are checked."""
+    def refused(*args, **kwargs):
+        raise AssertionError(f"{what} before the inputs were checked")
+
+    for name in names:
+        monkeypatch.setattr(module, name, refused)
+
+
 @pytest.fixture
 def no_data_loading(monkeypatch):
     """Input errors must come before the data loads: loading fails the test."""
-    def refuse(*args, **kwargs):
-        raise AssertionError("the data was loaded before the inputs were checked")
-
-    monkeypatch.setattr(train_mod, "build_datasets", refuse)
+    refuse(monkeypatch, train_mod, ["build_datasets"], "the data was loaded")
 
 
 def test_cli_error_missing_data(tmp_path, capsys, no_data_loading):
