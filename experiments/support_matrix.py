@@ -87,10 +87,11 @@ def _taylor_prune(model: nn.Module, images: torch.Tensor) -> str:
     """The groups found, once the model the pruner rewrote (attention projections split in place) is shown to
     compute what it computed before (a rewrite that drops a bias or a position term would prune another model),
     and one pruning step to half the MACs after which the model still runs."""
-    from analysis.taylor_prune import prepare, taylor_prune
+    from analysis.taylor_prune import prepare, prunable, taylor_prune
 
     with torch.no_grad():
         before = model(images)
+        model = prunable(model)
         groups = prepare(model)
         diff = float((model(images) - before).abs().max())
     if not diff <= 1e-4 * max(1.0, float(before.abs().max())):

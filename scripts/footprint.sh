@@ -19,8 +19,10 @@ measure() {  # measure TARGET_GB TARGET_S COMMAND...
   echo "== $*" >&2
   /usr/bin/time -f "%M %e" -o "$SCRATCH/time" "$@" >"$SCRATCH/log" 2>&1 \
     || { cat "$SCRATCH/log" >&2; echo "error: '$*' failed" >&2; exit 1; }
-  read -r kb wall <"$SCRATCH/time"
-  ROWS+=("| \`${*#"$PY" -m }\` | $(awk "BEGIN{printf \"%.2f\", $kb/1048576}") GB | $(awk "BEGIN{printf \"%.0f\", $wall}") s | <= $gb GB, <= $secs s |")
+  local kb wall label
+  read -r kb wall < <(tail -n 1 "$SCRATCH/time")  # GNU time's last line (a failing status line comes first)
+  label=$(printf '%s ' "$@" | sed -e "s#^$PY -m ##" -e "s# --out $SCRATCH/[a-z]* # #" -e 's/ *$//')
+  ROWS+=("| \`$label\` | $(awk "BEGIN{printf \"%.2f\", $kb/1048576}") GB | $(awk "BEGIN{printf \"%.0f\", $wall}") s | <= $gb GB, <= $secs s |")
 }
 
 measure 2.5 60 "$PY" -m analysis.head_similarity --model deit_tiny --weights random --out "$SCRATCH/hs"
@@ -31,7 +33,7 @@ if [ "${FOOTPRINT_QUICK:-0}" = 1 ]; then
 fi
 
 {
-  echo "Measured by \`bash scripts/footprint.sh\` on $(nproc) cores, one torch thread, $(date -u +%Y-%m-%d)."
+  echo "Measured by \`bash scripts/footprint.sh\` on $(nproc --all) cores, one torch thread, $(date -u +%Y-%m-%d)."
   echo
   echo "| command | peak RSS | wall | target |"
   echo "|---|---|---|---|"

@@ -9,22 +9,47 @@ from evit.io import write_csv
 from experiments import reproduce
 
 
+def _record(name: str):
+    """A step that appends its name to out/calls.log (steps run in child processes: a list would stay there)."""
+    def run(out, opts) -> None:
+        with open(out / "calls.log", "a") as log:
+            log.write(name + "\n")
+    return run
+
+
 def test_steps_with_outputs_are_skipped_and_forced_ones_rerun(tmp_path, monkeypatch):
-    calls = []
     (tmp_path / "a").mkdir()
     (tmp_path / "a" / "done.csv").write_text("x\n1\n")
     monkeypatch.setattr(reproduce, "STEPS", [
-        reproduce.Step("cached", ("a/done.csv",), lambda out, opts: calls.append("cached")),
-        reproduce.Step("missing", ("b/none.csv",), lambda out, opts: calls.append("missing")),
-        reproduce.Step("paper_only", (), lambda out, opts: calls.append("paper_only"), ("paper",)),
+        reproduce.Step("cached", ("a/done.csv",), _record("cached")),
+        reproduce.Step("missing", ("b/none.csv",), _record("missing")),
+        reproduce.Step("paper_only", (), _record("paper_only"), ("paper",)),
     ])
+    calls = lambda: (tmp_path / "calls.log").read_text().split()  # noqa: E731
     reproduce.main(["--out", str(tmp_path)])
-    assert calls == ["missing"]
+    assert calls() == ["missing"]
     reproduce.main(["--out", str(tmp_path), "--force", "cached", "--steps", "cached"])
-    assert calls == ["missing", "cached"]
+    assert calls() == ["missing", "cached"]
     reproduce.main(["--out", str(tmp_path), "--force", "all"])
-    assert calls == ["missing", "cached", "cached", "missing"]  # every step of the scale, in order
+    assert calls() == ["missing", "cached", "cached", "missing"]  # every step of the scale, in order
     assert (tmp_path / "REPORT.md").is_file()
+
+
+def test_each_step_runs_in_its_own_process_and_a_failure_stops_the_run(tmp_path, monkeypatch):
+    import os
+
+    def pid(out, opts) -> None:
+        (out / "pid").write_text(str(os.getpid()))
+
+    def user_error(out, opts) -> None:
+        raise SystemExit(2)
+
+    monkeypatch.setattr(reproduce, "STEPS", [reproduce.Step("pid", (), pid), reproduce.Step("bad", (), user_error),
+                                             reproduce.Step("after", (), _record("after"))])
+    with pytest.raises(SystemExit) as exit_info:
+        reproduce.main(["--out", str(tmp_path)])
+    assert exit_info.value.code == 2
+    assert int((tmp_path / "pid").read_text()) != os.getpid() and not (tmp_path / "calls.log").exists()
 
 
 def test_unknown_step_names_the_valid_ones(tmp_path, capsys):

@@ -641,3 +641,21 @@ def test_evit_stage_widths_pruned_to_a_mac_target():
     dims = tpr.allocation_config(result.blocks, "m0", match_flops=False).embed_dims
     unpruned = tpr.allocation_config(result.blocks.assign(width_kept=1.0), "m0", match_flops=False).embed_dims
     assert dims != unpruned and all(a <= b for a, b in zip(dims, unpruned))
+
+
+def test_timm_efficientvit_msra_is_pruned_as_its_evit_preset():
+    """timm's port of the paper's model converts to evit_m0 with the same weights and function, then prunes."""
+    from evit.efficientvit import EfficientViT
+    from experiments.models import skeleton
+
+    torch.manual_seed(0)
+    port = timm.create_model("efficientvit_m0", num_classes=10).eval()
+    x = torch.randn(2, 3, 224, 224)
+    model = tpr.prunable(port)
+    assert isinstance(model, EfficientViT) and model is not port
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), port(x), atol=0, rtol=0)
+    result = tpr.taylor_prune(port, [(x, torch.tensor([1, 2]))], target_macs=0.8, steps=1)
+    assert isinstance(result.model, EfficientViT) and result.summary["macs_kept"] <= 0.81
+    assert result.model(x).shape == (2, 10)
+    assert len(tpr.prepare(tpr.prunable(skeleton("efficientvit_m0")))) == len(tpr.prepare(model))  # input check

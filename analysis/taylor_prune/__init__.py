@@ -53,7 +53,7 @@ loop), `tables`, `allocation`, `plot` and `cli`.
 from __future__ import annotations
 
 from analysis.taylor_prune.allocation import allocation_config
-from analysis.taylor_prune.builders import prepare, register_block, register_model
+from analysis.taylor_prune.builders import prepare, prunable, register_block, register_converter, register_model
 from analysis.taylor_prune.builders.vit import SplitAttention
 from analysis.taylor_prune.cli import DEFAULT_OUT, ServedBatches, load_batches, load_weights, main, parse_args, run
 from analysis.taylor_prune.groups import Group, Slice
@@ -68,6 +68,6 @@ __all__ = [
     "DEFAULT_OUT", "KINDS", "NORMALIZERS", "REDUCTIONS", "Group", "PruneResult", "ServedBatches", "Slice",
     "SplitAttention", "TaylorImportance", "Unit", "UnsupportedModelError", "accumulate_gradients",
     "allocation_config", "block_table", "candidate_units", "count_macs", "evaluate", "load_batches", "load_weights",
-    "main", "measure_positions", "parse_args", "plot", "prepare", "prune_channels", "register_block",
-    "register_model", "run", "stage_table", "taylor_prune",
+    "main", "measure_positions", "parse_args", "plot", "prepare", "prunable", "prune_channels", "register_block",
+    "register_converter", "register_model", "run", "stage_table", "taylor_prune",
 ]

@@ -13,7 +13,7 @@ import torch.nn as nn
 from torch.utils.data import Dataset
 
 from analysis.taylor_prune.allocation import allocation_config
-from analysis.taylor_prune.builders import prepare
+from analysis.taylor_prune.builders import prepare, prunable
 
 from analysis.taylor_prune.importance import NORMALIZERS, REDUCTIONS, TaylorImportance
 from analysis.taylor_prune.plot import plot
@@ -140,7 +140,7 @@ def check_inputs(args: argparse.Namespace) -> None:
 
     check_data(args.data, args.data_dir)
     check_model(args.model)
-    prepare(skeleton(args.model))
+    prepare(prunable(skeleton(args.model)))
 
 def run(args: argparse.Namespace) -> PruneResult:
     from experiments.models import model_img_size

@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch_pruning as tp
 
-from analysis.taylor_prune.builders import prepare
+from analysis.taylor_prune.builders import prepare, prunable
 from analysis.taylor_prune.groups import Group
 from analysis.taylor_prune.importance import Batches, TaylorImportance, accumulate_gradients
 from analysis.taylor_prune.macs import count_macs, measure_positions
@@ -102,7 +102,8 @@ def _params_by_block(model: nn.Module, blocks: Iterable[str]) -> dict[str, int]:
 def taylor_prune(model: nn.Module, batches: Batches, target_macs: float = 0.5, steps: int = 5,
                  importance: Callable[[Group], torch.Tensor] = TaylorImportance(), floor: float = 0.1,
                  val_batches: Batches = (), prune_width: bool = True) -> PruneResult:
-    """Prune `model` (in place, eval mode) to `target_macs` of its MACs in `steps` Taylor steps; report per block.
+    """Prune `model` (in place, eval mode; a converted copy where a converter is registered, see `prunable`: the
+    result's `model` is the one pruned) to `target_macs` of its MACs in `steps` Taylor steps; report per block.
 
     batches: (images, labels) used for the gradients (all of them, every step). importance: a group's channel
     scores from those gradients (TaylorImportance by default; any callable Group -> (channels,) tensor).
@@ -111,7 +112,7 @@ def taylor_prune(model: nn.Module, batches: Batches, target_macs: float = 0.5, s
     """
     if not 0 < target_macs < 1:
         raise ValueError(f"target_macs must lie in (0, 1), got {target_macs}")
-    model.eval()
+    model = prunable(model).eval()
     groups = prepare(model)
     if not prune_width:
         for group in groups:

@@ -2,7 +2,9 @@
 
 - block builders, keyed by a block's type (or a predicate on the module): `builder(name, block)` returns the
   block's Q/K, V and FFN-hidden groups (and may rewrite the block in place, e.g. split a fused qkv);
-- model builders, keyed by the model's type: `builder(model)` returns its residual-stream width groups.
+- model builders, keyed by the model's type: `builder(model)` returns its residual-stream width groups;
+- converters, keyed by the model's type: `converter(model)` returns the same network in a form the builders know
+  (timm's `efficientvit_m*` as an evit EfficientViT); `prunable(model)` applies them.
 
 Adding a family is adding a module that registers its builders, and importing it below.
 """
@@ -18,6 +20,7 @@ from experiments.models import UnsupportedModelError
 Match = Union[type, tuple[type, ...], Callable[[nn.Module], bool]]
 BLOCK_BUILDERS: list[tuple[Match, Callable[[str, nn.Module], list[Group]]]] = []
 MODEL_BUILDERS: list[tuple[Match, Callable[[nn.Module], list[Group]]]] = []
+CONVERTERS: list[tuple[Match, Callable[[nn.Module], nn.Module]]] = []
 
 
 def _matches(match: Match, module: nn.Module) -> bool:
@@ -40,6 +43,19 @@ def register_model(match: Match):
     return register
 
 
+def register_converter(match: Match):
+    """Register a converter: a model of this kind is pruned as the network the converter returns."""
+    def register(converter):
+        CONVERTERS.append((match, converter))
+        return converter
+    return register
+
+
+def prunable(model: nn.Module) -> nn.Module:
+    """`model` itself, or the same network converted to a form the builders know."""
+    return next((convert(model) for match, convert in CONVERTERS if _matches(match, model)), model)
+
+
 def prepare(model: nn.Module) -> list[Group]:
     """The model's groups: every block's (blocks rewritten in place where a builder needs it), then the
     residual-stream widths. UnsupportedModelError when no builder knows any of its blocks."""
@@ -52,7 +68,8 @@ def prepare(model: nn.Module) -> list[Group]:
     if not groups:
         raise UnsupportedModelError(f"{type(model).__name__} has no prunable blocks; supported: timm "
                                     f"VisionTransformer (deit_*, vit_*, deit_proxy), SwinTransformer (swin_*, "
-                                    f"swin_proxy) and evit models with BatchNorm (evit_m*, proxies, configs)")
+                                    f"swin_proxy), evit models with BatchNorm (evit_m*, proxies, configs) and timm's efficientvit_m* "
+                                    f"(converted to evit; see the support table in the README)")
     for group in groups:
         group.original, group.in_dim_before = group.channels, group.width()
     return groups

@@ -2,13 +2,17 @@
 through the stem, transitions, heads and the CGA cascade."""
 from __future__ import annotations
 
+import re
 from typing import Callable
 
+import timm
 import torch.nn as nn
+from timm.models.efficientvit_msra import EfficientVitMsra
 
-from analysis.taylor_prune.builders import register_block, register_model
+from analysis.taylor_prune.builders import register_block, register_converter, register_model
 from analysis.taylor_prune.groups import Group, Slice, set_sizes, stage_of
 from experiments.models import UnsupportedModelError
+from evit.convert import from_timm
 from evit.efficientvit import (CascadedGroupAttention, ConvMlp, ConvNorm, EfficientViT, EfficientViTBlock, NormLinear,
                                Residual)
 
@@ -161,3 +165,18 @@ def width_groups(model: nn.Module) -> list[Group]:
     """One width group per stage of an evit EfficientViT (`_stage_width`)."""
     _require_batchnorm(type(model).__name__, model)  # also the stem and transitions, which no block group covers
     return [_stage_width(model, s) for s in range(len(model.stages))]
+
+
+@register_converter(EfficientVitMsra)
+def from_timm_port(model: nn.Module) -> EfficientViT:
+    """timm's port of the paper's model (`efficientvit_m0`..`m5`) as the evit preset of the same name: the two share
+    their state-dict layout (evit.convert.from_timm), so the weights carry over and the function is the same. A
+    skeleton (weights on the meta device, for input checks) converts to a freshly initialized evit model."""
+    match = re.fullmatch(r"efficientvit_(m\d)", model.pretrained_cfg.get("architecture", ""))
+    if match is None:
+        raise UnsupportedModelError(f"{type(model).__name__} ({model.pretrained_cfg.get('architecture')}) is not one "
+                                    f"of timm's efficientvit_m0..m5, whose evit presets the pruner converts it to")
+    converted = timm.create_model(f"evit_{match[1]}", num_classes=model.num_classes)
+    if not any(p.is_meta for p in model.parameters()):
+        converted.load_state_dict(from_timm(model.state_dict()))
+    return converted.train(model.training)
