@@ -164,7 +164,8 @@ def run(args: argparse.Namespace) -> PruneResult:
         from experiments.train import TrainConfig, train as train_model
 
         cfg = TrainConfig(model=args.model, data=args.data, img_size=img_size, epochs=args.finetune_epochs,
-                          warmup_epochs=0, lr=2e-4, limit_train=args.finetune_images, limit_val=args.val_images, threads=args.threads)
+                          warmup_epochs=0, lr=2e-4, limit_train=args.finetune_images, limit_val=args.val_images,
+                          threads=args.threads)
         metrics = train_model(result.model, cfg, build_datasets(args.data, img_size, args.data_dir))
         result.summary.update(acc_finetuned=metrics["val_acc"], finetune_epochs=args.finetune_epochs)
         result.model.eval()

@@ -68,8 +68,8 @@ def prepare(model: nn.Module) -> list[Group]:
     if not groups:
         raise UnsupportedModelError(f"{type(model).__name__} has no prunable blocks; supported: timm "
                                     f"VisionTransformer (deit_*, vit_*, deit_proxy), SwinTransformer (swin_*, "
-                                    f"swin_proxy), evit models with BatchNorm (evit_m*, proxies, configs) and timm's efficientvit_m* "
-                                    f"(converted to evit; see the support table in the README)")
+                                    f"swin_proxy), evit models with BatchNorm (evit_m*, proxies, configs) and "
+                                    f"timm's efficientvit_m* (converted to evit); see the README's support table")
     for group in groups:
         group.original, group.in_dim_before = group.channels, group.width()
     return groups

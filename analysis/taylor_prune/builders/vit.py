@@ -94,8 +94,8 @@ def block_stream(block: nn.Module) -> list[tuple[nn.Module, str]]:
 @register_model(VisionTransformer)
 def width_groups(model: nn.Module) -> list[Group]:
     """The residual-stream width of a timm VisionTransformer: patch embedding outputs, class/distillation/register
-    tokens and position embedding, every LayerNorm and LayerScale on the stream, every Linear reading or writing it. Pruning
-    it changes the LayerNorms' statistics, so outputs move slightly even for channels that carry nothing."""
+    tokens and position embedding, every LayerNorm and LayerScale on the stream, every Linear reading or writing it.
+    Pruning it changes the LayerNorms' statistics, so outputs move slightly even for channels that carry nothing."""
     if not isinstance(model.patch_embed.proj, nn.Conv2d):
         return []
     count = lambda: model.patch_embed.proj.out_channels  # noqa: E731
