@@ -25,6 +25,7 @@ Layout rules, the only place a family shows through (docs/attention_maps.md list
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import math
 from dataclasses import dataclass, field
@@ -218,16 +219,13 @@ def _window_mask(module: nn.Module, args: tuple, kwargs: dict) -> Optional[torch
     return mask if isinstance(mask, torch.Tensor) and mask.dim() == 3 and mask.is_floating_point() else None
 
 
-_PARAMS: dict[type, list[str]] = {}
-
-
+@functools.lru_cache(maxsize=None)
 def _forward_params(cls: type) -> list[str]:
-    if cls not in _PARAMS:
-        try:
-            _PARAMS[cls] = [p for p in inspect.signature(cls.forward).parameters if p != "self"]
-        except (TypeError, ValueError):
-            _PARAMS[cls] = []
-    return _PARAMS[cls]
+    """The names of `cls.forward`'s parameters after self (looked up once per module class)."""
+    try:
+        return [p for p in inspect.signature(cls.forward).parameters if p != "self"]
+    except (TypeError, ValueError):  # a forward without an inspectable signature (builtins)
+        return []
 
 
 @contextlib.contextmanager
