@@ -119,9 +119,13 @@ def support_cell(analysis: str, model: nn.Module, images: torch.Tensor) -> str:
     try:
         return f"yes: {CHECKS[analysis](model, images)}"
     except _refusals() as e:
-        return f"no: {e}"
+        return f"no: {_one_line(e)}"
     except Exception as e:  # noqa: BLE001 -- a crash is what this cell reports, in one line
-        return f"fails: {type(e).__name__}: {e}"
+        return f"fails: {type(e).__name__}: {_one_line(e)}"
+
+
+def _one_line(error: Exception) -> str:
+    return " ".join(str(error).split())  # some exceptions (torch's shape errors) span lines
 
 
 def family_row(family: Family, analyses: Sequence[str] = ANALYSES, data_dir: Optional[str] = None) -> dict:
