@@ -132,13 +132,16 @@ def family_row(family: Family, analyses: Sequence[str] = ANALYSES, data_dir: Opt
     """One family's cells, each analysis on its own fresh model (the pruner edits the model it reads)."""
     from analysis.head_similarity import load_images
 
-    torch.manual_seed(0)
-    size = model_img_size(create_model(family.model))
+    def fresh() -> nn.Module:  # the same random weights for every analysis
+        torch.manual_seed(0)
+        return create_model(family.model).eval()
+
+    model = fresh()
+    size = model_img_size(model)
     images = load_images("fashion_mnist", size, NUM_IMAGES, data_dir)
     row = dict(family=family.name, model=family.model, attention=family.attention, img_size=size)
-    for analysis in analyses:
-        torch.manual_seed(0)
-        row[analysis] = support_cell(analysis, create_model(family.model).eval(), images)
+    for i, analysis in enumerate(analyses):
+        row[analysis] = support_cell(analysis, model if i == 0 else fresh(), images)
     return row
 
 
