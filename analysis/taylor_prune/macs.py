@@ -9,9 +9,8 @@ from typing import Callable, Sequence
 import torch
 import torch.nn as nn
 
-from analysis.taylor_prune.builders.vit import SplitAttention
+from analysis.taylor_prune.builders import Geometry, attention_geometry
 from analysis.taylor_prune.groups import Group
-from evit.efficientvit import RelativeBiasAttention
 
 
 def _forward_with_hooks(model: nn.Module, example: torch.Tensor, hooks: dict[nn.Module, Callable]) -> None:
@@ -24,15 +23,12 @@ def _forward_with_hooks(model: nn.Module, example: torch.Tensor, hooks: dict[nn.
             handle.remove()
 
 
-ATTENTION_MODULES = (SplitAttention, RelativeBiasAttention)  # where q @ k^T and attn @ v run
-
-
-def _queries_keys(module: nn.Module, x: torch.Tensor, batch: int) -> tuple[float, float]:
-    """(queries per image, keys per query) of an attention module's input: timm (B or windows, N, C), evit
-    (B or windows, C, ws, ws)."""
-    if isinstance(module, SplitAttention):
-        return x.shape[0] * x.shape[1] / batch, float(x.shape[1])
-    return x.shape[0] * x.shape[2] * x.shape[3] / batch, float(x.shape[2] * x.shape[3])
+def _geometry_hook(geometry: Geometry, batch: int, record: Callable[[float, float, int], None]) -> Callable:
+    """A forward hook passing an attention's (queries per image, keys per query, Q/K + V channels) to `record`."""
+    def hook(module: nn.Module, args: tuple, out: torch.Tensor) -> None:
+        rows, keys, channels = geometry(module, args)
+        record(rows / batch, keys, channels)
+    return hook
 
 
 def _positions(layer: nn.Module, out: torch.Tensor, batch: int) -> float:
@@ -53,15 +49,16 @@ def count_macs(model: nn.Module, example: torch.Tensor) -> dict[str, float]:
             elif isinstance(module, nn.Conv2d):
                 macs[name] += (_positions(module, out, batch) * module.out_channels
                                * module.in_channels // module.groups * math.prod(module.kernel_size))
-            else:
-                queries, keys = _queries_keys(module, args[0], batch)
-                per_head = ((module.q.out_features + module.v.out_features) / module.num_heads
-                            if isinstance(module, SplitAttention) else module.key_dim + module.val_dim)
-                macs[name] += queries * keys * module.num_heads * per_head
         return count
 
-    _forward_with_hooks(model, example, {m: hook(n) for n, m in model.named_modules()
-                                         if isinstance(m, (nn.Linear, nn.Conv2d) + ATTENTION_MODULES)})
+    def attention(name: str, geometry: Geometry) -> Callable:
+        def add(queries: float, keys: float, channels: int) -> None:
+            macs[name] += queries * keys * channels
+        return _geometry_hook(geometry, batch, add)
+
+    hooks = {m: hook(n) for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
+    hooks.update({m: attention(n, g) for n, m in model.named_modules() if (g := attention_geometry(m)) is not None})
+    _forward_with_hooks(model, example, hooks)
     return dict(macs)
 
 
@@ -75,12 +72,15 @@ def measure_positions(model: nn.Module, groups: Sequence[Group], example: torch.
     def layer(module: nn.Module, args: tuple, out: torch.Tensor) -> None:
         positions[module] += _positions(module, out, batch)  # += : a layer may run more than once
 
-    def attend(module: nn.Module, args: tuple, out: torch.Tensor) -> None:
-        attention[module] = _queries_keys(module, args[0], batch)
+    def attend(module: nn.Module) -> Callable:
+        def keep(queries: float, keys: float, channels: int) -> None:
+            attention[module] = queries, keys
+        return _geometry_hook(attention_geometry(module), batch, keep)
 
     layers = {s.layer for g in groups for s in g.layout() if isinstance(s.layer, (nn.Linear, nn.Conv2d))}
     _forward_with_hooks(model, example, {**{m: layer for m in layers},
-                                         **{g.attention: attend for g in groups if g.attention is not None}})
+                                         **{g.attention: attend(g.attention) for g in groups
+                                            if g.attention is not None}})
     for group in groups:
         group.positions = {s.layer: positions[s.layer] for s in group.layout() if s.layer in positions}
         if group.attention is not None:

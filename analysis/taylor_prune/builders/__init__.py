@@ -4,16 +4,21 @@
   block's Q/K, V and FFN-hidden groups (and may rewrite the block in place, e.g. split a fused qkv);
 - model builders, keyed by the model's type: `builder(model)` returns its residual-stream width groups;
 - converters, keyed by the model's type: `converter(model)` returns the same network in a form the builders know
-  (timm's `efficientvit_m*` as an evit EfficientViT); `prunable(model)` applies them.
+  (timm's `efficientvit_m*` as an evit EfficientViT); `prunable(model)` applies them;
+- attention geometries, keyed by an attention module's type: `geometry(module, args)` gives its last forward's
+  (query rows over the whole input, keys per query, Q/K + V channels over all heads), which the MAC counter and the
+  MACs per channel need. Builders that put an `attention.PrunedAttention` in place need none: it records its own.
 
 Adding a family is adding a module that registers its builders, and importing it below.
 """
 from __future__ import annotations
 
+import re
 from typing import Callable, Union
 
 import torch.nn as nn
 
+from analysis.taylor_prune.attention import PrunedAttention
 from analysis.taylor_prune.groups import Group
 from experiments.models import UnsupportedModelError
 
@@ -21,16 +26,23 @@ Match = Union[type, tuple[type, ...], Callable[[nn.Module], bool]]
 BLOCK_BUILDERS: list[tuple[Match, Callable[[str, nn.Module], list[Group]]]] = []
 MODEL_BUILDERS: list[tuple[Match, Callable[[nn.Module], list[Group]]]] = []
 CONVERTERS: list[tuple[Match, Callable[[nn.Module], nn.Module]]] = []
+Geometry = Callable[[nn.Module, tuple], tuple[float, float, int]]
+GEOMETRIES: list[tuple[type, Geometry]] = [
+    (PrunedAttention, lambda module, args: (*module.geometry, module.matmul_channels()))]
+FAMILIES: list[str] = []  # what the refusal names as supported, in registration order
 
 
 def _matches(match: Match, module: nn.Module) -> bool:
     return isinstance(module, match) if isinstance(match, (type, tuple)) else bool(match(module))
 
 
-def register_block(match: Match):
-    """Register a block builder; the first registered builder whose key matches a module builds its groups."""
+def register_block(match: Match, family: str = ""):
+    """Register a block builder of `family` (named in the refusal of unknown models); the first registered builder
+    whose key matches a module builds its groups."""
     def register(builder):
         BLOCK_BUILDERS.append((match, builder))
+        if family and family not in FAMILIES:
+            FAMILIES.append(family)
         return builder
     return register
 
@@ -51,25 +63,49 @@ def register_converter(match: Match):
     return register
 
 
+def register_attention(kind: type):
+    """Register the geometry of an attention module type (see the module docstring)."""
+    def register(geometry: Geometry):
+        GEOMETRIES.insert(0, (kind, geometry))
+        return geometry
+    return register
+
+
+def attention_geometry(module: nn.Module) -> Geometry | None:
+    return next((g for kind, g in GEOMETRIES if isinstance(module, kind)), None)
+
+
 def prunable(model: nn.Module) -> nn.Module:
     """`model` itself, or the same network converted to a form the builders know."""
     return next((convert(model) for match, convert in CONVERTERS if _matches(match, model)), model)
 
 
+def _looks_like_attention(module: nn.Module) -> bool:
+    """A transformer block or an attention module, by timm's naming: what a model no builder knows is refused for."""
+    return (hasattr(module, "attn") and hasattr(module, "mlp")) or bool(
+        re.search(r"Attention|Attn|MHSA|MLA", type(module).__name__))
+
+
 def prepare(model: nn.Module) -> list[Group]:
     """The model's groups: every block's (blocks rewritten in place where a builder needs it), then the
-    residual-stream widths. UnsupportedModelError when no builder knows any of its blocks."""
+    residual-stream widths. UnsupportedModelError naming the first block or attention no builder knows, or when
+    the model has no block at all."""
+    supported = f"supported: {', '.join(FAMILIES)}; see the README's support table"
     groups: list[Group] = []
-    for name, module in model.named_modules():
+    built: list[str] = []  # blocks a builder took: their modules are theirs
+    for name, module in list(model.named_modules()):
+        if any(name.startswith(b + ".") for b in built):
+            continue
         builder = next((b for match, b in BLOCK_BUILDERS if _matches(match, module)), None)
         if builder is not None:
             groups += builder(name, module)
+            built.append(name)
+        elif _looks_like_attention(module):
+            raise UnsupportedModelError(f"{name} ({type(module).__name__}) is a layout no pruning builder knows; "
+                                        f"{supported}")
     groups += [g for match, builder in MODEL_BUILDERS if _matches(match, model) for g in builder(model)]
     if not groups:
-        raise UnsupportedModelError(f"{type(model).__name__} has no prunable blocks; supported: timm "
-                                    f"VisionTransformer (deit_*, vit_*, deit_proxy), SwinTransformer (swin_*, "
-                                    f"swin_proxy), evit models with BatchNorm (evit_m*, proxies, configs) and "
-                                    f"timm's efficientvit_m* (converted to evit); see the README's support table")
+        raise UnsupportedModelError(f"{type(model).__name__} has no prunable blocks; {supported}")
     for group in groups:
         group.original, group.in_dim_before = group.channels, group.width()
     return groups

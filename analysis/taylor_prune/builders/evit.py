@@ -9,12 +9,12 @@ import timm
 import torch.nn as nn
 from timm.models.efficientvit_msra import EfficientVitMsra
 
-from analysis.taylor_prune.builders import register_block, register_converter, register_model
+from analysis.taylor_prune.builders import register_attention, register_block, register_converter, register_model
 from analysis.taylor_prune.groups import Group, Slice, set_sizes, stage_of
 from experiments.models import UnsupportedModelError
 from evit.convert import from_timm
 from evit.efficientvit import (CascadedGroupAttention, ConvMlp, ConvNorm, EfficientViT, EfficientViTBlock, NormLinear,
-                               Residual)
+                               RelativeBiasAttention, Residual)
 
 
 def _conv_norm(module: nn.Module, axis: str, offset: int, first: int, count: int) -> list[Slice]:
@@ -30,7 +30,15 @@ def _require_batchnorm(name: str, module: nn.Module) -> None:
         raise UnsupportedModelError(f"{name}: only BatchNorm evit blocks can be pruned (this one has LayerNorm)")
 
 
-@register_block(EfficientViTBlock)
+@register_attention(RelativeBiasAttention)
+def attention_geometry(attn: nn.Module, args: tuple) -> tuple[float, float, int]:
+    """An evit attention's input is (batch or windows, C, ws, ws): every token a query of every key, per head."""
+    x = args[0]
+    return x.shape[0] * x.shape[2] * x.shape[3], x.shape[2] * x.shape[3], attn.num_heads * (
+        attn.key_dim + attn.val_dim)
+
+
+@register_block(EfficientViTBlock, family="EfficientViT (evit; timm's efficientvit_m* through evit)")
 def block_groups(name: str, block: nn.Module) -> list[Group]:
     """evit block: both FFNs of the sandwich, and the mixer's Q/K (per head: the Q and K rows of the head's
     qkv conv and its depthwise Q conv) and V groups. Cascaded group attention's V width is fixed by the cascade

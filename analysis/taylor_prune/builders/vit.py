@@ -7,14 +7,16 @@ from typing import Optional
 import torch
 import torch.nn as nn
 from timm.layers import Mlp
-from timm.models.vision_transformer import VisionTransformer
+from timm.models.swin_transformer import WindowAttention
+from timm.models.vision_transformer import Attention, VisionTransformer
 
+from analysis.taylor_prune.attention import PrunedAttention
 from analysis.taylor_prune.builders import register_block, register_model
 from analysis.taylor_prune.groups import Group, Slice, set_sizes, stage_of, whole
 from experiments.models import UnsupportedModelError
 
 
-class SplitAttention(nn.Module):
+class SplitAttention(PrunedAttention):
     """timm's Attention / Swin WindowAttention with separate q, k, v projections, so that Q/K and V are separate
     pruning groups and each head's Q/K and V dims can shrink. The softmax scale stays the original one, so
     pruned channels whose weights are zero leave the output unchanged."""
@@ -40,6 +42,9 @@ class SplitAttention(nn.Module):
             attn.proj = None
             self.bias_owner = attn
 
+    def matmul_channels(self) -> int:
+        return self.q.out_features + self.v.out_features
+
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         batch, tokens, _ = x.shape
         return x.view(batch, tokens, self.num_heads, -1).transpose(1, 2)
@@ -48,6 +53,7 @@ class SplitAttention(nn.Module):
                 is_causal: bool = False) -> torch.Tensor:
         batch, tokens, _ = x.shape
         q, k, v = self._heads(self.q(x)), self._heads(self.k(x)), self._heads(self.v(x))
+        self.record(q, k)
         attn = (q * self.scale) @ k.transpose(-2, -1)
         if self.bias_owner is not None:
             attn = attn + self.bias_owner._get_rel_pos_bias()
@@ -62,14 +68,22 @@ class SplitAttention(nn.Module):
         return self.proj_drop(self.proj(out))
 
 
-@register_block(lambda module: hasattr(module, "attn") and hasattr(module, "mlp"))  # any timm block of that shape
+def _timm_block(module: nn.Module) -> bool:
+    """A block of timm's VisionTransformer (also in MobileViT) or Swin v1: an `attn` of timm's Attention or Swin's
+    WindowAttention (split already, on a second pass) beside an `mlp`."""
+    return isinstance(getattr(module, "attn", None), (Attention, WindowAttention, SplitAttention)) and hasattr(
+        module, "mlp")
+
+
+@register_block(_timm_block, family="ViT/DeiT/DeiT-III (incl. distilled), MobileViT, Swin v1")
 def block_groups(name: str, block: nn.Module) -> list[Group]:
     """timm ViT / Swin block: fused qkv split into q, k, v Linears; Q/K, V and FFN-hidden groups."""
     if not isinstance(block.attn, SplitAttention):
         attn = block.attn
         plain = all(isinstance(getattr(attn, n, nn.Identity()), nn.Identity) for n in ("q_norm", "k_norm", "norm"))
-        if not hasattr(attn, "qkv") or not plain or getattr(attn, "gate", None) is not None:
-            raise UnsupportedModelError(f"{name}.attn ({type(attn).__name__}) is not a plain fused-qkv attention")
+        if not plain or getattr(attn, "gate", None) is not None:
+            raise UnsupportedModelError(f"{name}.attn ({type(attn).__name__}) has q/k norms or a gate, which the "
+                                        f"pruner does not carry over")
         block.attn = SplitAttention(attn)
     attn, mlp = block.attn, block.mlp
     if not isinstance(mlp, Mlp) or not isinstance(mlp.norm, nn.Identity):
