@@ -151,7 +151,7 @@ def test_mac_counter_matches_a_hand_count_before_and_after_pruning():
     tpr.measure_positions(model, groups, x)  # a width channel's MACs: what removing it saves, counted by hand
     assert width.macs_per_channel() == hand(10, 8, 14) - hand(10, 8, 14, dim=dim - 1)
     tpr.prune_channels(width, [1, 5, 11])  # the residual stream: every layer that reads or writes it
-    assert sum(tpr.count_macs(model, x).values()) == hand(10, 8, 14, dim=9)
+    assert sum(tpr.count_macs(model, x).values()) == hand(10, 8, 14, dim=9) == fvcore_macs(model, 16)
     assert model.pos_embed.shape[-1] == model.cls_token.shape[-1] == model.norm.weight.shape[0] == 9
     assert model(x).shape == (2, 3) and model.num_features == 9
 
