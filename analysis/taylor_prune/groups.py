@@ -62,6 +62,7 @@ class Group:
                                              # width: the stage's first CGA mixer, see `matmuls`)
     matmuls: int = 1                         # attention matmuls one channel sits in: an evit stage-width channel
                                              # is one V dim of every CGA mixer of the stage (same tokens and keys)
+    dims: int = 1                            # model dims one channel holds (2: an EVA rotary Q/K pair)
     prunable: bool = True
     original: int = 0                        # channels before pruning
     in_dim_before: int = 0                   # the block's input width before pruning

@@ -42,6 +42,8 @@ def _taylor(s: Slice) -> list[torch.Tensor]:
 
     if s.axis == "last":
         param = getattr(s.layer, s.param)
+        if not param.is_floating_point():
+            return []  # an index that follows the channels (EVA's kept rotary pairs): no weight, no importance
         entries = [score(param).reshape(-1, param.shape[-1]).sum(0)]
     else:
         weight = score(s.layer.weight)

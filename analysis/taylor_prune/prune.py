@@ -21,12 +21,16 @@ from analysis.taylor_prune.tables import block_table, stage_table
 
 
 def _cut_last(layer: nn.Module, names: Sequence[str], drop: Sequence[int]) -> None:
-    """Remove indices `drop` from the last dimension of the parameters `names` of `layer` (those present)."""
+    """Remove indices `drop` from the last dimension of the parameters or buffers `names` of `layer` (those
+    present); a buffer stays a buffer."""
     for name in names:
         old = getattr(layer, name, None)
         if old is not None:
-            keep = [i for i in range(old.shape[-1]) if i not in set(drop)]
-            setattr(layer, name, nn.Parameter(old.data[..., keep].clone(), requires_grad=old.requires_grad))
+            kept = old.data[..., [i for i in range(old.shape[-1]) if i not in set(drop)]].clone()
+            if name in layer._buffers:
+                layer._buffers[name] = kept
+            else:
+                setattr(layer, name, nn.Parameter(kept, requires_grad=old.requires_grad))
 
 
 def prune_channels(group: Group, idxs: list[int]) -> None:

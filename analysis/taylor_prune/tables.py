@@ -24,8 +24,8 @@ def block_table(groups: Sequence[Group], macs_before: dict[str, float], macs_aft
             row["heads"] = group.heads
         kind = group.kind
         n = row[f"_{kind}_groups"] = row.get(f"_{kind}_groups", 0) + 1
-        row[f"{kind}_dim_before"] = row.get(f"{kind}_dim_before", 0) + group.original
-        row[f"{kind}_dim"] = row.get(f"{kind}_dim", 0) + group.channels
+        row[f"{kind}_dim_before"] = row.get(f"{kind}_dim_before", 0) + group.original * group.dims
+        row[f"{kind}_dim"] = row.get(f"{kind}_dim", 0) + group.channels * group.dims
         row[f"{kind}_ratio_before"] = row[f"{kind}_dim_before"] / (n * row["in_dim_before"])
         row[f"{kind}_ratio"] = row[f"{kind}_dim"] / (n * row["in_dim"])
         row[f"{kind}_kept"] = row[f"{kind}_dim"] / row[f"{kind}_dim_before"]

@@ -111,5 +111,6 @@ def prepare(model: nn.Module) -> list[Group]:
     return groups
 
 
-# The families. evit first: its blocks must not fall to the generic timm block builder.
-from analysis.taylor_prune.builders import evit, vit, swin  # noqa: E402,F401  (they register themselves)
+# The families (each matches its own block and attention types).
+# They register themselves on import.
+from analysis.taylor_prune.builders import beit, cait, eva, evit, levit, pvt, swin, swinv2, vit  # noqa: E402,F401

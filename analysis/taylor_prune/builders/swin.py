@@ -8,9 +8,9 @@ import torch.nn as nn
 from timm.models.swin_transformer import PatchMerging, SwinTransformer
 
 from analysis.taylor_prune.builders import register_model
+from analysis.taylor_prune.builders.common import block_stream
 from analysis.taylor_prune.groups import Group, Slice, set_sizes, whole
 from experiments.models import UnsupportedModelError
-from analysis.taylor_prune.builders.vit import block_stream
 
 
 @register_model(SwinTransformer)

@@ -1,0 +1,126 @@
+"""Taylor pruning of timm BEiT, with a relative position table per block and with the model's shared one (passed
+through every block's forward): the split attention is the same function and carries q_bias and v_bias, planted
+zero Q/K, V and FFN channels go first and change nothing, a dead residual-stream channel goes first, the MAC counter
+agrees with fvcore before and after pruning, a pruned model reports its own widths, and SwiGLU FFNs are refused."""
+import pytest
+import timm
+import torch
+
+from analysis import taylor_prune as tpr
+from analysis.taylor_prune.builders.beit import SplitBeitAttention
+from tests.test_taylor_prune import batches, fvcore_macs, zero_channel_
+from tests.test_taylor_prune_cait import randomize_
+
+SIZE, HEADS, DIM = 16, 2, 6  # 16 px at patch 8: 4 patch tokens and the class token; 2 heads of 6 dims (width 12)
+# beit_base's own layout (a table per block, mean pooling into fc_norm, no absolute position embedding), and the
+# shared table with an absolute position embedding and class-token pooling into the final norm
+VARIANTS = {"per_block": {}, "shared": dict(use_rel_pos_bias=False, use_shared_rel_pos_bias=True,
+                                            use_abs_pos_emb=True, global_pool="token")}
+
+
+def tiny_beit(variant, **kwargs):
+    args = dict(img_size=SIZE, patch_size=8, embed_dim=HEADS * DIM, depth=2, num_heads=HEADS, mlp_ratio=2.0,
+                num_classes=3, init_values=1.0)
+    return randomize_(timm.create_model("beit_base_patch16_224", **{**args, **VARIANTS[variant], **kwargs}))
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_split_attention_is_the_same_function_and_carries_the_biases(variant):
+    model = tiny_beit(variant)
+    shared = variant == "shared"
+    assert (model.rel_pos_bias is not None) == shared and (model.blocks[0].attn.relative_position_bias_table is None
+                                                          ) == shared
+    q_bias, v_bias = model.blocks[0].attn.q_bias.detach().clone(), model.blocks[0].attn.v_bias.detach().clone()
+    x = torch.randn(2, 3, SIZE, SIZE)
+    with torch.no_grad():
+        expected = model(x)
+        groups = tpr.prepare(model)
+        torch.testing.assert_close(model(x), expected, atol=1e-5, rtol=0)
+        assert len(tpr.prepare(model)) == len(groups) == 2 * 3 + 1  # a second pass takes its own split blocks
+    attn = model.blocks[0].attn
+    assert isinstance(attn, SplitBeitAttention) and (attn.bias_owner is None) == shared
+    assert torch.equal(attn.q.bias, q_bias) and attn.k.bias is None and torch.equal(attn.v.bias, v_bias)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_planted_zero_channels_are_pruned_first_and_change_nothing(variant):
+    model = tiny_beit(variant)
+    qk, v, ffn = tpr.prepare(model)[3:6]  # block 1
+    attn, mlp = model.blocks[1].attn, model.blocks[1].mlp
+    with torch.no_grad():
+        for h in range(HEADS):
+            # Q/K dim 4 of every head dead through q alone (rows and q_bias): k stays live, so a forgotten q_bias
+            # would keep the dim in the logits
+            attn.q.weight[h * DIM + 4] = 0
+            attn.q.bias[h * DIM + 4] = 0
+            attn.v.weight[h * DIM + 1] = 0
+            attn.v.bias[h * DIM + 1] = 0
+        mlp.fc1.weight[[3, 7]] = 0
+        mlp.fc1.bias[[3, 7]] = -10.0  # GELU(-10) = 0: the hidden channel is dead
+    x = torch.randn(4, 3, SIZE, SIZE)
+    with torch.no_grad():
+        before = model(x)
+    tpr.accumulate_gradients(model, batches(size=SIZE))
+    for group, planted in ((qk, [4, DIM + 4]), (v, [1, DIM + 1])):
+        units = tpr.candidate_units(group, tpr.TaylorImportance()(group), floor=0.1)
+        assert sorted(units[0].channels) == planted and units[0].importance == 0 and units[1].importance > 0
+    ffn_units = tpr.candidate_units(ffn, tpr.TaylorImportance()(ffn), floor=0.1)
+    assert sorted(u.channels[0] for u in ffn_units[:2]) == [3, 7]
+    assert ffn_units[1].importance < 1e-6 < ffn_units[2].importance
+    scale = attn.scale
+    tpr.prune_channels(qk, [4, DIM + 4])
+    tpr.prune_channels(v, [1, DIM + 1])
+    tpr.prune_channels(ffn, [3, 7])
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), before, atol=1e-5, rtol=0)
+    assert (qk.channels, v.channels, ffn.channels) == (10, 10, 22) and attn.scale == scale
+    assert attn.q.bias.shape == attn.v.bias.shape == (10,)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_planted_dead_width_channel_is_pruned_first(variant):
+    model = tiny_beit(variant)
+    width = tpr.prepare(model)[-1]
+    assert width.kind == "width" and width.channels == HEADS * DIM
+    zero_channel_(width, 7)  # written by nothing (embeddings, class token, proj, fc2, gammas), read by nothing
+    tpr.accumulate_gradients(model, batches(size=SIZE))
+    units = tpr.candidate_units(width, tpr.TaylorImportance()(width), floor=0.1)
+    assert units[0].channels == [7] and units[0].importance == 0 and units[1].importance > 0
+    tpr.prune_channels(width, [1, 7])  # LayerNorm statistics move: only consistent shapes can be asserted
+    assert model(torch.randn(2, 3, SIZE, SIZE)).shape == (2, 3)
+    assert model.cls_token.shape[-1] == model.head.in_features == model.num_features == 10
+    assert model.pos_embed is None if variant == "per_block" else model.pos_embed.shape[-1] == 10
+    assert all(b.gamma_1.shape == b.gamma_2.shape == (10,) for b in model.blocks)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_mac_counter_agrees_with_fvcore_before_and_after_pruning(variant):
+    model = tiny_beit(variant)
+    groups = tpr.prepare(model)
+    macs = lambda: sum(tpr.count_macs(model, torch.randn(1, 3, SIZE, SIZE)).values())  # noqa: E731
+    assert macs() == fvcore_macs(model, SIZE)
+    for qk, v, ffn in (groups[0:3], groups[3:6]):
+        tpr.prune_channels(qk, [0, DIM])
+        tpr.prune_channels(v, [2, 3, DIM + 2, DIM + 3])
+        tpr.prune_channels(ffn, list(range(5)))
+    tpr.prune_channels(groups[-1], [0, 5, 9])
+    assert macs() == fvcore_macs(model, SIZE)
+
+
+def test_pruned_model_runs_and_reports_its_own_widths():
+    model = tiny_beit("shared")
+    result = tpr.taylor_prune(model, batches(size=SIZE), target_macs=0.6, steps=2, val_batches=batches(1, SIZE))
+    s = result.summary
+    assert s["macs_after_m"] <= 0.6 * s["macs_before_m"] * 1.02 and s["params_after_m"] < s["params_before_m"]
+    assert list(result.blocks.in_dim) == [b.attn.q.in_features for b in model.blocks]
+    assert list(result.blocks.qk_dim) == [b.attn.q.out_features for b in model.blocks]
+    assert list(result.blocks.v_dim) == [b.attn.v.out_features for b in model.blocks]
+    assert list(result.blocks.ffn_dim) == [b.mlp.fc1.out_features for b in model.blocks]
+    assert (result.blocks.qk_dim % HEADS == 0).all() and (result.blocks.v_dim % HEADS == 0).all()
+    assert model.rel_pos_bias.relative_position_bias_table.shape[-1] == HEADS  # heads are never pruned
+    assert model(torch.randn(2, 3, SIZE, SIZE)).shape == (2, 3)
+
+
+def test_swiglu_ffn_is_refused():
+    with pytest.raises(tpr.UnsupportedModelError, match=r"blocks.0.mlp \(SwiGLU\) is not a plain timm Mlp"):
+        tpr.prepare(tiny_beit("per_block", swiglu_mlp=True))

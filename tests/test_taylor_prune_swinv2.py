@@ -1,0 +1,160 @@
+"""Taylor pruning of Swin v2 (timm's swinv2_* and swinv2_cr_*): the split cosine attention is the same function,
+planted zero Q/K, V and FFN channels go first and change nothing, a dead stage-width channel goes first, the 2x2
+patch merging puts stage channel c at c, C+c, 2C+c, 3C+c, the MAC counter agrees with fvcore before and after
+pruning, and a pruned model reports its own widths."""
+import math
+
+import pytest
+import timm
+import torch
+
+from analysis import taylor_prune as tpr
+from analysis.taylor_prune.builders.swinv2 import CosineWindowAttention
+from tests.test_taylor_prune import batches, fvcore_macs, zero_channel_
+
+MODELS = {"v2": "swinv2_tiny_window8_256", "cr": "swinv2_cr_tiny_224"}
+
+
+def randomize_(model, seed=0):
+    """Weights of unit gain (timm's init: std 0.02, and Swin v2's post-norms start at zero, so that the blocks
+    would add nothing), norms around 1, biases and v2's q/v biases random, Swin v2's logit scales on both sides of
+    timm's clamp at log(100)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=gen)
+            if "logit_scale" in name:
+                p.copy_(math.log(100) + 2 * noise)
+            elif p.dim() > 1:
+                p.copy_(noise / math.sqrt(p[0].numel()))
+            else:
+                p.copy_(0.3 * noise + (1.0 if "norm" in name and name.endswith("weight") else 0.0))
+    return model.eval()
+
+
+def tiny_swinv2(kind):
+    """32 px, patch 2: stage 0 at 16x16 tokens (16 windows of 4x4), stage 1 at 8x8 (4 windows); both stages have
+    a shifted (masked) block; widths 16/32, heads 2/4 (8 dims per head)."""
+    torch.manual_seed(0)
+    model = timm.create_model(MODELS[kind], img_size=32, patch_size=2, window_size=4, embed_dim=16, depths=(2, 2),
+                              num_heads=(2, 4), num_classes=3)
+    return randomize_(model)
+
+
+def stages(model):
+    return list(model.layers if hasattr(model, "layers") else model.stages)
+
+
+@pytest.mark.parametrize("kind", MODELS)
+def test_prepare_keeps_the_function(kind):
+    model, x = tiny_swinv2(kind), torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = model(x)
+        groups = tpr.prepare(model)
+        torch.testing.assert_close(model(x), expected, atol=1e-5, rtol=0)
+        assert len(tpr.prepare(model)) == len(groups)  # a second pass takes its own attention
+        torch.testing.assert_close(model(x), expected, atol=1e-5, rtol=0)
+    blocks = [b for stage in stages(model) for b in stage.blocks]
+    assert all(isinstance(b.attn, CosineWindowAttention) for b in blocks)
+    prefix = "layers" if kind == "v2" else "stages"
+    assert [(g.block, g.channels) for g in groups if g.kind == "width"] == [(f"{prefix}.0", 16), (f"{prefix}.1", 32)]
+
+
+@pytest.mark.parametrize("kind", MODELS)
+def test_patch_merging_puts_stage_channel_c_at_c_plus_k_times_width(kind):
+    merge = stages(tiny_swinv2(kind))[1].downsample
+    merge.norm = merge.reduction = torch.nn.Identity()
+    channels = torch.arange(16.).expand(1, 2, 2, 16)
+    assert merge(channels).flatten().tolist() == list(range(16)) * 4
+
+
+@pytest.mark.parametrize("kind", MODELS)
+def test_planted_zero_channels_are_pruned_first_and_change_nothing(kind):
+    model = tiny_swinv2(kind)
+    groups = tpr.prepare(model)
+    name = ("layers" if kind == "v2" else "stages") + ".1.blocks.1"  # 4 heads of 8 dims, shifted windows
+    qk, v, ffn = (g for g in groups if g.block == name)
+    block = stages(model)[1].blocks[1]
+    attn, mlp = block.attn, block.mlp
+    with torch.no_grad():
+        for h in range(4):  # one Q/K dim in every head: q/|q| and k/|k| lose nothing
+            for layer in (attn.q, attn.k):  # v2's k has no bias (timm's k bias is a zero buffer)
+                layer.weight[h * 8 + 3] = 0
+                if layer.bias is not None:
+                    layer.bias[h * 8 + 3] = 0
+            attn.v.weight[h * 8 + 5] = 0
+            attn.v.bias[h * 8 + 5] = 0
+        mlp.fc1.weight[[3, 7]] = 0
+        mlp.fc1.bias[[3, 7]] = -10.0  # GELU(-10) = 0: the hidden channel is dead
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        before = model(x)
+    tpr.accumulate_gradients(model, batches(size=32))
+    for group, planted in ((qk, [3, 11, 19, 27]), (v, [5, 13, 21, 29])):
+        first = tpr.candidate_units(group, tpr.TaylorImportance()(group), floor=0.1)[0]
+        assert sorted(first.channels) == planted and first.importance == 0
+    ffn_units = tpr.candidate_units(ffn, tpr.TaylorImportance()(ffn), floor=0.1)
+    assert sorted(u.channels[0] for u in ffn_units[:2]) == [3, 7]
+    assert ffn_units[0].importance < 1e-6 and ffn_units[1].importance < 1e-6
+    logit_scale = attn.bias_owner.logit_scale.detach().clone()
+    tpr.prune_channels(qk, [3, 11, 19, 27])
+    tpr.prune_channels(v, [5, 13, 21, 29])
+    tpr.prune_channels(ffn, [3, 7])
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), before, atol=1e-5, rtol=0)
+    assert (attn.q.out_features, attn.k.out_features, attn.v.out_features, mlp.fc1.out_features) == (28, 28, 28, 126)
+    assert torch.equal(attn.bias_owner.logit_scale, logit_scale)
+
+
+@pytest.mark.parametrize("kind", MODELS)
+def test_planted_dead_stage_width_channel_goes_first_and_the_pruned_model_runs(kind):
+    """A stage channel written by nothing and read by nothing (through the next merge's four concatenated copies,
+    swinv2_cr's merge norm among them) ranks first; LayerNorm statistics change when it goes, so only the ranking,
+    the shapes and the MACs are checked after pruning."""
+    model = tiny_swinv2(kind)
+    widths = [g for g in tpr.prepare(model) if g.kind == "width"]
+    dead = [5, 30]
+    for width, c in zip(widths, dead):
+        zero_channel_(width, c)
+    tpr.accumulate_gradients(model, batches(size=32))
+    for width, c in zip(widths, dead):
+        units = tpr.candidate_units(width, tpr.TaylorImportance()(width), floor=0.1)
+        assert units[0].channels == [c] and units[0].importance == 0 and units[1].importance > 0
+        tpr.prune_channels(width, [c])
+    x = torch.randn(2, 3, 32, 32)
+    assert model(x).shape == (2, 3) and sum(tpr.count_macs(model, x[:1]).values()) == fvcore_macs(model, 32)
+    assert [f["num_chs"] for f in model.feature_info] == [15, 31]
+    assert model.num_features == model.head.fc.in_features == 31
+
+
+@pytest.mark.parametrize("kind", MODELS)
+def test_mac_counter_agrees_with_fvcore_before_and_after_pruning(kind):
+    """fvcore counts the position-bias MLP on the coordinate table once per forward, as our counter does for one
+    image."""
+    model, x = tiny_swinv2(kind), torch.randn(1, 3, 32, 32)
+    groups = tpr.prepare(model)
+    assert sum(tpr.count_macs(model, x).values()) == fvcore_macs(model, 32)
+    for group in groups:
+        per_head = group.channels // group.heads
+        tpr.prune_channels(group, [h * per_head + k for h in range(group.heads) for k in (0, 3)])
+    assert model(x).shape == (1, 3) and sum(tpr.count_macs(model, x).values()) == fvcore_macs(model, 32)
+    tpr.measure_positions(model, groups, x)
+    assert (groups[0].tokens, groups[0].keys) == (16 * 16, 4 * 4)  # every token queries its 4x4 window
+
+
+@pytest.mark.parametrize("kind", MODELS)
+def test_pruned_model_runs_and_reports_its_own_widths(kind):
+    model = tiny_swinv2(kind)
+    result = tpr.taylor_prune(model, batches(size=32), target_macs=0.6, steps=2, val_batches=batches(1, 32))
+    s = result.summary
+    assert s["macs_after_m"] <= 0.6 * s["macs_before_m"] * 1.02 and s["params_after_m"] < s["params_before_m"]
+    blocks = [b for stage in stages(model) for b in stage.blocks]
+    assert list(result.blocks.in_dim) == [b.attn.q.in_features for b in blocks]
+    assert list(result.blocks.qk_dim) == [b.attn.k.out_features for b in blocks]
+    assert list(result.blocks.v_dim) == [b.attn.v.out_features for b in blocks]
+    assert list(result.blocks.ffn_dim) == [b.mlp.fc1.out_features for b in blocks]
+    assert (result.blocks.qk_dim % result.blocks.heads == 0).all() and (result.blocks.v_dim % result.blocks.heads
+                                                                        == 0).all()  # heads stay equal
+    assert (result.blocks[["qk_kept", "v_kept", "ffn_kept"]] >= 0.1 - 1e-9).all().all()  # the floor
+    assert len(result.stages) == 2
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 3)
