@@ -95,7 +95,7 @@ def measure_speed(model: nn.Module, img_size: int, peaks: tuple[float, float], b
     """CPU throughput (eager, one thread) and the memory-bound runtime share from the op profiler, against
     the roofline `peaks` (measured once per study, so every variant is judged by the same ridge point)."""
     from analysis.op_profile import profile_model
-    from experiments.benchmark import time_callable
+    from experiments.timing import time_callable
 
     model = model.eval()
     x = torch.randn(batch, 3, img_size, img_size)

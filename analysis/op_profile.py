@@ -40,7 +40,7 @@ from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import flop_registry
 
 from evit.io import save_figure, write_csv
-from experiments.benchmark import synchronizer
+from experiments.timing import synchronizer
 from experiments.models import check_model, model_img_size, skeleton
 from experiments.train import USER_ERRORS, build_model
 

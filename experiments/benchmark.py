@@ -15,12 +15,10 @@ import argparse
 import copy
 import platform
 import re
-import resource
 import sys
 import tempfile
 import time
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -34,6 +32,7 @@ from evit.fast_path import Compiled, for_inductor, trace
 from evit.io import save_figure, write_csv
 from evit.summary import count_flops, count_params
 from experiments.models import UnknownModelError, create_model
+from experiments.timing import Timing, peak_memory_mb, synchronizer, time_callable, time_interleaved
 
 DEFAULT_MODELS = (
     [f"evit_m{i}" for i in range(6)] + [f"efficientvit_m{i}" for i in range(6)]
@@ -46,19 +45,6 @@ ONNX_VARIANT = "onnxruntime (evit folded export)"  # the reference row of the fa
 PAPER_CPU_M0 = {"trace": 228.4, "onnxruntime": 340.1}
 # The paper's main batch per device (GPU under AMP, CPU on one thread); the fast-path targets are set at it.
 MAIN_BATCH = {"cpu": 16, "cuda": 2048}
-
-
-def synchronizer(device: str) -> Callable[[], None]:
-    """What to call before reading a clock so that the device's queued work is counted."""
-    return torch.cuda.synchronize if device == "cuda" else (lambda: None)
-
-
-@dataclass
-class Timing:
-    throughput: float  # images / s, median over repeats
-    throughput_min: float
-    throughput_max: float
-    latency_ms: float  # median time of one iteration
 
 
 def describe_machine(device: str, threads: int) -> str:
@@ -91,43 +77,6 @@ def fold_batchnorm(model: nn.Module) -> tuple[nn.Module, bool]:
         return fx_fuse(model), True
     except Exception:  # noqa: BLE001 - FX cannot trace some models; they are measured unfolded
         return model, False
-
-
-def time_interleaved(fns: dict[str, Callable[[], object]], batch: int, warmup_s: float, seconds: float,
-                     repeats: int, sync: Callable[[], None]) -> dict[str, Timing]:
-    """Warm each callable up, then `repeats` rounds in which each runs one window of about `seconds`;
-    throughput per window = batch * iterations / time. Interleaving makes ratios fair on a shared machine."""
-    for fn in fns.values():
-        end = time.perf_counter() + warmup_s
-        while True:
-            fn()
-            if time.perf_counter() >= end:
-                break
-    sync()
-    rates: dict[str, list[float]] = {k: [] for k in fns}
-    latencies: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(repeats):
-        for key, fn in fns.items():
-            iters, start = 0, time.perf_counter()
-            while True:
-                fn()
-                iters += 1
-                sync()
-                elapsed = time.perf_counter() - start
-                if elapsed >= seconds:
-                    break
-            rates[key].append(batch * iters / elapsed)
-            latencies[key].append(1000 * elapsed / iters)
-    out = {}
-    for key in fns:
-        r = pd.Series(rates[key])
-        out[key] = Timing(float(r.median()), float(r.min()), float(r.max()), float(pd.Series(latencies[key]).median()))
-    return out
-
-
-def time_callable(fn: Callable[[], object], batch: int, warmup_s: float, seconds: float, repeats: int,
-                  sync: Callable[[], None]) -> Timing:
-    return time_interleaved({"fn": fn}, batch, warmup_s, seconds, repeats, sync)["fn"]
 
 
 def _runner(model: nn.Module, backend: str, x: torch.Tensor, amp: bool) -> Callable[[], object]:
@@ -165,13 +114,6 @@ def _runner(model: nn.Module, backend: str, x: torch.Tensor, amp: bool) -> Calla
             return model(x)
 
     return run
-
-
-def peak_memory_mb(device: str) -> float:
-    """GPU: peak allocated by torch. CPU: the process's peak resident set so far (an upper bound)."""
-    if device == "cuda":
-        return torch.cuda.max_memory_allocated() / 2 ** 20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def paper_reference(model_name: str, device: str, backend: str) -> tuple[Optional[float], str]:

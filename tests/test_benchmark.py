@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 
 from evit.io import write_csv
-from experiments import benchmark, reproduce
+from experiments import benchmark, reproduce, timing
 
 
 def _conv_bn_net() -> nn.Module:
@@ -31,12 +31,12 @@ def test_fold_batchnorm_keeps_outputs_for_plain_torch_models():
 
 
 def test_timing_reports_batch_over_iteration_time():
-    timing = benchmark.time_callable(lambda: time.sleep(0.01), batch=8, warmup_s=0.0, seconds=0.1, repeats=3,
-                                     sync=lambda: None)
+    measured = timing.time_callable(lambda: time.sleep(0.01), batch=8, warmup_s=0.0, seconds=0.1, repeats=3,
+                                    sync=lambda: None)
     # 8 images every ~10 ms: about 800 img/s, never more
-    assert 250 < timing.throughput <= 800
-    assert timing.throughput_min <= timing.throughput <= timing.throughput_max
-    assert 10 <= timing.latency_ms < 30
+    assert 250 < measured.throughput <= 800
+    assert measured.throughput_min <= measured.throughput <= measured.throughput_max
+    assert 10 <= measured.latency_ms < 30
 
 
 def test_cli_writes_csv_with_documented_columns(tmp_path):
