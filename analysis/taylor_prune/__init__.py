@@ -11,34 +11,17 @@ those layers and normalized per group exactly as torch-pruning's GroupTaylorImpo
 `--normalizer` / `--reduction` names and formulas; a test checks it), except that norm layers' affine weights and
 bare parameters (class token, position embedding, LayerScale) count too.
 
-Groups (pruned separately): per block Q/K, V and FFN hidden, and the residual-stream width (a ViT's embedding
-width; each Swin stage's width, through PatchMerging, which concatenates 2x2 neighbours so stage channel c sits at
-c, C+c, 2C+c, 3C+c of the merge's norm and reduction; each EfficientViT stage's width, see below). torch-pruning's
-dependency graph cannot give these groups (it treats q @ k^T like an element-wise op and ties Q/K to V, see
-docs/pruning.md), so the groups are listed here explicitly and torch-pruning's layer pruners do the
-surgery. timm's fused qkv is split into q, k, v Linears first (the same function, checked by a test); q @ k^T keeps
-the model's original softmax scale, so removing channels that carry nothing leaves the output unchanged. A unit of
-a Q/K or V group is one dim of every head (heads stay equal); of an FFN or width group, one channel (of every
-chunk, for an evit CGA stage). Each step recomputes the gradients, ranks all units of all groups globally by
-normalized importance, and removes the lowest until the step's MAC goal is met (MACs per unit measured at the
-layers' real token counts), never below a floor per group (global pruning would otherwise empty or, in
-torch-pruning, silently skip a group). The MAC counter adds q @ k^T and attn @ v at their pruned widths to the
-Linear/Conv MACs.
-
-EfficientViT (evit_m0.., evit_m0_proxy.., evit config files; BatchNorm only): per block a Q/K group (each head's
-Q and K rows of its qkv Conv-BN and its depthwise Q Conv-BN; all heads lose the same dims, `key_dim` follows and
-the softmax scale stays the original), one FFN-hidden group per FFN of the sandwich and, for MHSA mixers, a V
-group (`val_dim` follows); and per stage a width group (its embed_dim): the patch embedding's last Conv-BN or the
-stage's Subsample output (merge output, FFN pair after the merge), every block's depthwise convs (rows and groups),
-FFN inputs and outputs, mixer input and projection output, and the readers after the stage (the next Subsample's
-FFN pair before its merge and the merge's first conv, or the classifier heads' BatchNorm1d and Linear). Cascaded
-group attention has no V group: head i's output is added to head i+1's input chunk, so V dim = C / heads follows the
-stage width. A CGA stage's width unit is one channel of every chunk (chunks stay equal); channel j of chunk h is
-also row j of head h-1's V and the proj column reading it, and chunk 0's is the last head's (a convention: the proj
-reads all heads' V). BatchNorm is per channel, so removing stream channels that carry nothing leaves the output
-unchanged (a test checks it). The Subsample FFN hidden widths, the merges' expansion and the patch embedding's
-inner convs are not pruned, so at small inputs a low MAC target can be out of reach: the groups then end at their
-floor (said on stderr).
+Groups (pruned separately): per block Q/K, V and FFN hidden, and the residual-stream width (one for a ViT, one per
+stage where the widths differ per stage). torch-pruning's dependency graph cannot give these groups (it treats
+q @ k^T like an element-wise op and ties Q/K to V, see docs/pruning.md), so one builder per family lists them and
+torch-pruning's layer pruners do the surgery. A fused qkv is split into q, k, v Linears first (the same function,
+checked per family); q @ k^T keeps the model's original softmax scale, so removing channels that carry nothing
+leaves the output unchanged. A unit of a Q/K or V group is one dim of every head (heads stay equal; an EVA rotary
+pair for RoPE models); of an FFN or width group, one channel (of every chunk, for an evit CGA stage). Each step
+recomputes the gradients, ranks all units of all groups globally by normalized importance, and removes the lowest
+until the step's MAC goal is met (MACs per unit measured at the layers' real token counts), never below a floor
+per group. The MAC counter adds q @ k^T and attn @ v at their pruned widths to the Linear/Conv MACs; it agrees
+with fvcore on every family (tested). The families, their couplings and what each refuses: docs/pruning.md.
 
 Outputs (folder --out, default results/taylor_prune): <model>.csv (one row per block: Q/K, V and FFN-hidden
 widths relative to the block's input width, before and after, with MACs and params), <model>_stages.csv,
@@ -46,9 +29,10 @@ widths relative to the block's input width, before and after, with MACs and para
 <model>_allocation.yaml, an EfficientViT config built from the kept ratios at a preset's FLOPs
 (`python -m experiments.family --models evit_m0,<that yaml>` trains and times both).
 
-The package: `groups` (Slice, Group), `builders` (a registry of group builders, one module per family), `macs`
-(the MAC counter), `importance` (TaylorImportance, a callable; pass another to `taylor_prune`), `prune` (the
-loop), `tables`, `allocation`, `plot` and `cli`.
+The package: `groups` (Slice, Group), `attention` (PrunedAttention, the base of the split attentions), `builders`
+(a registry of group builders, one module per family, and `builders.common`), `macs` (the MAC counter),
+`importance` (TaylorImportance, a callable; pass another to `taylor_prune`), `prune` (the loop), `tables`,
+`allocation`, `plot` and `cli`.
 """
 from __future__ import annotations
 

@@ -71,9 +71,11 @@ def load_batches(spec: str, img_size: int, batches: int, batch: int, val_images:
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m analysis.taylor_prune", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="deit_proxy", help="deit_proxy, swin_proxy, evit_m0_proxy.., deit_tiny, "
-                                                         "swin_tiny, evit_m0.., an evit config file, a timm "
-                                                         "ViT/Swin name (default: deit_proxy)")
+    p.add_argument("--model", default="deit_proxy", help="a proxy (deit_proxy, swin_proxy, evit_m0_proxy..), an evit "
+                                                         "preset or config file, or a timm model of a family the "
+                                                         "README's support table marks (ViT/DeiT, CaiT, EVA, BEiT, "
+                                                         "Swin v1/v2, LeViT, PVT-v2, MobileViT, efficientvit_m*); "
+                                                         "default deit_proxy")
     p.add_argument("--weights", default="auto", help="auto (proxy for proxies, else pretrained, else an error) | "
                                                      "proxy | quick-proxy | pretrained | random | PATH")
     p.add_argument("--data", default="fashion_mnist", help="fashion_mnist | digits | imagefolder:PATH (the data "
