@@ -1,4 +1,4 @@
-"""The fastest inference path measured here for an evit model (README, performance section).
+"""The fastest inference path measured here for an evit model (docs/benchmarks.md, performance section).
 
 `deploy(model, example)` = `fuse` (BN folded, attention biases cached) + channels-last, then one of
 
@@ -29,7 +29,7 @@ class PointwiseLinear(nn.Module):
     """A 1x1, stride-1 conv computed as a matmul over the channel axis of a channels-last tensor.
 
     Same outputs as the conv. Under inductor with freezing it becomes a prepacked GEMM whose bias and following
-    elementwise ops (activation, residual add) fuse into generated code (README, performance: the levers).
+    elementwise ops (activation, residual add) fuse into generated code (docs/benchmarks.md, performance: the levers).
     """
 
     @staticmethod
@@ -75,7 +75,7 @@ class DepthwiseTaps(DepthwiseRewrite):
     """A depthwise conv computed as a sum over its k*k taps of shifted input slices times per-channel weights.
 
     Same outputs as the conv. Inductor fuses the taps, bias and residual into one vectorised loop over
-    channels-last memory instead of a oneDNN call per conv (README, performance: the levers).
+    channels-last memory instead of a oneDNN call per conv (docs/benchmarks.md, performance: the levers).
     """
 
     def __init__(self, conv: nn.Conv2d):
@@ -102,7 +102,7 @@ class DepthwiseUnfold(DepthwiseRewrite):
 
     Same outputs as the conv. Inductor makes it one reduction loop from a few graph nodes: unlike
     `DepthwiseTaps` its compile time does not grow with k*k, and unlike oneDNN it has no per-call overhead (about
-    50 us here, which the 24 small 5x5 query convs of M0 pay at every forward; README, performance).
+    50 us here, which the 24 small 5x5 query convs of M0 pay at every forward; docs/benchmarks.md, performance).
     """
 
     def __init__(self, conv: nn.Conv2d):

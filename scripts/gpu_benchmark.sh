@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU measurements of the benchmark (README, benchmarks) in one run of under 10 minutes on a lent GPU machine
+# The GPU measurements of the benchmark (docs/benchmarks.md) in one run of under 10 minutes on a lent GPU machine
 # (the tool library's `device`), whose Python has torch, timm, pandas and matplotlib but not fvcore:
 #
 #   bash scripts/gpu_benchmark.sh wheels      # here: the pure-Python packages it lacks, as wheels in .whl/
