@@ -93,5 +93,8 @@ def fan(layer: nn.Module, axis: str) -> float:
 
 
 def stage_of(name: str) -> int:
+    """The stage of a block from its module name: layers.<s>..., stages.<s>..., or blocks.<s>.<i> (Twins' nested
+    stages); 0 for a single-stage model's blocks.<i>."""
     parts = name.split(".")
-    return int(parts[1]) if parts[0] in ("layers", "stages") else 0
+    nested = parts[0] == "blocks" and len(parts) > 2 and parts[2].isdigit()
+    return int(parts[1]) if parts[0] in ("layers", "stages") or nested else 0

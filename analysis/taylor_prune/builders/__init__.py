@@ -113,4 +113,5 @@ def prepare(model: nn.Module) -> list[Group]:
 
 # The families (each matches its own block and attention types).
 # They register themselves on import.
-from analysis.taylor_prune.builders import beit, cait, eva, evit, levit, pvt, swin, swinv2, vit  # noqa: E402,F401
+from analysis.taylor_prune.builders import (beit, cait, eva, evit, levit, pvt, swin, swinv2, twins,  # noqa: E402,F401
+                                            vit)

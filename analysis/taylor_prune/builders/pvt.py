@@ -25,7 +25,9 @@ class SpatialReductionAttention(PrunedAttention):
         kv = attn.kv
         self.k, self.v = split_rows(kv, fused_biases(kv, 2))
         self.q, self.num_heads, self.scale = attn.q, attn.num_heads, attn.scale
-        self.pool, self.sr, self.norm, self.act = attn.pool, attn.sr, attn.norm, attn.act
+        # Twins' global sub-sampled attention has neither the linear variant's pool nor its activation
+        self.pool, self.act = getattr(attn, "pool", None), getattr(attn, "act", None)
+        self.sr, self.norm = attn.sr, attn.norm
         self.attn_drop, self.proj, self.proj_drop = attn.attn_drop, attn.proj, attn.proj_drop
 
     def matmul_channels(self) -> int:
