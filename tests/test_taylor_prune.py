@@ -45,6 +45,74 @@ def zero_channel_(group, c):
                 bias[i] = 0
 
 
+def ranked_first(group, channels, tol=0.0):
+    """The group's lowest-importance units are exactly `channels` (a Q/K or V unit: one dim of every head; an FFN or
+    width unit: one channel), each at importance <= tol, and the next unit is above it."""
+    units = tpr.candidate_units(group, tpr.TaylorImportance()(group), floor=0.1)
+    taken = len(channels) // len(units[0].channels)
+    assert sorted(c for u in units[:taken] for c in u.channels) == sorted(channels)
+    assert all(u.importance <= tol for u in units[:taken]) and units[taken].importance > tol
+
+
+def assert_planted_go_first_and_change_nothing(model, x, data, planted, tol=1e-6):
+    """After gradients on `data`, each group's planted channels ((group, channels) pairs) rank first at importance
+    <= tol (0 for rows whose weights and biases are zero; a GELU(-10) hidden channel leaves ~1e-7), and removing
+    them all leaves model(x) unchanged."""
+    with torch.no_grad():
+        before = model(x)
+    tpr.accumulate_gradients(model, data)
+    for group, channels in planted:
+        ranked_first(group, channels, tol)
+    for group, channels in planted:
+        tpr.prune_channels(group, sorted(channels))
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), before, atol=1e-5, rtol=0)
+
+
+def assert_dead_widths_go_first(model, widths, dead, data):
+    """Channel dead[i] of width group widths[i], zeroed where it is written and read, ranks first at importance 0;
+    then it is removed (LayerNorm statistics change, so the caller checks shapes and MACs)."""
+    for width, c in zip(widths, dead):
+        zero_channel_(width, c)
+    tpr.accumulate_gradients(model, data)
+    for width, c in zip(widths, dead):
+        ranked_first(width, [c])
+        tpr.prune_channels(width, [c])
+
+
+def assert_mac_counter_matches_fvcore_before_and_after_pruning(model, size, classes=3):
+    """Our count equals fvcore's on one image, before and after removing dims 0 and 3 of every head (channels 0 and
+    3 of an FFN or width group) from every group; returns the groups."""
+    x = torch.randn(1, 3, size, size)
+    groups = tpr.prepare(model)
+    assert sum(tpr.count_macs(model, x).values()) == fvcore_macs(model, size)
+    for group in groups:
+        per_head = group.channels // group.heads
+        tpr.prune_channels(group, [h * per_head + k for h in range(group.heads) for k in (0, 3)])
+    assert model(x).shape == (1, classes) and sum(tpr.count_macs(model, x).values()) == fvcore_macs(model, size)
+    return groups
+
+
+def assert_pruned_to_target_with_its_own_widths(model, blocks, size, ffn_width, classes=3, stages=1):
+    """Pruned to 0.6 of its MACs in 2 steps: the target is met, the table's widths are the layers' (`blocks()`: the
+    blocks after pruning; `ffn_width(block)`: its FFN's hidden width), heads stay equal, the floor holds, and the
+    pruned model runs."""
+    result = tpr.taylor_prune(model, batches(size=size, classes=classes), target_macs=0.6, steps=2,
+                              val_batches=batches(1, size, classes))
+    s = result.summary
+    assert s["macs_after_m"] <= 0.6 * s["macs_before_m"] * 1.02 and s["params_after_m"] < s["params_before_m"]
+    assert list(result.blocks.in_dim) == [b.attn.q.in_features for b in blocks()]
+    assert list(result.blocks.qk_dim) == [b.attn.k.out_features for b in blocks()]
+    assert list(result.blocks.v_dim) == [b.attn.v.out_features for b in blocks()]
+    assert list(result.blocks.ffn_dim) == [ffn_width(b) for b in blocks()]
+    assert (result.blocks.qk_dim % result.blocks.heads == 0).all() and (result.blocks.v_dim % result.blocks.heads
+                                                                        == 0).all()  # heads stay equal
+    assert (result.blocks[["qk_kept", "v_kept", "ffn_kept"]] >= 0.1 - 1e-9).all().all()  # the floor
+    assert len(result.stages) == stages
+    assert result.model(torch.randn(2, 3, size, size)).shape == (2, classes)
+    return result
+
+
 def fvcore_macs(model, size):
     """fvcore's count of the multiply-adds our counter covers (Linear, Conv, matmul), for one image."""
     from fvcore.nn import FlopCountAnalysis
@@ -94,22 +162,9 @@ def test_planted_zero_channels_are_pruned_first_and_change_nothing():
             attn.v.bias[h * 6 + 1].zero_()
         mlp.fc1.weight[[3, 7]] = 0
         mlp.fc1.bias[[3, 7]] = -10.0  # GELU(-10) = 0: the hidden channel is dead
-    x = torch.randn(4, 3, 16, 16)
-    with torch.no_grad():
-        before = model(x)
-    tpr.accumulate_gradients(model, batches())
-    for group, planted in ((qk, [4, 10]), (v, [1, 7])):
-        first = tpr.candidate_units(group, tpr.TaylorImportance()(group), floor=0.1)[0]
-        assert sorted(first.channels) == planted and first.importance == 0
-    ffn_units = tpr.candidate_units(ffn, tpr.TaylorImportance()(ffn), floor=0.1)
-    assert sorted(u.channels[0] for u in ffn_units[:2]) == [3, 7]
-    assert ffn_units[0].importance < 1e-6 and ffn_units[1].importance < 1e-6
     scale = attn.scale
-    tpr.prune_channels(qk, [4, 10])
-    tpr.prune_channels(v, [1, 7])
-    tpr.prune_channels(ffn, [3, 7])
-    with torch.no_grad():
-        torch.testing.assert_close(model(x), before, atol=1e-5, rtol=0)
+    assert_planted_go_first_and_change_nothing(model, torch.randn(4, 3, 16, 16), batches(),
+                                               [(qk, [4, 10]), (v, [1, 7]), (ffn, [3, 7])])
     assert (qk.channels, v.channels, ffn.channels) == (10, 10, 22) and attn.scale == scale
 
 

@@ -8,7 +8,8 @@ import torch
 
 from analysis import taylor_prune as tpr
 from analysis.taylor_prune.builders.cait import SplitClassAttn, SplitTalkingHeadAttn
-from tests.test_taylor_prune import batches, fvcore_macs, zero_channel_
+from tests.test_taylor_prune import (assert_dead_widths_go_first, assert_planted_go_first_and_change_nothing, batches,
+                                     fvcore_macs)
 
 SIZE, TOKENS, HEADS, DIM = 16, 4, 2, 6  # 16 px at patch 8: 4 patch tokens; 2 heads of 6 dims (width 12)
 
@@ -62,22 +63,9 @@ def test_planted_zero_channels_are_pruned_first_and_change_nothing(block):
             attn.v.bias[h * DIM + 1] = 0
         mlp.fc1.weight[[3, 7]] = 0
         mlp.fc1.bias[[3, 7]] = -10.0  # GELU(-10) = 0: the hidden channel is dead
-    x = torch.randn(4, 3, SIZE, SIZE)
-    with torch.no_grad():
-        before = model(x)
-    tpr.accumulate_gradients(model, batches(size=SIZE))
-    for group, planted in ((qk, [4, DIM + 4]), (v, [1, DIM + 1])):
-        units = tpr.candidate_units(group, tpr.TaylorImportance()(group), floor=0.1)
-        assert sorted(units[0].channels) == planted and units[0].importance == 0 and units[1].importance > 0
-    ffn_units = tpr.candidate_units(ffn, tpr.TaylorImportance()(ffn), floor=0.1)
-    assert sorted(u.channels[0] for u in ffn_units[:2]) == [3, 7]
-    assert ffn_units[1].importance < 1e-6 < ffn_units[2].importance
     scale = attn.scale
-    tpr.prune_channels(qk, [4, DIM + 4])
-    tpr.prune_channels(v, [1, DIM + 1])
-    tpr.prune_channels(ffn, [3, 7])
-    with torch.no_grad():
-        torch.testing.assert_close(model(x), before, atol=1e-5, rtol=0)
+    assert_planted_go_first_and_change_nothing(model, torch.randn(4, 3, SIZE, SIZE), batches(size=SIZE),
+                                               [(qk, [4, DIM + 4]), (v, [1, DIM + 1]), (ffn, [3, 7])])
     assert (qk.channels, v.channels, ffn.channels) == (10, 10, 22) and attn.scale == scale
 
 
@@ -85,11 +73,9 @@ def test_planted_dead_width_channel_is_pruned_first_in_both_block_kinds():
     model = tiny_cait()
     width = tpr.prepare(model)[-1]
     assert width.kind == "width" and width.channels == HEADS * DIM
-    zero_channel_(width, 7)  # written by nothing (embeddings, class token, proj, fc2, gammas), read by nothing
-    tpr.accumulate_gradients(model, batches(size=SIZE))
-    units = tpr.candidate_units(width, tpr.TaylorImportance()(width), floor=0.1)
-    assert units[0].channels == [7] and units[0].importance == 0 and units[1].importance > 0
-    tpr.prune_channels(width, [1, 7])  # LayerNorm statistics move: only consistent shapes can be asserted
+    # channel 7: written by nothing (embeddings, class token, proj, fc2, gammas), read by nothing
+    assert_dead_widths_go_first(model, [width], [7], batches(size=SIZE))
+    tpr.prune_channels(width, [1])  # LayerNorm statistics move: only consistent shapes can be asserted
     assert model(torch.randn(2, 3, SIZE, SIZE)).shape == (2, 3)
     assert model.cls_token.shape[-1] == model.pos_embed.shape[-1] == model.head.in_features == 10
     assert all(b.gamma_1.shape == b.gamma_2.shape == (10,) and b.attn.k.in_features == 10

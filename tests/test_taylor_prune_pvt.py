@@ -9,7 +9,10 @@ import torch
 
 from analysis import taylor_prune as tpr
 from analysis.taylor_prune.builders.pvt import SpatialReductionAttention
-from tests.test_taylor_prune import batches, fvcore_macs, zero_channel_
+from tests.test_taylor_prune import (assert_dead_widths_go_first,
+                                     assert_mac_counter_matches_fvcore_before_and_after_pruning,
+                                     assert_planted_go_first_and_change_nothing,
+                                     assert_pruned_to_target_with_its_own_widths, batches, fvcore_macs)
 from tests.test_taylor_prune_swinv2 import randomize_
 
 VARIANTS = {"sr": False, "linear": True}
@@ -54,22 +57,9 @@ def test_planted_zero_channels_are_pruned_first_and_change_nothing(variant):
         for layer in (mlp.fc1, mlp.dwconv):  # a dead hidden channel: zero in, zero through the depthwise conv
             layer.weight[[3, 7]] = 0
             layer.bias[[3, 7]] = 0
-    x = torch.randn(4, 3, 32, 32)
-    with torch.no_grad():
-        before = model(x)
-    tpr.accumulate_gradients(model, batches(size=32))
-    for group, planted in ((qk, [3, 11]), (v, [5, 13])):
-        first = tpr.candidate_units(group, tpr.TaylorImportance()(group), floor=0.1)[0]
-        assert sorted(first.channels) == planted and first.importance == 0
-    ffn_units = tpr.candidate_units(ffn, tpr.TaylorImportance()(ffn), floor=0.1)
-    assert sorted(u.channels[0] for u in ffn_units[:2]) == [3, 7]
-    assert ffn_units[0].importance == 0 and ffn_units[1].importance == 0
     scale = attn.scale
-    tpr.prune_channels(qk, [3, 11])
-    tpr.prune_channels(v, [5, 13])
-    tpr.prune_channels(ffn, [3, 7])
-    with torch.no_grad():
-        torch.testing.assert_close(model(x), before, atol=1e-5, rtol=0)
+    assert_planted_go_first_and_change_nothing(model, torch.randn(4, 3, 32, 32), batches(size=32),
+                                               [(qk, [3, 11]), (v, [5, 13]), (ffn, [3, 7])])
     assert (attn.q.out_features, attn.k.out_features, attn.v.out_features, attn.proj.in_features) == (14,) * 4
     assert mlp.fc1.out_features == mlp.fc2.in_features == 30 and attn.scale == scale
     assert mlp.dwconv.weight.shape == (30, 1, 3, 3) and mlp.dwconv.groups == 30
@@ -82,14 +72,7 @@ def test_planted_dead_stage_width_channel_goes_first_and_the_pruned_model_runs(v
     pruning."""
     model = tiny_pvt(variant)
     widths = [g for g in tpr.prepare(model) if g.kind == "width"]
-    dead = [5, 30]
-    for width, c in zip(widths, dead):
-        zero_channel_(width, c)
-    tpr.accumulate_gradients(model, batches(size=32))
-    for width, c in zip(widths, dead):
-        units = tpr.candidate_units(width, tpr.TaylorImportance()(width), floor=0.1)
-        assert units[0].channels == [c] and units[0].importance == 0 and units[1].importance > 0
-        tpr.prune_channels(width, [c])
+    assert_dead_widths_go_first(model, widths, [5, 30], batches(size=32))
     x = torch.randn(2, 3, 32, 32)
     assert model(x).shape == (2, 3) and sum(tpr.count_macs(model, x[:1]).values()) == fvcore_macs(model, 32)
     sr = model.stages[0].blocks[0].attn.sr
@@ -99,28 +82,11 @@ def test_planted_dead_stage_width_channel_goes_first_and_the_pruned_model_runs(v
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_mac_counter_agrees_with_fvcore_before_and_after_pruning(variant):
-    model, x = tiny_pvt(variant), torch.randn(1, 3, 32, 32)
-    groups = tpr.prepare(model)
-    assert sum(tpr.count_macs(model, x).values()) == fvcore_macs(model, 32)
-    for group in groups:
-        per_head = group.channels // group.heads
-        tpr.prune_channels(group, [h * per_head + k for h in range(group.heads) for k in (0, 3)])
-    assert model(x).shape == (1, 3) and sum(tpr.count_macs(model, x).values()) == fvcore_macs(model, 32)
+    assert_mac_counter_matches_fvcore_before_and_after_pruning(tiny_pvt(variant), 32)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_pruned_model_runs_and_reports_its_own_widths(variant):
     model = tiny_pvt(variant)
-    result = tpr.taylor_prune(model, batches(size=32), target_macs=0.6, steps=2, val_batches=batches(1, 32))
-    s = result.summary
-    assert s["macs_after_m"] <= 0.6 * s["macs_before_m"] * 1.02 and s["params_after_m"] < s["params_before_m"]
-    blocks = [b for stage in model.stages for b in stage.blocks]
-    assert list(result.blocks.in_dim) == [b.attn.q.in_features for b in blocks]
-    assert list(result.blocks.qk_dim) == [b.attn.k.out_features for b in blocks]
-    assert list(result.blocks.v_dim) == [b.attn.v.out_features for b in blocks]
-    assert list(result.blocks.ffn_dim) == [b.mlp.dwconv.out_channels for b in blocks]
-    assert (result.blocks.qk_dim % result.blocks.heads == 0).all() and (result.blocks.v_dim % result.blocks.heads
-                                                                        == 0).all()  # heads stay equal
-    assert (result.blocks[["qk_kept", "v_kept", "ffn_kept"]] >= 0.1 - 1e-9).all().all()  # the floor
-    assert len(result.stages) == 2
-    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 3)
+    assert_pruned_to_target_with_its_own_widths(model, lambda: [b for stage in model.stages for b in stage.blocks], 32,
+                                                lambda b: b.mlp.dwconv.out_channels, stages=2)

@@ -10,7 +10,10 @@ import torch
 
 from analysis import taylor_prune as tpr
 from analysis.taylor_prune.builders.swinv2 import CosineWindowAttention
-from tests.test_taylor_prune import batches, fvcore_macs, zero_channel_
+from tests.test_taylor_prune import (assert_dead_widths_go_first,
+                                     assert_mac_counter_matches_fvcore_before_and_after_pruning,
+                                     assert_planted_go_first_and_change_nothing,
+                                     assert_pruned_to_target_with_its_own_widths, batches, fvcore_macs)
 
 MODELS = {"v2": "swinv2_tiny_window8_256", "cr": "swinv2_cr_tiny_224"}
 
@@ -86,22 +89,9 @@ def test_planted_zero_channels_are_pruned_first_and_change_nothing(kind):
             attn.v.bias[h * 8 + 5] = 0
         mlp.fc1.weight[[3, 7]] = 0
         mlp.fc1.bias[[3, 7]] = -10.0  # GELU(-10) = 0: the hidden channel is dead
-    x = torch.randn(4, 3, 32, 32)
-    with torch.no_grad():
-        before = model(x)
-    tpr.accumulate_gradients(model, batches(size=32))
-    for group, planted in ((qk, [3, 11, 19, 27]), (v, [5, 13, 21, 29])):
-        first = tpr.candidate_units(group, tpr.TaylorImportance()(group), floor=0.1)[0]
-        assert sorted(first.channels) == planted and first.importance == 0
-    ffn_units = tpr.candidate_units(ffn, tpr.TaylorImportance()(ffn), floor=0.1)
-    assert sorted(u.channels[0] for u in ffn_units[:2]) == [3, 7]
-    assert ffn_units[0].importance < 1e-6 and ffn_units[1].importance < 1e-6
     logit_scale = attn.bias_owner.logit_scale.detach().clone()
-    tpr.prune_channels(qk, [3, 11, 19, 27])
-    tpr.prune_channels(v, [5, 13, 21, 29])
-    tpr.prune_channels(ffn, [3, 7])
-    with torch.no_grad():
-        torch.testing.assert_close(model(x), before, atol=1e-5, rtol=0)
+    assert_planted_go_first_and_change_nothing(model, torch.randn(4, 3, 32, 32), batches(size=32),
+                                               [(qk, [3, 11, 19, 27]), (v, [5, 13, 21, 29]), (ffn, [3, 7])])
     assert (attn.q.out_features, attn.k.out_features, attn.v.out_features, mlp.fc1.out_features) == (28, 28, 28, 126)
     assert torch.equal(attn.bias_owner.logit_scale, logit_scale)
 
@@ -113,14 +103,7 @@ def test_planted_dead_stage_width_channel_goes_first_and_the_pruned_model_runs(k
     the shapes and the MACs are checked after pruning."""
     model = tiny_swinv2(kind)
     widths = [g for g in tpr.prepare(model) if g.kind == "width"]
-    dead = [5, 30]
-    for width, c in zip(widths, dead):
-        zero_channel_(width, c)
-    tpr.accumulate_gradients(model, batches(size=32))
-    for width, c in zip(widths, dead):
-        units = tpr.candidate_units(width, tpr.TaylorImportance()(width), floor=0.1)
-        assert units[0].channels == [c] and units[0].importance == 0 and units[1].importance > 0
-        tpr.prune_channels(width, [c])
+    assert_dead_widths_go_first(model, widths, [5, 30], batches(size=32))
     x = torch.randn(2, 3, 32, 32)
     assert model(x).shape == (2, 3) and sum(tpr.count_macs(model, x[:1]).values()) == fvcore_macs(model, 32)
     assert [f["num_chs"] for f in model.feature_info] == [15, 31]
@@ -131,30 +114,14 @@ def test_planted_dead_stage_width_channel_goes_first_and_the_pruned_model_runs(k
 def test_mac_counter_agrees_with_fvcore_before_and_after_pruning(kind):
     """fvcore counts the position-bias MLP on the coordinate table once per forward, as our counter does for one
     image."""
-    model, x = tiny_swinv2(kind), torch.randn(1, 3, 32, 32)
-    groups = tpr.prepare(model)
-    assert sum(tpr.count_macs(model, x).values()) == fvcore_macs(model, 32)
-    for group in groups:
-        per_head = group.channels // group.heads
-        tpr.prune_channels(group, [h * per_head + k for h in range(group.heads) for k in (0, 3)])
-    assert model(x).shape == (1, 3) and sum(tpr.count_macs(model, x).values()) == fvcore_macs(model, 32)
-    tpr.measure_positions(model, groups, x)
+    model = tiny_swinv2(kind)
+    groups = assert_mac_counter_matches_fvcore_before_and_after_pruning(model, 32)
+    tpr.measure_positions(model, groups, torch.randn(1, 3, 32, 32))
     assert (groups[0].tokens, groups[0].keys) == (16 * 16, 4 * 4)  # every token queries its 4x4 window
 
 
 @pytest.mark.parametrize("kind", MODELS)
 def test_pruned_model_runs_and_reports_its_own_widths(kind):
     model = tiny_swinv2(kind)
-    result = tpr.taylor_prune(model, batches(size=32), target_macs=0.6, steps=2, val_batches=batches(1, 32))
-    s = result.summary
-    assert s["macs_after_m"] <= 0.6 * s["macs_before_m"] * 1.02 and s["params_after_m"] < s["params_before_m"]
-    blocks = [b for stage in stages(model) for b in stage.blocks]
-    assert list(result.blocks.in_dim) == [b.attn.q.in_features for b in blocks]
-    assert list(result.blocks.qk_dim) == [b.attn.k.out_features for b in blocks]
-    assert list(result.blocks.v_dim) == [b.attn.v.out_features for b in blocks]
-    assert list(result.blocks.ffn_dim) == [b.mlp.fc1.out_features for b in blocks]
-    assert (result.blocks.qk_dim % result.blocks.heads == 0).all() and (result.blocks.v_dim % result.blocks.heads
-                                                                        == 0).all()  # heads stay equal
-    assert (result.blocks[["qk_kept", "v_kept", "ffn_kept"]] >= 0.1 - 1e-9).all().all()  # the floor
-    assert len(result.stages) == 2
-    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 3)
+    assert_pruned_to_target_with_its_own_widths(model, lambda: [b for stage in stages(model) for b in stage.blocks], 32,
+                                                lambda b: b.mlp.fc1.out_features, stages=2)
