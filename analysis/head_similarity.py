@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from analysis.attention_capture import CapturedMaps, UnsupportedModelError, capture_attention, find_attention
 from evit.io import save_figure, write_csv
+from experiments.claims import CONFIRMED, INCONCLUSIVE, Claim, names, tally
 from experiments.data import (ArrayDataset, check_data, image_folder, load_digits_split, load_fashion_mnist,
                               parse_spec, subset)
 from experiments.models import is_config_file, model_img_size
@@ -211,6 +212,57 @@ def plot(frames: Sequence[pd.DataFrame]) -> Figure:
             ax.tick_params(labelsize=7)
     fig.colorbar(image, ax=axes, shrink=0.8, label="max cosine similarity to another head (< 0 shown as 0)")
     return fig
+
+
+# ------------------------------------------------------------------------------------------------- claims
+
+
+def mean_similarity(df: pd.DataFrame) -> pd.DataFrame:
+    """One row per model and weights: the mean over blocks and heads of each similarity and of its random-init
+    baseline. `df`: per-head tables of `run`, stacked."""
+    return df.groupby(["model", "weights"], as_index=False).agg(
+        max_cos_raw=("max_cos_raw", "mean"), max_cos_centred=("max_cos_centred", "mean"),
+        random_init_raw=("baseline_raw_mean", "mean"), random_init_centred=("baseline_centred_mean", "mean"))
+
+
+def is_cga(models: pd.Series) -> pd.Series:
+    """Which models have cascaded group attention: evit's, unless a config gave them MHSA."""
+    return models.str.startswith("evit") & ~models.str.contains("mhsa")
+
+
+def claims(df: pd.DataFrame) -> list[Claim]:
+    """The paper's two claims of Fig. 4, judged on the trained models among per-head tables of `run`, stacked."""
+    trained = df[df.weights != "random"]
+    mhsa, cga = trained[~is_cga(trained.model)], trained[is_cga(trained.model)]
+    found = [_alike_most_in_last_blocks(mhsa)] if not mhsa.empty else []
+    return found + ([_cga_more_diverse(mhsa, cga)] if not (mhsa.empty or cga.empty) else [])
+
+
+def _alike_most_in_last_blocks(mhsa: pd.DataFrame) -> Claim:
+    per_block = mhsa.groupby(["model", "block"]).max_cos_centred.mean().dropna()
+    first_last = {model: (s.iat[0], s.iat[-1]) for model, s in per_block.groupby("model")}
+    higher = {model: last > first for model, (first, last) in first_last.items()}
+    numbers = {f"{model} centred head similarity, {which} attention block": float(value)
+               for model, pair in first_last.items() for which, value in zip(("first", "last"), pair)}
+    return Claim("heads of trained MHSA models are similar, most in the last blocks.",
+                 CONFIRMED if all(higher.values()) else INCONCLUSIVE,
+                 f"the last attention block's centred similarity is above the first's {tally(higher)}.", numbers)
+
+
+def _cga_more_diverse(mhsa: pd.DataFrame, cga: pd.DataFrame) -> Claim:
+    # Architectures differ, so each trained model is compared with its own random init.
+    means = mean_similarity(pd.concat([mhsa, cga])).set_index("model")
+    change = (means.max_cos_centred - means.random_init_centred)[[*mhsa.model.unique(), *cga.model.unique()]]
+    alike = all(change[model] > 0 for model in mhsa.model.unique())
+    apart = all(change[model] < 0 for model in cga.model.unique())
+    numbers = {name: float(value) for model in change.index for name, value in (
+        (f"{model} centred head similarity, mean", means.at[model, "max_cos_centred"]),
+        (f"{model} centred head similarity, change from random init", change[model]))}
+    return Claim("cascaded group attention gives more diverse heads than MHSA.",
+                 CONFIRMED if alike and apart else INCONCLUSIVE,
+                 f"training changes the centred similarity by {names(f'{v:+.3f} for {m}' for m, v in change.items())} "
+                 "relative to each model's random init (one training run each; confirmed means every MHSA model's "
+                 "heads grew alike and every CGA model's grew apart).", numbers)
 
 
 # ---------------------------------------------------------------------------------------------------- CLI

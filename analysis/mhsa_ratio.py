@@ -21,6 +21,7 @@ import torch.nn as nn
 
 import evit
 from evit.io import save_figure, write_csv
+from experiments.claims import CONFIRMED, INCONCLUSIVE, REFUTED, Claim
 from experiments.data import build_datasets, check_data
 from experiments.models import PROXY_MODELS, create_model
 from experiments.train import TrainConfig, run_cli, train
@@ -150,6 +151,38 @@ def summarize(df: pd.DataFrame) -> pd.DataFrame:
         val_acc_mean=("val_acc", "mean"), val_acc_std=("val_acc", "std"), seeds=("seed", "count"),
         throughput=("throughput", "first"), memory_bound_share=("memory_bound_share", "first"),
         params_m=("params_m", "first"))
+
+
+# The paper's band of attention proportions, and what counts as more attention than it.
+BAND, MORE = (0.2, 0.4), 0.5
+BAND_TEXT = f"{100 * BAND[0]:.0f}-{100 * BAND[1]:.0f}%"
+
+
+def claims(summary: pd.DataFrame) -> list[Claim]:
+    """The paper's claim of Fig. 3, per family of `summarize`'s table that has proportions in the band and above."""
+    found = []
+    for family, rows in summary.groupby("family"):
+        band, more = rows[rows.actual_share.between(*BAND)], rows[rows.actual_share > MORE]
+        if not (band.empty or more.empty):
+            found.append(_band_beats_more(family, band.loc[band.val_acc_mean.idxmax()],
+                                          more.loc[more.val_acc_mean.idxmax()]))
+    return found
+
+
+def _band_beats_more(family: str, band: pd.Series, more: pd.Series) -> Claim:
+    """The best of the band against the best with more attention, each give or take its seeds' std."""
+    if band.val_acc_mean - band.val_acc_std > more.val_acc_mean + more.val_acc_std:
+        verdict = CONFIRMED
+    elif more.val_acc_mean - more.val_acc_std > band.val_acc_mean + band.val_acc_std:
+        verdict = REFUTED
+    else:
+        verdict = INCONCLUSIVE
+    return Claim(f"attention in {BAND_TEXT} of the blocks beats more attention ({family} family).", verdict,
+                 f"{band.val_acc_mean:.2f} ± {band.val_acc_std:.2f} at {100 * band.actual_share:.0f}% attention vs "
+                 f"{more.val_acc_mean:.2f} ± {more.val_acc_std:.2f} at {100 * more.actual_share:.0f}% (validation "
+                 f"accuracy, mean ± std over {int(band.seeds)} seeds).",
+                 {f"{family} accuracy, best at {BAND_TEXT} attention": float(band.val_acc_mean),
+                  f"{family} accuracy, best above {100 * MORE:.0f}% attention": float(more.val_acc_mean)})
 
 
 def plot(summary: pd.DataFrame, path: Path) -> Path:

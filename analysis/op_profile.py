@@ -40,6 +40,7 @@ from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import flop_registry
 
 from evit.io import save_figure, write_csv
+from experiments.claims import CONFIRMED, REFUTED, Claim, names
 from experiments.timing import synchronizer
 from experiments.models import check_model, model_img_size, skeleton
 from experiments.train import USER_ERRORS, build_model
@@ -471,6 +472,40 @@ def plot(profiles: Sequence[OpProfile]):
     ax.legend(handles[::-1], labels[::-1], fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
     fig.tight_layout()
     return fig
+
+
+# --- the report: the memory-bound share and the paper's claim ----------------------------------------------------
+
+# The paper's baselines for Fig. 2, and the share of their runtime we call large.
+BASELINES = ("deit_tiny", "swin_tiny")
+LARGE_SHARE = 0.25
+
+
+def memory_bound_shares(classes: pd.DataFrame) -> pd.DataFrame:
+    """One row per model, device and setting (eager or fused): the share of runtime of each op class and, as
+    `memory-bound`, the share spent in memory-bound op calls. `classes`: class tables (`<model>_<device>_classes.csv`)
+    stacked, with a `setting` column."""
+    keys = ["model", "device", "setting"]
+    classes = classes.assign(
+        memory_bound=classes.memory_bound_time_ms / classes.groupby(keys).self_time_ms.transform("sum"))
+    shares = classes.pivot_table(index=keys, columns="op_class", values="share", fill_value=0.0)
+    shares["memory-bound"] = classes.groupby(keys).memory_bound.sum()
+    return shares.reset_index().sort_values(["device", "setting", "model"])
+
+
+def claims(shares: pd.DataFrame) -> list[Claim]:
+    """The paper's claim of Fig. 2, judged on the eager baselines of `memory_bound_shares` (none without both)."""
+    baselines = shares[(shares.setting == "eager") & shares.model.isin(BASELINES)]
+    if baselines.model.nunique() < len(BASELINES):
+        return []
+    by_model = {f"{r.model} ({r.device})": float(r["memory-bound"]) for _, r in baselines.iterrows()}
+    large = min(by_model.values()) >= LARGE_SHARE
+    return [Claim("memory-bound operators (reshape/copy, element-wise, normalization, softmax) take a large share "
+                  "of DeiT-T's and Swin-T's runtime.", CONFIRMED if large else REFUTED,
+                  f"the share of runtime in memory-bound op calls is "
+                  f"{names(f'{100 * share:.0f}% for {model}' for model, share in by_model.items())} "
+                  f"(large: at least {100 * LARGE_SHARE:.0f}%).",
+                  {f"{model} memory-bound share": share for model, share in by_model.items()})]
 
 
 # --- CLI ---------------------------------------------------------------------------------------------------------

@@ -31,6 +31,7 @@ from evit.config import PAPER
 from evit.fast_path import Compiled, for_inductor, trace
 from evit.io import save_figure, write_csv
 from evit.summary import count_flops, count_params
+from experiments.claims import MET, NOT_MET, Claim
 from experiments.models import UnknownModelError, create_model
 from experiments.timing import Timing, peak_memory_mb, synchronizer, time_callable, time_interleaved
 
@@ -45,6 +46,9 @@ ONNX_VARIANT = "onnxruntime (evit folded export)"  # the reference row of the fa
 PAPER_CPU_M0 = {"trace": 228.4, "onnxruntime": 340.1}
 # The paper's main batch per device (GPU under AMP, CPU on one thread); the fast-path targets are set at it.
 MAIN_BATCH = {"cpu": 16, "cuda": 2048}
+# The fast path's targets: evit.deploy's throughput over timm eager's at the device's main batch.
+FAST_PATH_TARGET = {"cpu": 1.5, "cuda": 1.3}
+DEPLOY_VARIANT = "evit.deploy (compile)"  # the fast path's row of the fast-path table
 
 
 def describe_machine(device: str, threads: int) -> str:
@@ -295,6 +299,22 @@ def lever_table(preset: str = "m0", batch: int = 16, img_size: int = 224, warmup
         if kept.get(row["variant"], False) or row["variant"] == steps[0][0]:
             previous = row["throughput"]
     return pd.DataFrame(rows)
+
+
+def fast_path_claims(table: pd.DataFrame, device: str) -> list[Claim]:
+    """The fast-path target, judged on a `fast_path_table` timed on `device` ('cpu', 'cuda_h100'); none unless it
+    has evit.deploy (compile) rows at the device's main batch, where the target is set."""
+    kind = "cuda" if device.startswith("cuda") else "cpu"
+    ratio = table[table.variant == DEPLOY_VARIANT].ratio_vs_timm_eager
+    if ratio.empty or table.batch.iat[0] != MAIN_BATCH[kind]:
+        return []
+    target = FAST_PATH_TARGET[kind]
+    return [Claim(f"evit.deploy reaches {target}x timm eager's throughput on every preset ({device}, batch "
+                  f"{MAIN_BATCH[kind]}).", MET if (ratio >= target).all() else NOT_MET,
+                  f"evit.deploy's throughput over timm eager's is {ratio.min():.2f}x at the lowest and "
+                  f"{ratio.max():.2f}x at the highest, over {len(ratio)} preset(s).",
+                  {f"evit.deploy / timm eager throughput ({device}), lowest": float(ratio.min()),
+                   f"evit.deploy / timm eager throughput ({device}), highest": float(ratio.max())})]
 
 
 def plot(df: pd.DataFrame, path: Path, accuracy: Optional[pd.Series] = None) -> Path:

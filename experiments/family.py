@@ -22,6 +22,7 @@ import pandas as pd
 from evit.config import PAPER
 from evit.io import save_figure, write_csv
 from experiments.benchmark import benchmark_model
+from experiments.claims import CONFIRMED, INCONCLUSIVE, REFUTED, Claim
 from experiments.models import is_config_file
 from experiments.train import FINAL, TrainConfig, fit, load_checkpoint, run_cli
 from experiments.zoo import cache_dir
@@ -74,6 +75,38 @@ def evaluate(models: Sequence[str], quick_timing: bool = True, **budget: Any) ->
                          throughput_cpu_max=speed["throughput_max"], paper_top1=paper.get("top1"),
                          paper_v100_img_s=paper.get("v100_img_s")))
     return pd.DataFrame(rows)
+
+
+# How close the presets come to the paper's table: its FLOPs in M (ours within this percentage), its params
+# rounded to 0.1 M (ours within the rounding).
+FLOPS_TOLERANCE_PCT, PARAMS_TOLERANCE_M = 0.5, 0.05
+# The rank correlation of accuracy with throughput at or below which faster presets are the less accurate.
+TRADE_OFF_CORRELATION = -0.6
+
+
+def presets_claims(presets: pd.DataFrame) -> list[Claim]:
+    """The presets have the paper's params and FLOPs (BN folded), judged on evit.summary's preset table."""
+    flops_gap = float(presets.flops_fused_vs_paper_pct.abs().max())
+    params_gap = float((presets.params_fused_m - presets.paper_params_m).abs().max())
+    close = flops_gap <= FLOPS_TOLERANCE_PCT and params_gap <= PARAMS_TOLERANCE_M
+    return [Claim("the presets have the paper's params and FLOPs.", CONFIRMED if close else REFUTED,
+                  f"with BN folded, every preset's fvcore FLOPs are within {flops_gap:.2f}% of the paper's and its "
+                  f"params within {params_gap:.2f} M (the paper gives them to 0.1 M).",
+                  {"largest FLOPs gap to the paper (%)": flops_gap, "largest params gap to the paper (M)": params_gap})]
+
+
+def claims(family: pd.DataFrame) -> list[Claim]:
+    """Larger presets trade speed for accuracy, judged on `evaluate`'s table (none with fewer than two presets)."""
+    presets = family[family.model.str.fullmatch(r"evit_m\d")]
+    if len(presets) < 2:
+        return []
+    correlation = float(presets.val_acc.corr(presets.throughput_cpu, method="spearman"))
+    return [Claim("larger presets trade speed for accuracy.",
+                  CONFIRMED if correlation <= TRADE_OFF_CORRELATION else INCONCLUSIVE,
+                  f"the Spearman rank correlation of accuracy with throughput is {correlation:+.2f} (a trade-off: "
+                  f"{TRADE_OFF_CORRELATION:+.1f} or below); one seed and a short budget on upsampled 28 px images "
+                  f"favour models that converge fast, so this is a weak test.",
+                  {"Spearman correlation of accuracy with throughput": correlation})]
 
 
 def plot(df: pd.DataFrame):

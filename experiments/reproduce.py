@@ -1,14 +1,17 @@
 """One command for every analysis: op profiles, head similarity, Taylor pruning, MHSA proportion, the M0-M5
-family, benchmarks, figures, and results/REPORT.md.
+family, benchmarks, figures, and a REPORT.md that sets each claim's verdict beside the committed reference's.
 
-    python -m experiments.reproduce                        # quick scale (~20 min on 2 cores) -> results/quick/
+    python -m experiments.reproduce                        # quick scale (~20 min on 2 cores) -> runs/quick/
     python -m experiments.reproduce --force head_similarity    # redo one step (finished steps are skipped)
     python -m experiments.reproduce --scale standard       # the budgets behind results/ (about 1.5 h on 2 cores)
     python -m experiments.reproduce --scale paper --data imagefolder:/data/imagenet   # pretrained, GPU
+    python -m experiments.reproduce --scale standard --out results   # regenerate the committed reference
 
-Each step writes its own CSVs and figures under the results folder and is skipped when they exist; trained
-proxies and training runs are cached (experiments.zoo), so a re-run only redoes what is missing. The report
-reads the CSVs back, puts the paper's values beside ours and gives each claim a verdict at this scale.
+Each step writes its own CSVs and figures under the run folder (runs/<scale>, ignored by git) and is skipped when
+they exist; trained proxies and training runs are cached (experiments.zoo), so a re-run only redoes what is
+missing. The report reads the CSVs back, puts the paper's values beside ours, gives each claim a verdict at this
+scale (each analysis judges its own claims) and sets the verdicts and key numbers beside those of the committed
+results of the scale (results/quick, results/, results/paper).
 """
 from __future__ import annotations
 
@@ -17,12 +20,16 @@ import multiprocessing
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
-import numpy as np
 import pandas as pd
 
+from analysis import head_similarity, mhsa_ratio, op_profile, taylor_prune
+from analysis.taylor_prune import claims as pruning_claims
+from evit import PRESETS, EfficientViTConfig, get_preset, summary
 from evit.io import save_figure, write_text
+from experiments import benchmark, family
+from experiments.claims import Claim, names
 
 RESULTS = Path("results")
 SCALES = ("quick", "standard", "paper")
@@ -40,7 +47,9 @@ PROFILED = ("deit_tiny", "swin_tiny", "deit_proxy", "swin_proxy") + tuple(f"evit
 # The models the analyses of trained networks use: proxies at the proxy scales, the paper's at paper scale.
 PROXY_MODELS = dict(deit="deit_proxy", swin="swin_proxy", evit="evit_m0_proxy")
 PAPER_MODELS = dict(deit="deit_tiny", swin="swin_tiny", evit="evit_m4")
-DEFAULT_OUT = {"quick": RESULTS / "quick", "standard": RESULTS, "paper": RESULTS / "paper"}
+# Each scale computes into its run folder, and sets its claims beside the committed results of the scale.
+DEFAULT_OUT = {scale: Path("runs") / scale for scale in SCALES}
+REFERENCE = {"quick": RESULTS / "quick", "standard": RESULTS, "paper": RESULTS / "paper"}
 # What the steps run at each proxy scale. 'standard' made the committed results/ (about 1.5 h on 2 cores);
 # 'quick' fits in about 20 minutes from nothing: proxies on 5k images, fewer epochs, images and variants, a subset
 # of the benchmark's peers. Its numbers are indicative only, and its verdicts say so.
@@ -81,14 +90,10 @@ def _models(opts: argparse.Namespace) -> dict[str, str]:
 
 
 def _presets(out: Path, opts: argparse.Namespace) -> None:
-    from evit import summary
-
     summary.main(["--out", str(out / "presets")])
 
 
 def _op_profile(out: Path, opts: argparse.Namespace) -> None:
-    from analysis import op_profile
-
     budget = BUDGETS[opts.scale]["op_profile"] if opts.scale in BUDGETS else ["--iters", "10"]
     common = ["--device", opts.device, "--batch", "16" if opts.device == "cpu" else "256", "--out",
               str(out / "op_profile")] + budget
@@ -97,8 +102,6 @@ def _op_profile(out: Path, opts: argparse.Namespace) -> None:
 
 
 def _head_similarity(out: Path, opts: argparse.Namespace) -> None:
-    from analysis import head_similarity
-
     models = _models(opts)
     # Proxy scales: trained proxies on Fashion-MNIST. Paper: ImageNet weights on ImageNet validation images.
     data = (["--weights", BUDGETS[opts.scale]["weights"]] + BUDGETS[opts.scale]["head_similarity"]
@@ -111,8 +114,6 @@ def _head_similarity(out: Path, opts: argparse.Namespace) -> None:
 
 
 def _taylor_prune(out: Path, opts: argparse.Namespace) -> None:
-    from analysis import taylor_prune
-
     data = (["--weights", BUDGETS[opts.scale]["weights"]] + BUDGETS[opts.scale]["taylor_prune"]
             if opts.scale in BUDGETS else ["--weights", "pretrained", "--data", opts.data, "--img-size", "224",
                                            "--batch", "32"])
@@ -126,15 +127,11 @@ def _taylor_prune(out: Path, opts: argparse.Namespace) -> None:
 
 
 def _mhsa_ratio(out: Path, opts: argparse.Namespace) -> None:
-    from analysis import mhsa_ratio
-
-    for family, budget in BUDGETS[opts.scale]["mhsa_ratio"].items():
-        mhsa_ratio.main(["--family", family, "--seeds", "0,1,2", "--out", str(out / "mhsa_ratio")] + budget)
+    for kind, budget in BUDGETS[opts.scale]["mhsa_ratio"].items():
+        mhsa_ratio.main(["--family", kind, "--seeds", "0,1,2", "--out", str(out / "mhsa_ratio")] + budget)
 
 
 def _family(out: Path, opts: argparse.Namespace) -> None:
-    from experiments import family
-
     budget = BUDGETS[opts.scale]["family"] + ["--out", str(out / "family")]
     family.main(budget)
     # The pruning-derived allocations beside the preset whose FLOPs they were scaled to.
@@ -143,8 +140,6 @@ def _family(out: Path, opts: argparse.Namespace) -> None:
 
 
 def _benchmark(out: Path, opts: argparse.Namespace) -> None:
-    from experiments import benchmark
-
     device = ["--device", opts.device, "--out", str(out / "benchmark")]
     budget = BUDGETS.get(opts.scale, BUDGETS["standard"])
     benchmark.main(budget["benchmark"] + ["--accuracy-csv", str(out / "family" / "family.csv")] + device)
@@ -170,6 +165,17 @@ STEPS = [
 
 # --- the report ----------------------------------------------------------------------------------------------
 
+@dataclass(frozen=True)
+class Section:
+    """One step's part of the report. `read` gets back from a results folder what the step's claims are judged on
+    (None when the folder lacks the step's results), `judge` turns it into the claims (the analysis's own function)
+    and `render` into the section's markdown: its tables and figures, and the claims where they belong."""
+    step: str
+    read: Callable[[Path], Any]
+    judge: Callable[[Any], list[Claim]]
+    render: Callable[[Path, Any], str]
+
+
 def _table(df: pd.DataFrame, floatfmt: str = ".3f") -> str:
     cols = list(df.columns)
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
@@ -178,183 +184,103 @@ def _table(df: pd.DataFrame, floatfmt: str = ".3f") -> str:
     return "\n".join(lines) + "\n"
 
 
-def _section_presets(out: Path) -> Optional[str]:
-    path = out / "presets" / "presets.csv"
-    if not path.is_file():
-        return None
-    df = pd.read_csv(path)
-    worst = df.flops_fused_vs_paper_pct.abs().max()
-    verdict = "confirmed" if worst <= 0.5 else "refuted"
-    return (f"## M0-M5: params and FLOPs\n\nClaim: the presets have the paper's params and FLOPs. **{verdict}**: "
-            f"BN-folded fvcore FLOPs within {worst:.2f}% of the paper for every preset.\n\n" + _table(df, ".2f"))
+def _claims_text(claims: list[Claim]) -> str:
+    return "".join(f"\n{claim.markdown()}\n" for claim in claims)
 
 
-def _section_op_profile(out: Path) -> Optional[str]:
-    folder = out / "op_profile"
-    paths = sorted(folder.glob("*_classes.csv")) if folder.is_dir() else []
-    if not paths:
-        return None
-    df = pd.concat(pd.read_csv(p).assign(setting="fused" if "_fused_" in p.name else "eager") for p in paths)
-    keys = ["model", "device", "setting"]
-    df["memory_bound_share"] = df.memory_bound_time_ms / df.groupby(keys).self_time_ms.transform("sum")
-    shares = df.pivot_table(index=keys, columns="op_class", values="share", fill_value=0.0)
-    shares["memory-bound"] = df.groupby(keys).memory_bound_share.sum()
-    shares = shares.reset_index().sort_values(["device", "setting", "model"])
-    baselines = shares[(shares.setting == "eager") & shares.model.isin(["deit_tiny", "swin_tiny"])]
-    text = ("## Memory-bound operators (Fig. 2)\n\nShare of runtime per operator class and the share spent in "
+def _figures(out: Path, step: str) -> str:
+    return "\n" + "\n".join(f"![{p.name}]({step}/{p.name})" for p in sorted((out / step).glob("*.png"))) + "\n"
+
+
+def _read_csv(path: Path) -> Optional[pd.DataFrame]:
+    return pd.read_csv(path) if path.is_file() else None
+
+
+def _read_stacked(paths: list[Path], label: Callable[[Path], dict[str, str]] = lambda path: {}
+                  ) -> Optional[pd.DataFrame]:
+    """The CSVs at `paths` stacked, each with the columns `label` gives it from its path (None for no path)."""
+    return pd.concat([pd.read_csv(p).assign(**label(p)) for p in paths], ignore_index=True) if paths else None
+
+
+def _render_presets(out: Path, presets: pd.DataFrame) -> str:
+    return ("## M0-M5: params and FLOPs\n" + _claims_text(family.presets_claims(presets)) + "\n"
+            + _table(presets, ".2f"))
+
+
+def _read_op_profile(out: Path) -> Optional[pd.DataFrame]:
+    classes = _read_stacked(sorted((out / "op_profile").glob("*_classes.csv")),
+                            lambda p: dict(setting="fused" if "_fused_" in p.name else "eager"))
+    return None if classes is None else op_profile.memory_bound_shares(classes)
+
+
+def _render_op_profile(out: Path, shares: pd.DataFrame) -> str:
+    return ("## Memory-bound operators (Fig. 2)\n\nShare of runtime per operator class and the share spent in "
             "memory-bound ops (arithmetic intensity below the measured roofline ridge); CPU: batch 16, 1 thread; "
-            "`fused` = evit deploy mode (BN folded, traced).\n\n" + _table(shares))
-    if len(baselines) >= 2:
-        low = baselines["memory-bound"].min()
-        verdict = "confirmed" if low >= 0.25 else "refuted"
-        text += (f"\nClaim: memory-bound operators (reshape/copy, element-wise, normalization, softmax) take a large "
-                 f"share of DeiT-T's and Swin-T's runtime. **{verdict}** (threshold 25%): "
-                 + ", ".join(f"{r.model} ({r.device}) {100 * r['memory-bound']:.0f}%" for _, r in baselines.iterrows())
-                 + ".\n")
-    figures = sorted(p.name for p in folder.glob("*.png"))
-    return text + "\n" + "\n".join(f"![{name}](op_profile/{name})" for name in figures) + "\n"
+            "`fused` = evit deploy mode (BN folded, traced).\n\n" + _table(shares)
+            + _claims_text(op_profile.claims(shares)) + _figures(out, "op_profile"))
 
 
-def _section_head_similarity(out: Path) -> Optional[str]:
-    folder = out / "head_similarity"
-    frames = [pd.read_csv(p) for p in sorted(folder.glob("*.csv"))] if folder.is_dir() else []
-    if not frames:
-        return None
-    df = pd.concat(frames)
-    summary = df.groupby(["model", "weights"], as_index=False).agg(
-        max_cos_raw=("max_cos_raw", "mean"), max_cos_centred=("max_cos_centred", "mean"),
-        random_init_raw=("baseline_raw_mean", "mean"), random_init_centred=("baseline_centred_mean", "mean"))
-    text = ("## Head similarity (Fig. 4)\n\nMean over blocks and heads of each head's maximum cosine similarity to "
+def _read_head_similarity(out: Path) -> Optional[pd.DataFrame]:
+    return _read_stacked(sorted((out / "head_similarity").glob("*.csv")))
+
+
+def _render_head_similarity(out: Path, heads: pd.DataFrame) -> str:
+    return ("## Head similarity (Fig. 4)\n\nMean over blocks and heads of each head's maximum cosine similarity to "
             "another head of its block (raw = the paper's measure; centred = uniform 1/N removed).\n\n"
-            + _table(summary))
-    trained = df[df.weights != "random"]
-    is_cga = trained.model.str.startswith("evit") & ~trained.model.str.contains("mhsa")
-    mhsa, cga = trained[~is_cga], trained[is_cga]
-    if not mhsa.empty:
-        per_block = mhsa.groupby(["model", "block"]).max_cos_centred.mean().groupby("model")
-        last_higher = {m: s.dropna().iloc[-1] > s.dropna().iloc[0] for m, s in per_block}
-        verdict = "confirmed" if all(last_higher.values()) else "inconclusive"
-        text += (f"\nClaim: heads of trained MHSA models are similar, most in the last blocks. **{verdict}** "
-                 f"(centred similarity of the last vs the first attention block higher for: "
-                 f"{', '.join(m for m, v in last_higher.items() if v) or 'none'} of {', '.join(last_higher)}).\n")
-    if not mhsa.empty and not cga.empty:
-        # Architectures differ, so compare each trained model with its own random init.
-        change = summary[summary.weights != "random"].set_index("model")
-        change = change.max_cos_centred - change.random_init_centred
-        mhsa_up = all(change[m] > 0 for m in mhsa.model.unique())
-        cga_down = all(change[m] < 0 for m in cga.model.unique())
-        verdict = "confirmed" if mhsa_up and cga_down else "inconclusive"
-        text += (f"\nClaim: cascaded group attention gives more diverse heads than MHSA. **{verdict}**: training "
-                 f"changes the centred similarity by " + ", ".join(f"{m} {v:+.3f}" for m, v in change.items())
-                 + " relative to each model's random init (one training run each; confirmed means every MHSA "
-                 "model's heads grew alike and every CGA model's grew apart).\n")
-    figures = sorted(p.name for p in folder.glob("*.png"))
-    text += "\n" + "\n".join(f"![{name}](head_similarity/{name})" for name in figures) + "\n"
-    return text
+            + _table(head_similarity.mean_similarity(heads)) + _claims_text(head_similarity.claims(heads))
+            + _figures(out, "head_similarity"))
 
 
-def _section_mhsa_ratio(out: Path) -> Optional[str]:
-    path = out / "mhsa_ratio" / "summary.csv"
-    if not path.is_file():
-        return None
-    df = pd.read_csv(path)
-    text = "## MHSA proportion (Fig. 3)\n\n" + _table(df)
-    for family, rows in df.groupby("family"):
-        band, more = rows[rows.actual_share.between(0.2, 0.4)], rows[rows.actual_share > 0.5]
-        if band.empty or more.empty:
-            continue
-        # The best of the paper's 20-40% band against the best with more attention, each with its seeds' std.
-        low, high = band.loc[band.val_acc_mean.idxmax()], more.loc[more.val_acc_mean.idxmax()]
-        if low.val_acc_mean - low.val_acc_std > high.val_acc_mean + high.val_acc_std:
-            verdict = "confirmed"
-        elif high.val_acc_mean - high.val_acc_std > low.val_acc_mean + low.val_acc_std:
-            verdict = "refuted"
-        else:
-            verdict = "inconclusive"
-        text += (f"\nClaim ({family}): 20-40% attention beats more attention. **{verdict}**: "
-                 f"{low.val_acc_mean:.2f} ± {low.val_acc_std:.2f} at {100 * low.actual_share:.0f}% attention vs "
-                 f"{high.val_acc_mean:.2f} ± {high.val_acc_std:.2f} at {100 * high.actual_share:.0f}% (mean ± std "
-                 f"over {int(low.seeds)} seeds).\n")
-    return text + "\n![mhsa_ratio](mhsa_ratio/mhsa_ratio.png)\n"
+def _read_taylor_prune(out: Path) -> Optional[pd.DataFrame]:
+    """Every pruned model's per-block table, stacked with a `model` column."""
+    models = [p.name.removesuffix("_summary.csv") for p in sorted((out / "taylor_prune").glob("*_summary.csv"))]
+    return _read_stacked([out / "taylor_prune" / f"{model}.csv" for model in models],
+                         lambda p: dict(model=p.stem))
 
 
-def _section_taylor_prune(out: Path) -> Optional[str]:
-    folder = out / "taylor_prune"
-    paths = sorted(folder.glob("*_summary.csv")) if folder.is_dir() else []
-    if not paths:
-        return None
-    summaries = pd.concat(pd.read_csv(p) for p in paths)
-    text = ("## Taylor structured pruning (Fig. 5)\n\nEach model pruned to `target_macs` of its MACs in `steps` Taylor "
-            "steps (Q/K, V, FFN hidden and the residual-stream width as separate groups), accuracy on `val_images` "
-            "validation images before, after, and after a `finetune_epochs` fine-tune; kept widths relative to each "
-            "block's input width, averaged over early/middle/late thirds of the blocks.\n\n")
+def _render_taylor_prune(out: Path, blocks: pd.DataFrame) -> str:
+    summaries = pd.concat(pd.read_csv(p) for p in sorted((out / "taylor_prune").glob("*_summary.csv")))
     cols = [c for c in ("model", "weights", "target_macs", "steps", "macs_before_m", "macs_after_m", "params_before_m",
                         "params_after_m", "val_images", "acc_before", "acc_after", "finetune_epochs", "acc_finetuned",
                         "normalizer", "reduction") if c in summaries]
-    text += _table(summaries[cols], ".2f")
-    rows, claims = [], {}
-    for path in paths:
-        model = path.name.removesuffix("_summary.csv")
-        blocks = pd.read_csv(folder / f"{model}.csv").sort_values("block")
-        thirds = [blocks.iloc[round(i * len(blocks) / 3):max(round((i + 1) * len(blocks) / 3),
-                                                             round(i * len(blocks) / 3) + 1)] for i in range(3)]
-        means = {k: [float(t[f"{k}_kept"].mean()) for t in thirds] for k in ("qk", "v", "ffn", "width")
-                 if f"{k}_kept" in blocks}
-        rows += [dict(model=model, group=k, early=v[0], middle=v[1], late=v[2]) for k, v in means.items()]
-        claims[model] = dict(early_above_late=sum(v[0] for v in means.values()) > sum(v[2] for v in means.values()))
-        # CGA's V follows the stage width through its cascade (V / input width stays 1): no evidence either way
-        if not np.allclose(blocks.v_ratio, blocks.get("v_ratio_before", blocks.v_ratio / blocks.v_kept)):
-            claims[model]["v_above_qk"] = means["v"][0] > means["qk"][0]
-    text += ("\nFraction of each group's channels kept (early / middle / late blocks):\n\n"
-             + _table(pd.DataFrame(rows), ".2f"))
-    for claim, key in (("V is kept closer to the input width than Q/K (early blocks)", "v_above_qk"),
-                       ("early blocks keep more channels than late ones", "early_above_late")):
-        agree = [m for m, c in claims.items() if c.get(key)]
-        other = [m for m, c in claims.items() if key in c and not c[key]]
-        verdict = "refuted" if not agree else ("confirmed" if not other else "inconclusive")
-        text += (f"\nClaim: {claim}. **{verdict}** at proxy scale (holds for {', '.join(agree) or 'none'}; not for "
-                 f"{', '.join(other) or 'none'}).\n")
-    figures = sorted(p.name for p in folder.glob("*.png"))
-    return text + "\n" + "\n".join(f"![{name}](taylor_prune/{name})" for name in figures) + "\n"
+    return ("## Taylor structured pruning (Fig. 5)\n\nEach model pruned to `target_macs` of its MACs in `steps` Taylor "
+            "steps (Q/K, V, FFN hidden and the residual-stream width as separate groups), accuracy on `val_images` "
+            "validation images before, after, and after a `finetune_epochs` fine-tune; kept widths relative to each "
+            "block's input width, averaged over early/middle/late thirds of the blocks.\n\n"
+            + _table(summaries[cols], ".2f")
+            + "\nFraction of each group's channels kept (early / middle / late blocks):\n\n"
+            + _table(pruning_claims.kept_by_thirds(blocks), ".2f") + _claims_text(pruning_claims.claims(blocks))
+            + _figures(out, "taylor_prune"))
 
 
-def _section_family(out: Path) -> Optional[str]:
-    path = out / "family" / "family.csv"
-    if not path.is_file():
-        return None
-    df = pd.read_csv(path)
+def _render_mhsa_ratio(out: Path, summary: pd.DataFrame) -> str:
+    return ("## MHSA proportion (Fig. 3)\n\n" + _table(summary) + _claims_text(mhsa_ratio.claims(summary))
+            + "\n![mhsa_ratio](mhsa_ratio/mhsa_ratio.png)\n")
+
+
+def _render_family(out: Path, trained: pd.DataFrame) -> str:
     cols = ["model", "params_m", "flops_m", "val_acc", "throughput_cpu", "paper_top1", "paper_v100_img_s"]
-    presets = df[df.model.str.fullmatch(r"evit_m\d")].sort_values("model")
-    text = (f"## The M0-M5 family (Fig. 1 shape)\n\nEach model trained {df.epochs.iloc[0]} epochs on "
-            f"{df.limit_train.iloc[0]} Fashion-MNIST images at {df.img_size.iloc[0]} px (one seed), timed at 224 px "
-            f"(CPU, batch 16, BN folded + traced).\n\n" + _table(df[cols], ".1f"))
-    if len(presets) > 1:
-        faster_is_worse = presets.val_acc.corr(presets.throughput_cpu, method="spearman")
-        verdict = "confirmed" if faster_is_worse <= -0.6 else "inconclusive"
-        text += (f"\nClaim: larger presets trade speed for accuracy. **{verdict}** at proxy scale (Spearman rank "
-                 f"correlation of accuracy with throughput {faster_is_worse:+.2f}, threshold -0.6; one seed and a short budget "
-                 f"on upsampled 28 px images favour models that converge fast, so this is a weak test).\n")
-    text += "\n![family](family/family.png)\n"
-    derived = out / "family" / "allocation.csv"
-    if derived.is_file():
-        df = pd.read_csv(derived)
-        base = df.iloc[0]
-        df["vs_m0_throughput"] = df.throughput_cpu / base.throughput_cpu
-        df["attention_blocks"] = [_attention_blocks(out, m) for m in df.model]
-        text += ("\n### Pruning-derived allocations vs M0 at equal FLOPs\n\nThe Taylor-pruning ratios turned into "
-                 "EfficientViT configs (analysis.taylor_prune.allocation_config, scaled to M0's FLOPs; attention in the "
-                 "MHSA-proportion study's best share of the blocks), trained with the same budget and timed the same "
-                 "way.\n\n"
-                 + _table(df[["model", "params_m", "flops_m", "attention_blocks", "val_acc", "throughput_cpu",
-                              "vs_m0_throughput"]], ".2f")
-                 + "\n![allocation](family/allocation.png)\n")
-    return text
+    first = trained.iloc[0]
+    text = (f"## The M0-M5 family (Fig. 1 shape)\n\nEach model trained {first.epochs} epochs on {first.limit_train} "
+            f"Fashion-MNIST images at {first.img_size} px (one seed), timed at 224 px (CPU, batch 16, BN folded + "
+            f"traced).\n\n" + _table(trained[cols], ".1f") + _claims_text(family.claims(trained))
+            + "\n![family](family/family.png)\n")
+    derived = _read_csv(out / "family" / "allocation.csv")
+    if derived is None:
+        return text
+    derived["vs_m0_throughput"] = derived.throughput_cpu / derived.throughput_cpu.iat[0]
+    derived["attention_blocks"] = [_attention_blocks(out, m) for m in derived.model]
+    return text + ("\n### Pruning-derived allocations vs M0 at equal FLOPs\n\nThe Taylor-pruning ratios turned into "
+                   "EfficientViT configs (analysis.taylor_prune.allocation_config, scaled to M0's FLOPs; attention in "
+                   "the MHSA-proportion study's best share of the blocks), trained with the same budget and timed the "
+                   "same way.\n\n"
+                   + _table(derived[["model", "params_m", "flops_m", "attention_blocks", "val_acc", "throughput_cpu",
+                                     "vs_m0_throughput"]], ".2f")
+                   + "\n![allocation](family/allocation.png)\n")
 
 
 def _attention_blocks(out: Path, model: str) -> str:
     """'attention blocks / blocks' of a preset or of a derived config written by the taylor_prune step."""
-    from evit import EfficientViTConfig, PRESETS, get_preset
-
     path = out / "taylor_prune" / f"{model}.yaml"
     if not path.is_file() and model.removeprefix("evit_") not in PRESETS:
         return "n/a"
@@ -363,55 +289,111 @@ def _attention_blocks(out: Path, model: str) -> str:
     return f"{sum(m != 'none' for m in mixers)}/{len(mixers)}"
 
 
-def _section_benchmark(out: Path) -> Optional[str]:
-    from experiments.benchmark import MAIN_BATCH
-
-    folder = out / "benchmark"
-    text = ""
-    for path in sorted(folder.glob("*.csv")) if folder.is_dir() else []:
-        if path.name.startswith(("fast_path", "levers")):
-            continue
-        df = pd.read_csv(path)
-        main = df[df.batch == df.batch.max()].pivot_table(index="model", columns="backend", values="throughput")
-        latency = df[df.batch == 1].pivot_table(index="model", columns="backend", values="latency_ms")
-        table = main.join(latency.add_suffix(" batch-1 ms")).reset_index()
-        text += (f"## Speed against peers ({path.stem}: images/s at batch {df.batch.max()}, and batch-1 latency "
-                 f"in ms)\n\n{df.machine.iloc[0]}. Quick timing.\n\n"
-                 + _table(table, ".1f") + f"\n![{path.stem}](benchmark/{path.stem}.png)\n\n")
-    for path in sorted(folder.glob("fast_path_*.csv")) if folder.is_dir() else []:
-        df = pd.read_csv(path)
-        device = path.stem.removeprefix("fast_path_").split("_batch")[0].replace("cpu", "CPU")
-        on_gpu = device.startswith("cuda")
-        main_batch = df.batch.iloc[0] == MAIN_BATCH["cuda" if on_gpu else "cpu"]  # the targets are set at it
-        amp = " under AMP" if on_gpu else ""
-        pivot = df.pivot(index="model", columns="variant", values="ratio_vs_timm_eager").reset_index()
-        text += (f"## Fast path: evit.deploy vs timm's port ({device}, batch {df.batch.iloc[0]}{amp}"
-                 + ("" if on_gpu else f", {df.threads.iloc[0]} thread")
-                 + f")\n\nThroughput ratio to timm eager, same weights.\n\n" + _table(pivot, ".2f"))
-        ratio = df[df.variant == "evit.deploy (compile)"].ratio_vs_timm_eager
-        if not ratio.empty and main_batch:
-            target = 1.3 if on_gpu else 1.5
-            verdict = "met" if (ratio >= target).all() else "not met"
-            text += (f"\nTarget: evit.deploy >= {target}x timm eager on every preset: **{verdict}** (min "
-                     f"{ratio.min():.2f}x, max {ratio.max():.2f}x).\n")
-        parity = df[df.variant == "evit.deploy (compile)"].get("ratio_vs_onnxruntime", pd.Series(dtype=float))
-        if parity.notna().any():  # ONNX Runtime is timed on CPU only (and older CSVs lack the column)
-            text += (f"{'Beyond: ' if main_batch else ''}ONNX Runtime's throughput from PyTorch: evit.deploy / ORT = "
-                     f"{parity.min():.2f}-{parity.max():.2f}x.\n")
-    return text or None
+def _read_benchmark(out: Path) -> Optional[list[Path]]:
+    """The peer and fast-path tables (the levers' table is shown in docs/benchmarks.md, not in the report)."""
+    return [path for path in sorted((out / "benchmark").glob("*.csv")) if not path.name.startswith("levers")] or None
 
 
-SECTIONS = (_section_presets, _section_op_profile, _section_head_similarity, _section_taylor_prune, _section_mhsa_ratio,
-            _section_family, _section_benchmark)
+def _fast_paths(paths: list[Path]) -> Iterator[tuple[str, pd.DataFrame]]:
+    """(device, table) of each fast-path CSV among `paths` ('fast_path_<device>[_batch<n>].csv')."""
+    for path in paths:
+        if path.name.startswith("fast_path_"):
+            yield path.stem.removeprefix("fast_path_").split("_batch")[0], pd.read_csv(path)
 
 
-def write_report(out: Path = RESULTS, scale: str = "quick") -> Path:
+def _judge_fast_paths(paths: list[Path]) -> list[Claim]:
+    return [claim for device, table in _fast_paths(paths) for claim in benchmark.fast_path_claims(table, device)]
+
+
+def _render_peers(path: Path) -> str:
+    df = pd.read_csv(path)
+    main = df[df.batch == df.batch.max()].pivot_table(index="model", columns="backend", values="throughput")
+    latency = df[df.batch == 1].pivot_table(index="model", columns="backend", values="latency_ms")
+    return (f"## Speed against peers ({path.stem}: images/s at batch {df.batch.max()}, and batch-1 latency in ms)\n\n"
+            f"{df.machine.iloc[0]}. Quick timing.\n\n" + _table(main.join(latency.add_suffix(" batch-1 ms"))
+                                                                .reset_index(), ".1f")
+            + f"\n![{path.stem}](benchmark/{path.stem}.png)\n\n")
+
+
+def _render_fast_path(device: str, df: pd.DataFrame) -> str:
+    on_gpu = device.startswith("cuda")
+    claims = benchmark.fast_path_claims(df, device)  # only at the device's main batch, where the target is set
+    amp = " under AMP" if on_gpu else ""
+    threads = "" if on_gpu else f", {df.threads.iloc[0]} thread"
+    pivot = df.pivot(index="model", columns="variant", values="ratio_vs_timm_eager").reset_index()
+    text = (f"## Fast path: evit.deploy vs timm's port ({device.replace('cpu', 'CPU')}, batch {df.batch.iloc[0]}{amp}"
+            f"{threads})\n\nThroughput ratio to timm eager, same weights.\n\n" + _table(pivot, ".2f")
+            + _claims_text(claims))
+    parity = df[df.variant == benchmark.DEPLOY_VARIANT].get("ratio_vs_onnxruntime", pd.Series(dtype=float))
+    if parity.notna().any():  # ONNX Runtime is timed on CPU only (and older CSVs lack the column)
+        text += (f"{'Beyond: ' if claims else ''}ONNX Runtime's throughput from PyTorch: evit.deploy / ORT = "
+                 f"{parity.min():.2f}-{parity.max():.2f}x.\n")
+    return text
+
+
+def _render_benchmark(out: Path, paths: list[Path]) -> str:
+    peers = [path for path in paths if not path.name.startswith("fast_path")]
+    return ("".join(_render_peers(path) for path in peers)
+            + "".join(_render_fast_path(device, table) for device, table in _fast_paths(paths)))
+
+
+SECTIONS = (
+    Section("presets", lambda out: _read_csv(out / "presets" / "presets.csv"), family.presets_claims,
+            _render_presets),
+    Section("op_profile", _read_op_profile, op_profile.claims, _render_op_profile),
+    Section("head_similarity", _read_head_similarity, head_similarity.claims, _render_head_similarity),
+    Section("taylor_prune", _read_taylor_prune, pruning_claims.claims, _render_taylor_prune),
+    Section("mhsa_ratio", lambda out: _read_csv(out / "mhsa_ratio" / "summary.csv"), mhsa_ratio.claims,
+            _render_mhsa_ratio),
+    Section("family", lambda out: _read_csv(out / "family" / "family.csv"), family.claims, _render_family),
+    Section("benchmark", _read_benchmark, _judge_fast_paths, _render_benchmark),
+)
+
+
+# --- this run beside the reference ---------------------------------------------------------------------------
+
+def judge_folder(out: Path) -> dict[str, list[Claim]]:
+    """The claims judged on the results in `out`, by step; a step whose results it lacks is left out."""
+    return {section.step: section.judge(data) for section in SECTIONS if (data := section.read(out)) is not None}
+
+
+def beside_reference(out: Path, reference: Path) -> str:
+    """Markdown: each claim's verdict in `out` beside the reference's, then the key numbers side by side; steps the
+    reference lacks are named and left out."""
+    if out.resolve() == reference.resolve():
+        return f"This folder is the reference ({reference}): nothing to set beside it.\n"
+    ours, theirs = judge_folder(out), judge_folder(reference)
+    lacking = [step for step in ours if step not in theirs]
+    text = f"The reference ({reference}) lacks the results of {names(lacking)}: left out.\n\n" if lacking else ""
+    compared = [step for step in ours if step in theirs]
+    if not compared:
+        return text or f"This folder holds no results to set beside the reference ({reference}).\n"
+    run = [claim for step in compared for claim in ours[step]]
+    ref = [claim for step in compared for claim in theirs[step]]
+    return (text + _side_by_side("claim", {c.claim: c.verdict for c in run}, {c.claim: c.verdict for c in ref})
+            + "\n" + _side_by_side("number", _numbers(run), _numbers(ref)))
+
+
+def _numbers(claims: list[Claim]) -> dict[str, float]:
+    return {name: value for claim in claims for name, value in claim.numbers.items()}
+
+
+def _side_by_side(key: str, run: dict[str, Any], ref: dict[str, Any]) -> str:
+    """A table of every key of either side (this run's first) with its value on each side ('-' where it has none)."""
+    rows = [(name, run.get(name, "-"), ref.get(name, "-")) for name in {**run, **ref}]
+    return _table(pd.DataFrame(rows, columns=[key, "this run", "reference"]))
+
+
+def write_report(out: Path, scale: str = "quick", reference: Optional[Path] = None) -> Path:
+    """REPORT.md in `out`: every step's section whose results `out` holds, then the claims beside those of
+    `reference` (default: the committed results of the scale)."""
     where = {"quick": "quick proxy scale (Fashion-MNIST, CPU, minutes of training: indicative only)",
              "standard": "proxy scale (Fashion-MNIST, CPU), not ImageNet",
              "paper": "paper scale (ImageNet weights and data)"}[scale]
-    parts = [f"# evit report\n\nGenerated by `python -m experiments.reproduce --scale {scale}` from the CSVs in "
-             f"this folder; re-run it to regenerate. Verdicts are at {where}.\n"]
-    parts += [text for section in SECTIONS if (text := section(out))]
+    parts = [f"# evit report\n\nGenerated by `python -m experiments.reproduce --scale {scale} --out {out}` from the "
+             f"CSVs in this folder; re-run it to regenerate. Verdicts are at {where}.\n"]
+    parts += [section.render(out, data) for section in SECTIONS if (data := section.read(out)) is not None]
+    parts.append("## This run beside the reference\n\n" + beside_reference(out, reference or REFERENCE[scale]))
     return write_text(out / "REPORT.md", "\n".join(parts))
 
 
@@ -433,7 +415,7 @@ def main(argv: Optional[list[str]] = None) -> Path:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--scale", default="quick", choices=SCALES,
                         help="quick: proxies on Fashion-MNIST with minutes of training, about 20 min on 2 cores "
-                             "(results/quick). standard: the proxy budgets behind results/ (about 1.5 h). paper: the "
+                             "(runs/quick). standard: the proxy budgets behind results/ (about 1.5 h). paper: the "
                              "paper's models with pretrained weights on ImageNet-format --data, on --device "
                              "(default cuda)")
     parser.add_argument("--data", default=None, help="paper scale: imagefolder:PATH (PATH/train, PATH/val)")
@@ -442,11 +424,16 @@ def main(argv: Optional[list[str]] = None) -> Path:
     parser.add_argument("--steps", default=None, help="comma-separated steps to run (default: all of the scale)")
     parser.add_argument("--force", default="", help="comma-separated steps to redo even if their outputs exist, "
                                                     "or 'all'")
-    parser.add_argument("--out", type=Path, default=None, help="results folder (default: results/quick, "
-                                                                 "results/ or results/paper by scale)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="run folder (default: runs/<scale>, ignored by git); the committed reference is "
+                             "regenerated with --out results/quick, results or results/paper")
+    parser.add_argument("--reference", type=Path, default=None,
+                        help="results to set this run's claims beside (default: the committed results of the scale: "
+                             "results/quick, results or results/paper)")
     args = parser.parse_args(argv)
     args.device = args.device or ("cuda" if args.scale == "paper" else "cpu")
     args.out = args.out or DEFAULT_OUT[args.scale]
+    args.reference = args.reference or REFERENCE[args.scale]
     if args.scale == "paper" and not (args.data or "").startswith("imagefolder:"):
         parser.error("--scale paper needs --data imagefolder:PATH (ImageNet-format folders PATH/train, PATH/val)")
     steps = [s for s in STEPS if args.scale in s.scales]
@@ -460,8 +447,8 @@ def main(argv: Optional[list[str]] = None) -> Path:
     for step in steps:
         if step.name not in wanted:
             continue
-        names = _models(args)
-        done = step.outputs and all((args.out / o.format(device=args.device, **names)).is_file()
+        models = _models(args)
+        done = step.outputs and all((args.out / o.format(device=args.device, **models)).is_file()
                                     for o in step.outputs)
         if done and step.name not in forced:
             print(f"[reproduce] {step.name}: cached, skipped (--force {step.name} to redo)")
@@ -470,7 +457,8 @@ def main(argv: Optional[list[str]] = None) -> Path:
         print(f"[reproduce] {step.name} ...", flush=True)
         run_isolated(step, args)
         print(f"[reproduce] {step.name}: {time.perf_counter() - start:.0f} s", flush=True)
-    report = write_report(args.out, args.scale)
+    report = write_report(args.out, args.scale, args.reference)
+    print(f"[reproduce] this run beside the reference:\n\n{beside_reference(args.out, args.reference)}")
     print(f"[reproduce] wrote {report}")
     return report
 

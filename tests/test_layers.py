@@ -9,8 +9,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # (layer, its modules by name prefix), bottom first.
 LAYERS = (
     ("builder", ("evit",)),
-    ("substrate", ("experiments.data", "experiments.models", "experiments.timing", "experiments.train",
-                   "experiments.zoo")),
+    ("substrate", ("experiments.claims", "experiments.data", "experiments.models", "experiments.timing",
+                   "experiments.train", "experiments.zoo")),
     ("analyses", ("analysis",)),
     ("orchestration", ("experiments.benchmark", "experiments.family", "experiments.reproduce",
                        "experiments.support_matrix")),

@@ -1,5 +1,8 @@
-"""make reproduce's driver: cached steps are skipped, the report reads the CSVs back with verdicts."""
+"""make reproduce's driver: cached steps are skipped, the report reads the CSVs back with verdicts and sets them
+beside the reference's."""
 from __future__ import annotations
+
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -83,6 +86,7 @@ def test_every_step_budget_is_valid_command_line(scale, tmp_path, monkeypatch):
             step.run(tmp_path, opts)
         weights = getattr(parsed.value.args[0], "weights", None)
         assert weights in (None, reproduce.BUDGETS[scale]["weights"]), step.name
+        assert Path(parsed.value.args[0].out).is_relative_to(tmp_path), step.name  # nothing lands outside the run
     assert reproduce.BUDGETS[scale]["weights"] in PROXY_BUDGETS
 
 
@@ -105,4 +109,49 @@ def test_report_sections_read_the_analysis_csvs(tmp_path):
                                 limit_train=20000, img_size=64)), tmp_path / "family" / "family.csv")
     report = reproduce.write_report(tmp_path).read_text()
     assert "## Memory-bound operators (Fig. 2)" in report and "deit_tiny (cpu)" in report
-    assert "## The M0-M5 family" in report and "**confirmed** at proxy scale (Spearman" in report
+    assert "## The M0-M5 family" in report and "**confirmed**: the Spearman rank correlation" in report
+
+
+def plant(folder: Path, band_accuracy: float, with_family: bool = True) -> Path:
+    """A results folder with the presets table, an MHSA-proportion summary (25% of attention at `band_accuracy`
+    against 100% at 80) and, `with_family`, the family table."""
+    write_csv(pd.DataFrame(dict(model=["evit_m0", "evit_m1"], flops_fused_vs_paper_pct=[0.25, -0.1],
+                                params_fused_m=[2.33, 2.98], paper_params_m=[2.3, 3.0])),
+              folder / "presets" / "presets.csv")
+    write_csv(pd.DataFrame(dict(family="deit", share=[0.25, 1.0], actual_share=[0.25, 1.0],
+                                val_acc_mean=[band_accuracy, 80.0], val_acc_std=0.5, seeds=3)),
+              folder / "mhsa_ratio" / "summary.csv")
+    if with_family:
+        write_csv(pd.DataFrame(dict(model=["evit_m0", "evit_m1"], params_m=[2.3, 3.0], flops_m=[79, 167],
+                                    val_acc=[80.0, 82.0], throughput_cpu=[400.0, 300.0], paper_top1=[63.2, 68.4],
+                                    paper_v100_img_s=[27644, 20093], epochs=3, limit_train=20000, img_size=64)),
+                  folder / "family" / "family.csv")
+    return folder
+
+
+def test_the_report_sets_each_claim_and_its_numbers_beside_the_reference(tmp_path):
+    run, reference = plant(tmp_path / "run", 90.0), plant(tmp_path / "reference", 70.0, with_family=False)
+    text = reproduce.beside_reference(run, reference)
+    assert f"The reference ({reference}) lacks the results of family: left out." in text
+    assert "| the presets have the paper's params and FLOPs. | confirmed | confirmed |" in text
+    assert "| attention in 20-40% of the blocks beats more attention (deit family). | confirmed | refuted |" in text
+    assert "| deit accuracy, best at 20-40% attention | 90.000 | 70.000 |" in text
+    assert "larger presets trade speed for accuracy" not in text  # the step the reference lacks is left out
+    report = reproduce.write_report(run, "quick", reference).read_text()
+    assert report.endswith("## This run beside the reference\n\n" + text)
+    assert "This folder is the reference" in reproduce.beside_reference(reference, reference)
+
+
+def test_a_run_prints_its_claims_beside_the_reference(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(reproduce, "STEPS", [])
+    run, reference = plant(tmp_path / "run", 90.0), plant(tmp_path / "reference", 70.0)
+    reproduce.main(["--out", str(run), "--reference", str(reference)])
+    printed = capsys.readouterr().out
+    assert "| claim | this run | reference |" in printed and "| number | this run | reference |" in printed
+    assert "| larger presets trade speed for accuracy. | confirmed | confirmed |" in printed
+
+
+def test_a_run_computes_into_an_untracked_run_folder_and_compares_with_the_committed_results():
+    assert reproduce.DEFAULT_OUT["quick"] == Path("runs/quick")
+    assert reproduce.REFERENCE["quick"] == Path("results/quick") and reproduce.REFERENCE["standard"] == Path("results")
+    assert "/runs/" in (Path(__file__).parents[1] / ".gitignore").read_text().split()

@@ -32,7 +32,8 @@ widths relative to the block's input width, before and after, with MACs and para
 The package: `groups` (Slice, Group), `attention` (PrunedAttention, the base of the split attentions), `builders`
 (a registry of group builders, one module per family, and `builders.common`), `macs` (the MAC counter),
 `importance` (TaylorImportance, a callable; pass another to `taylor_prune`), `prune` (the loop), `tables`,
-`allocation`, `plot` and `cli`.
+`allocation`, `plot`, `cli`, and `claims` (the kept fractions by thirds of the blocks and the paper's claims judged
+on them, for the report).
 """
 from __future__ import annotations
 
