@@ -30,6 +30,7 @@ from urllib.parse import urlparse
 import torch.nn as nn
 
 from experiments.models import PROXY_MODELS, PROXY_NUM_CLASSES, create_model
+from experiments.paths import PROJECT_ROOT
 from experiments.train import (FINAL, CheckpointError, TrainConfig, build_model, fit, load_checkpoint, load_weights,
                                run_cli)
 
@@ -54,7 +55,7 @@ class WeightsUnavailableError(RuntimeError):
 
 def cache_dir() -> Path:
     """Where trained proxies live: $EVIT_CACHE, else <repo>/.cache/zoo."""
-    return Path(os.environ.get("EVIT_CACHE") or Path(__file__).resolve().parents[1] / ".cache" / "zoo")
+    return Path(os.environ.get("EVIT_CACHE") or PROJECT_ROOT / ".cache" / "zoo")
 
 
 def proxy_config(name: str, budget: str = "proxy") -> TrainConfig:
