@@ -31,7 +31,7 @@ from experiments.data import (ArrayDataset, check_data, image_folder, load_digit
                               parse_spec, subset)
 from experiments.models import is_config_file, model_img_size
 from experiments.train import USER_ERRORS
-from experiments.zoo import PROXY_RECIPES, WeightsUnavailableError, load_model
+from experiments.zoo import WeightsUnavailableError, resolve_model
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -124,28 +124,6 @@ def check_readable(model: nn.Module, img_size: int) -> None:
 # ------------------------------------------------------------------------------------------- models and data
 
 
-def random_model(model_name: str, seed: int = 0) -> nn.Module:
-    """The architecture with initial weights drawn with `seed`."""
-    torch.manual_seed(seed)
-    return load_model(model_name, weights="random")
-
-
-def load_weights(model_name: str, weights: str = "auto") -> tuple[nn.Module, str]:
-    """(model in eval mode, the weights actually used). 'auto': a proxy's trained weights, else the hub's
-    pretrained ones, else random init (said in the returned label and on stderr). Random init uses seed 0."""
-    if weights == "random":
-        return random_model(model_name), weights
-    if weights != "auto":
-        return load_model(model_name, weights=weights), weights
-    if model_name in PROXY_RECIPES:
-        return load_model(model_name, weights="proxy"), "proxy"
-    try:
-        return load_model(model_name, weights="pretrained"), "pretrained"
-    except WeightsUnavailableError as e:
-        print(f"note: {e}. Using random weights.", file=sys.stderr)
-        return random_model(model_name), "random"
-
-
 def load_images(spec: str, img_size: int, num_images: int, data_dir: Optional[str] = None) -> torch.Tensor:
     """`num_images` validation images of a data spec (a fixed random choice), as (n, 3, img_size, img_size)."""
     kind, root = parse_spec(spec, data_dir)
@@ -160,7 +138,8 @@ def load_images(spec: str, img_size: int, num_images: int, data_dir: Optional[st
 
 def random_baseline(model_name: str, images: torch.Tensor, seeds: Sequence[int], batch_size: int) -> pd.DataFrame:
     """Mean and std over seeds of each head's similarities with random weights (same architecture)."""
-    frames = [head_similarity(random_model(model_name, seed), images, batch_size) for seed in seeds]
+    frames = [head_similarity(resolve_model(model_name, "random", seed=seed)[0], images, batch_size)
+              for seed in seeds]
     stats = pd.concat(frames).groupby(["block", "head"])[list(METRICS)].agg(["mean", "std"])
     stats.columns = [f"baseline_{metric.removeprefix('max_cos_')}_{stat}" for metric, stat in stats.columns]
     return stats.reset_index()
@@ -175,7 +154,7 @@ def run(model_name: str, weights: str = "auto", data: str = "fashion_mnist", num
         batch_size: int = 16, seeds: Sequence[int] = (0, 1, 2), img_size: Optional[int] = None,
         data_dir: Optional[str] = None) -> pd.DataFrame:
     """Head similarities of one model on real images, with the random-init baseline over `seeds`."""
-    model, used = load_weights(model_name, weights)
+    model, used = resolve_model(model_name, weights, random_fallback=True)
     images = load_images(data, img_size or model_img_size(model), num_images, data_dir)
     df = head_similarity(model, images, batch_size)
     df.insert(0, "model", model_label(model_name))
@@ -310,7 +289,7 @@ def main(argv: Optional[Sequence[str]] = None) -> list[pd.DataFrame]:
     try:
         check_data(args.data, args.data_dir)  # data, then every model's maps, before any long work starts
         for name in args.models:
-            model = random_model(name)
+            model, _ = resolve_model(name, "random")
             check_readable(model, args.img_size or model_img_size(model))
         frames = []
         for name in args.models:

@@ -22,11 +22,13 @@ import hashlib
 import json
 import os
 import socket
+import sys
 from pathlib import Path
 from typing import Any, Sequence
 from unittest import mock
 from urllib.parse import urlparse
 
+import torch
 import torch.nn as nn
 
 from experiments.models import PROXY_MODELS, PROXY_NUM_CLASSES, create_model
@@ -154,6 +156,27 @@ def load_model(name: str, weights: str = "proxy", num_classes: int | None = None
     model = build_model(name, **{**file_kwargs, **kwargs})
     load_weights(model, state_dict, path)
     return model.eval()
+
+
+def resolve_model(name: str, weights: str = "auto", random_fallback: bool = False,
+                  seed: int = 0) -> tuple[nn.Module, str]:
+    """(model in eval mode, the weights it got): how the analyses get a model by name. 'auto' is a proxy's trained
+    weights for a proxy, else the hub's pretrained ones; when those are unreachable, random initial weights if
+    `random_fallback` (said on stderr; head similarity compares with random init anyway), else
+    WeightsUnavailableError naming --weights random (pruning random weights says nothing about a trained model).
+    Random weights are drawn with `seed`."""
+    asked = weights
+    if weights == "auto":
+        weights = "proxy" if name in PROXY_RECIPES else "pretrained"
+    if weights == "random":
+        torch.manual_seed(seed)
+    try:
+        return load_model(name, weights=weights), weights
+    except WeightsUnavailableError as e:
+        if asked != "auto" or not random_fallback:
+            raise WeightsUnavailableError(f"{e} (or --weights random for a smoke run)") from e
+        print(f"note: {e}. Using random weights.", file=sys.stderr)
+        return resolve_model(name, "random", seed=seed)
 
 
 # ------------------------------------------------------------------------------------------------------ CLI

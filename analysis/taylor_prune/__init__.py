@@ -40,7 +40,7 @@ from __future__ import annotations
 from analysis.taylor_prune.allocation import allocation_config
 from analysis.taylor_prune.builders import prepare, prunable, register_block, register_converter, register_model
 from analysis.taylor_prune.builders.vit import SplitAttention
-from analysis.taylor_prune.cli import DEFAULT_OUT, ServedBatches, load_batches, load_weights, main, parse_args, run
+from analysis.taylor_prune.cli import DEFAULT_OUT, ServedBatches, load_batches, main, parse_args, run
 from analysis.taylor_prune.groups import Group, Slice
 from experiments.models import UnsupportedModelError
 from analysis.taylor_prune.importance import NORMALIZERS, REDUCTIONS, TaylorImportance, accumulate_gradients
@@ -52,7 +52,7 @@ from analysis.taylor_prune.tables import KINDS, block_table, stage_table
 __all__ = [
     "DEFAULT_OUT", "KINDS", "NORMALIZERS", "REDUCTIONS", "Group", "PruneResult", "ServedBatches", "Slice",
     "SplitAttention", "TaylorImportance", "Unit", "UnsupportedModelError", "accumulate_gradients",
-    "allocation_config", "block_table", "candidate_units", "count_macs", "evaluate", "load_batches", "load_weights",
+    "allocation_config", "block_table", "candidate_units", "count_macs", "evaluate", "load_batches",
     "main", "measure_positions", "parse_args", "plot", "prepare", "prunable", "prune_channels", "register_block",
     "register_converter", "register_model", "run", "stage_table", "taylor_prune",
 ]

@@ -9,7 +9,6 @@ from typing import Optional, Sequence
 
 import pandas as pd
 import torch
-import torch.nn as nn
 from torch.utils.data import Dataset
 
 from analysis.taylor_prune.allocation import allocation_config
@@ -21,21 +20,9 @@ from analysis.taylor_prune.prune import PruneResult, taylor_prune
 from evit.io import save_figure, write_csv
 from experiments.train import USER_ERRORS
 from experiments.models import UnsupportedModelError
-from experiments.zoo import PROXY_RECIPES, WeightsUnavailableError, load_model
+from experiments.zoo import WeightsUnavailableError, resolve_model
 
 DEFAULT_OUT = "results/taylor_prune"
-
-def load_weights(model_name: str, weights: str = "auto") -> tuple[nn.Module, str]:
-    """(model in eval mode, the weights used). 'auto': a proxy's trained weights for proxies, else the hub's
-    pretrained ones, else an error (pruning random weights says nothing about a trained model)."""
-    if weights == "auto":
-        weights = "proxy" if model_name in PROXY_RECIPES else "pretrained"
-    if weights == "random":
-        torch.manual_seed(0)
-    try:
-        return load_model(model_name, weights=weights), weights
-    except WeightsUnavailableError as e:
-        raise WeightsUnavailableError(f"{e} (or --weights random for a smoke run)") from e
 
 class ServedBatches(Sequence):
     """Batches of chosen dataset items, served (resized, normalized) each time they are read, so that one batch at
@@ -148,7 +135,7 @@ def run(args: argparse.Namespace) -> PruneResult:
     from experiments.models import model_img_size
 
     check_inputs(args)
-    model, weights = load_weights(args.model, args.weights)
+    model, weights = resolve_model(args.model, args.weights)
     img_size = args.img_size or model_img_size(model)
     train, val, num_classes = load_batches(args.data, img_size, args.batches, args.batch, args.val_images,
                                            args.data_dir)
