@@ -65,3 +65,13 @@ def torch_save(obj: Any, path: str | os.PathLike) -> Path:
     import torch
 
     return atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
+def markdown_table(df, floatfmt: str = ".3f") -> str:
+    """A DataFrame as a GitHub markdown table: the columns as they are named, floats formatted with `floatfmt`,
+    everything else as its string. The one table writer of the reports, the README's support table and the
+    presets' summary."""
+    lines = ["| " + " | ".join(map(str, df.columns)) + " |", "|" + "---|" * len(df.columns)]
+    for row in df.itertuples(index=False):
+        lines.append("| " + " | ".join(format(v, floatfmt) if isinstance(v, float) else str(v) for v in row) + " |")
+    return "\n".join(lines) + "\n"

@@ -15,7 +15,7 @@ import torch.nn as nn
 
 from .config import PAPER, PRESETS
 from .efficientvit import EfficientViT, fuse
-from .io import write_csv, write_text
+from .io import markdown_table, write_csv, write_text
 
 
 def count_params(model: nn.Module) -> int:
@@ -55,14 +55,15 @@ def preset_table(img_size: int = 224) -> pd.DataFrame:
 
 
 def to_markdown(df: pd.DataFrame) -> str:
-    header = ("| model | params (M) | params BN-folded (M) | paper params (M) | FLOPs (M) | FLOPs BN-folded (M) "
-              "| paper FLOPs (M) | folded vs paper |\n|---|---|---|---|---|---|---|---|\n")
-    lines = [
-        f"| {r.model} | {r.params_m:.3f} | {r.params_fused_m:.3f} | {r.paper_params_m:.1f} | {r.flops_m:.1f} "
-        f"| {r.flops_fused_m:.1f} | {r.paper_flops_m:.0f} | {r.flops_fused_vs_paper_pct:+.2f}% |"
-        for r in df.itertuples()
-    ]
-    return header + "\n".join(lines) + "\n"
+    """The presets' table, each column with its own precision."""
+    shown = pd.DataFrame({
+        "model": df.model, "params (M)": df.params_m.map("{:.3f}".format),
+        "params BN-folded (M)": df.params_fused_m.map("{:.3f}".format),
+        "paper params (M)": df.paper_params_m.map("{:.1f}".format), "FLOPs (M)": df.flops_m.map("{:.1f}".format),
+        "FLOPs BN-folded (M)": df.flops_fused_m.map("{:.1f}".format),
+        "paper FLOPs (M)": df.paper_flops_m.map("{:.0f}".format),
+        "folded vs paper": df.flops_fused_vs_paper_pct.map("{:+.2f}%".format)})
+    return markdown_table(shown)
 
 
 def main(argv: Optional[list[str]] = None) -> pd.DataFrame:

@@ -27,7 +27,7 @@ import pandas as pd
 from analysis import head_similarity, mhsa_ratio, op_profile, taylor_prune
 from analysis.taylor_prune import claims as pruning_claims
 from evit import PRESETS, EfficientViTConfig, get_preset, summary
-from evit.io import save_figure, write_text
+from evit.io import markdown_table, save_figure, write_text
 from experiments import benchmark, family
 from experiments.claims import Claim, names
 
@@ -176,14 +176,6 @@ class Section:
     render: Callable[[Path, Any], str]
 
 
-def _table(df: pd.DataFrame, floatfmt: str = ".3f") -> str:
-    cols = list(df.columns)
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for row in df.itertuples(index=False):
-        lines.append("| " + " | ".join(format(v, floatfmt) if isinstance(v, float) else str(v) for v in row) + " |")
-    return "\n".join(lines) + "\n"
-
-
 def _claims_text(claims: list[Claim]) -> str:
     return "".join(f"\n{claim.markdown()}\n" for claim in claims)
 
@@ -204,7 +196,7 @@ def _read_stacked(paths: list[Path], label: Callable[[Path], dict[str, str]] = l
 
 def _render_presets(out: Path, presets: pd.DataFrame) -> str:
     return ("## M0-M5: params and FLOPs\n" + _claims_text(family.presets_claims(presets)) + "\n"
-            + _table(presets, ".2f"))
+            + markdown_table(presets, ".2f"))
 
 
 def _read_op_profile(out: Path) -> Optional[pd.DataFrame]:
@@ -216,7 +208,7 @@ def _read_op_profile(out: Path) -> Optional[pd.DataFrame]:
 def _render_op_profile(out: Path, shares: pd.DataFrame) -> str:
     return ("## Memory-bound operators (Fig. 2)\n\nShare of runtime per operator class and the share spent in "
             "memory-bound ops (arithmetic intensity below the measured roofline ridge); CPU: batch 16, 1 thread; "
-            "`fused` = evit deploy mode (BN folded, traced).\n\n" + _table(shares)
+            "`fused` = evit deploy mode (BN folded, traced).\n\n" + markdown_table(shares)
             + _claims_text(op_profile.claims(shares)) + _figures(out, "op_profile"))
 
 
@@ -227,7 +219,7 @@ def _read_head_similarity(out: Path) -> Optional[pd.DataFrame]:
 def _render_head_similarity(out: Path, heads: pd.DataFrame) -> str:
     return ("## Head similarity (Fig. 4)\n\nMean over blocks and heads of each head's maximum cosine similarity to "
             "another head of its block (raw = the paper's measure; centred = uniform 1/N removed).\n\n"
-            + _table(head_similarity.mean_similarity(heads)) + _claims_text(head_similarity.claims(heads))
+            + markdown_table(head_similarity.mean_similarity(heads)) + _claims_text(head_similarity.claims(heads))
             + _figures(out, "head_similarity"))
 
 
@@ -247,14 +239,15 @@ def _render_taylor_prune(out: Path, blocks: pd.DataFrame) -> str:
             "steps (Q/K, V, FFN hidden and the residual-stream width as separate groups), accuracy on `val_images` "
             "validation images before, after, and after a `finetune_epochs` fine-tune; kept widths relative to each "
             "block's input width, averaged over early/middle/late thirds of the blocks.\n\n"
-            + _table(summaries[cols], ".2f")
+            + markdown_table(summaries[cols], ".2f")
             + "\nFraction of each group's channels kept (early / middle / late blocks):\n\n"
-            + _table(pruning_claims.kept_by_thirds(blocks), ".2f") + _claims_text(pruning_claims.claims(blocks))
+            + markdown_table(pruning_claims.kept_by_thirds(blocks), ".2f")
+            + _claims_text(pruning_claims.claims(blocks))
             + _figures(out, "taylor_prune"))
 
 
 def _render_mhsa_ratio(out: Path, summary: pd.DataFrame) -> str:
-    return ("## MHSA proportion (Fig. 3)\n\n" + _table(summary) + _claims_text(mhsa_ratio.claims(summary))
+    return ("## MHSA proportion (Fig. 3)\n\n" + markdown_table(summary) + _claims_text(mhsa_ratio.claims(summary))
             + "\n![mhsa_ratio](mhsa_ratio/mhsa_ratio.png)\n")
 
 
@@ -263,7 +256,7 @@ def _render_family(out: Path, trained: pd.DataFrame) -> str:
     first = trained.iloc[0]
     text = (f"## The M0-M5 family (Fig. 1 shape)\n\nEach model trained {first.epochs} epochs on {first.limit_train} "
             f"Fashion-MNIST images at {first.img_size} px (one seed), timed at 224 px (CPU, batch 16, BN folded + "
-            f"traced).\n\n" + _table(trained[cols], ".1f") + _claims_text(family.claims(trained))
+            f"traced).\n\n" + markdown_table(trained[cols], ".1f") + _claims_text(family.claims(trained))
             + "\n![family](family/family.png)\n")
     derived = _read_csv(out / "family" / "allocation.csv")
     if derived is None:
@@ -274,8 +267,8 @@ def _render_family(out: Path, trained: pd.DataFrame) -> str:
                    "EfficientViT configs (analysis.taylor_prune.allocation_config, scaled to M0's FLOPs; attention in "
                    "the MHSA-proportion study's best share of the blocks), trained with the same budget and timed the "
                    "same way.\n\n"
-                   + _table(derived[["model", "params_m", "flops_m", "attention_blocks", "val_acc", "throughput_cpu",
-                                     "vs_m0_throughput"]], ".2f")
+                   + markdown_table(derived[["model", "params_m", "flops_m", "attention_blocks", "val_acc",
+                                             "throughput_cpu", "vs_m0_throughput"]], ".2f")
                    + "\n![allocation](family/allocation.png)\n")
 
 
@@ -310,7 +303,7 @@ def _render_peers(path: Path) -> str:
     main = df[df.batch == df.batch.max()].pivot_table(index="model", columns="backend", values="throughput")
     latency = df[df.batch == 1].pivot_table(index="model", columns="backend", values="latency_ms")
     return (f"## Speed against peers ({path.stem}: images/s at batch {df.batch.max()}, and batch-1 latency in ms)\n\n"
-            f"{df.machine.iloc[0]}. Quick timing.\n\n" + _table(main.join(latency.add_suffix(" batch-1 ms"))
+            f"{df.machine.iloc[0]}. Quick timing.\n\n" + markdown_table(main.join(latency.add_suffix(" batch-1 ms"))
                                                                 .reset_index(), ".1f")
             + f"\n![{path.stem}](benchmark/{path.stem}.png)\n\n")
 
@@ -322,7 +315,7 @@ def _render_fast_path(device: str, df: pd.DataFrame) -> str:
     threads = "" if on_gpu else f", {df.threads.iloc[0]} thread"
     pivot = df.pivot(index="model", columns="variant", values="ratio_vs_timm_eager").reset_index()
     text = (f"## Fast path: evit.deploy vs timm's port ({device.replace('cpu', 'CPU')}, batch {df.batch.iloc[0]}{amp}"
-            f"{threads})\n\nThroughput ratio to timm eager, same weights.\n\n" + _table(pivot, ".2f")
+            f"{threads})\n\nThroughput ratio to timm eager, same weights.\n\n" + markdown_table(pivot, ".2f")
             + _claims_text(claims))
     parity = df[df.variant == benchmark.DEPLOY_VARIANT].get("ratio_vs_onnxruntime", pd.Series(dtype=float))
     if parity.notna().any():  # ONNX Runtime is timed on CPU only (and older CSVs lack the column)
@@ -381,7 +374,7 @@ def _numbers(claims: list[Claim]) -> dict[str, float]:
 def _side_by_side(key: str, run: dict[str, Any], ref: dict[str, Any]) -> str:
     """A table of every key of either side (this run's first) with its value on each side ('-' where it has none)."""
     rows = [(name, run.get(name, "-"), ref.get(name, "-")) for name in {**run, **ref}]
-    return _table(pd.DataFrame(rows, columns=[key, "this run", "reference"]))
+    return markdown_table(pd.DataFrame(rows, columns=[key, "this run", "reference"]))
 
 
 def write_report(out: Path, scale: str = "quick", reference: Optional[Path] = None) -> Path:

@@ -24,7 +24,7 @@ import pandas as pd
 import torch
 import torch.nn as nn
 
-from evit.io import write_csv, write_text
+from evit.io import markdown_table, write_csv, write_text
 from experiments.models import UnsupportedModelError, create_model, model_img_size
 
 
@@ -169,7 +169,7 @@ def to_markdown(df: pd.DataFrame) -> str:
     table = df.assign(family=df.family + " (`" + df.model + "`)").drop(columns=["model", "img_size"])
     analyses = [c for c in ANALYSES if c in table]
     table[analyses] = table[analyses].map(short_cell)
-    return table.to_markdown(index=False) + "\n"
+    return markdown_table(table)
 
 
 def replace_readme_table(readme: Path, table: str) -> None:
