@@ -56,7 +56,7 @@ def train_once(cfg: TrainConfig) -> dict[str, Any]:
     return dict(val_acc=metrics.get("val_acc"), train_time_s=sum(row["epoch_time_s"] for row in history))
 
 
-def evaluate(models: Sequence[str], quick_timing: bool = True, **budget: Any) -> pd.DataFrame:
+def train_and_time(models: Sequence[str], quick_timing: bool = True, **budget: Any) -> pd.DataFrame:
     """One row per model: proxy accuracy after the budget, params, FLOPs and CPU throughput at 224 px."""
     from tqdm import tqdm
 
@@ -96,7 +96,7 @@ def presets_claims(presets: pd.DataFrame) -> list[Claim]:
 
 
 def claims(family: pd.DataFrame) -> list[Claim]:
-    """Larger presets trade speed for accuracy, judged on `evaluate`'s table (none with fewer than two presets)."""
+    """Larger presets trade speed for accuracy, judged on `train_and_time`'s table (none with fewer than two presets)."""
     presets = family[family.model.str.fullmatch(r"evit_m\d")]
     if len(presets) < 2:
         return []
@@ -153,7 +153,7 @@ def main(argv: Optional[Sequence[str]] = None) -> pd.DataFrame:
     args = parser.parse_args(argv)
 
     def body() -> pd.DataFrame:
-        df = evaluate(args.models.split(","), not args.full_timing, epochs=args.epochs, batch_size=args.batch_size,
+        df = train_and_time(args.models.split(","), not args.full_timing, epochs=args.epochs, batch_size=args.batch_size,
                       img_size=args.img_size,
                       limit_train=args.limit_train or None, limit_val=args.limit_val or None)
         print(f"-> {write_csv(df.round(4), args.out / f'{args.name}.csv')}")

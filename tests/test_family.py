@@ -17,7 +17,7 @@ def cache(tmp_path, monkeypatch):
 def test_presets_and_config_files_train_once_with_one_budget(cache, tmp_path, monkeypatch):
     config = tmp_path / "narrow.yaml"
     get_preset("m0").replace(embed_dims=(32, 64, 96), num_heads=(2, 2, 2), name="narrow").to_file(config)
-    df = family.evaluate(["evit_m0", str(config)], **TINY)
+    df = family.train_and_time(["evit_m0", str(config)], **TINY)
     assert list(df.model) == ["evit_m0", "narrow"]
     assert df.val_acc.between(0, 100).all() and (df.throughput_cpu > 0).all()
     assert df.flops_m.iloc[1] < df.flops_m.iloc[0]  # the narrower config is cheaper
@@ -25,7 +25,7 @@ def test_presets_and_config_files_train_once_with_one_budget(cache, tmp_path, mo
     assert len(list((cache / "family").iterdir())) == 2
 
     monkeypatch.setattr(family, "fit", lambda cfg: pytest.fail("a finished run must not be trained again"))
-    again = family.evaluate(["evit_m0"], **TINY)
+    again = family.train_and_time(["evit_m0"], **TINY)
     assert again.val_acc.iloc[0] == df.val_acc.iloc[0]
 
 

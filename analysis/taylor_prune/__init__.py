@@ -46,13 +46,13 @@ from experiments.models import UnsupportedModelError
 from analysis.taylor_prune.importance import NORMALIZERS, REDUCTIONS, TaylorImportance, accumulate_gradients
 from analysis.taylor_prune.macs import count_macs, measure_positions
 from analysis.taylor_prune.plot import plot
-from analysis.taylor_prune.prune import PruneResult, Unit, candidate_units, evaluate, prune_channels, taylor_prune
+from analysis.taylor_prune.prune import PruneResult, Unit, candidate_units, prune_channels, taylor_prune, top1_accuracy
 from analysis.taylor_prune.tables import KINDS, block_table, stage_table
 
 __all__ = [
     "DEFAULT_OUT", "KINDS", "NORMALIZERS", "REDUCTIONS", "Group", "PruneResult", "ServedBatches", "Slice",
     "SplitAttention", "TaylorImportance", "Unit", "UnsupportedModelError", "accumulate_gradients",
-    "allocation_config", "block_table", "candidate_units", "count_macs", "evaluate", "load_batches",
+    "allocation_config", "block_table", "candidate_units", "count_macs", "load_batches",
     "main", "measure_positions", "parse_args", "plot", "prepare", "prunable", "prune_channels", "register_block",
-    "register_converter", "register_model", "run", "stage_table", "taylor_prune",
+    "register_converter", "register_model", "run", "stage_table", "taylor_prune", "top1_accuracy",
 ]

@@ -89,7 +89,7 @@ class PruneResult:
     model: nn.Module         # the pruned model
 
 
-def evaluate(model: nn.Module, batches: Batches) -> tuple[float, int]:
+def top1_accuracy(model: nn.Module, batches: Batches) -> tuple[float, int]:
     """(top-1 accuracy in %, images): counted here, as served batches would be served again to count them."""
     correct = total = 0
     with torch.no_grad():
@@ -126,7 +126,7 @@ def taylor_prune(model: nn.Module, batches: Batches, target_macs: float = 0.5, s
     names = list(dict.fromkeys(g.block for g in groups if g.kind != "width"))
     macs_before, params_before = count_macs(model, example), _params_by_block(model, names)
     total_params_before = sum(p.numel() for p in model.parameters())
-    acc_before, val_images = evaluate(model, val_batches) if val_batches else (None, 0)
+    acc_before, val_images = top1_accuracy(model, val_batches) if val_batches else (None, 0)
     total_before = sum(macs_before.values())
     at_floor = False  # every prunable group down to its floor: nothing left to remove
     for step in range(1, steps + 1):
@@ -170,5 +170,5 @@ def taylor_prune(model: nn.Module, batches: Batches, target_macs: float = 0.5, s
                    width_pruned=any(g.kind == "width" and g.prunable for g in groups),
                    gradient_images=sum(len(labels) for _, labels in batches),
                    val_images=val_images, acc_before=acc_before,
-                   acc_after=evaluate(model, val_batches)[0] if val_batches else None)
+                   acc_after=top1_accuracy(model, val_batches)[0] if val_batches else None)
     return PruneResult(blocks, stage_table(blocks), summary, model)
