@@ -136,9 +136,13 @@ def load_images(spec: str, img_size: int, num_images: int, data_dir: Optional[st
     return torch.stack([dataset[i][0] for i in range(len(dataset))])
 
 
-def random_baseline(model_name: str, images: torch.Tensor, seeds: Sequence[int], batch_size: int) -> pd.DataFrame:
-    """Mean and std over seeds of each head's similarities with random weights (same architecture)."""
-    frames = [head_similarity(resolve_model(model_name, "random", seed=seed)[0], images, batch_size)
+def random_baseline(model_name: str, images: torch.Tensor, seeds: Sequence[int], batch_size: int,
+                    computed: Optional[dict[int, pd.DataFrame]] = None) -> pd.DataFrame:
+    """Mean and std over seeds of each head's similarities with random weights (same architecture); `computed`
+    holds seeds' similarities already at hand (the model itself, when its weights are random: seed 0)."""
+    computed = computed or {}
+    frames = [computed[seed] if seed in computed else
+              head_similarity(resolve_model(model_name, "random", seed=seed)[0], images, batch_size)
               for seed in seeds]
     stats = pd.concat(frames).groupby(["block", "head"])[list(METRICS)].agg(["mean", "std"])
     stats.columns = [f"baseline_{metric.removeprefix('max_cos_')}_{stat}" for metric, stat in stats.columns]
@@ -157,12 +161,14 @@ def run(model_name: str, weights: str = "auto", data: str = "fashion_mnist", num
     model, used = resolve_model(model_name, weights, random_fallback=True)
     images = load_images(data, img_size or model_img_size(model), num_images, data_dir)
     df = head_similarity(model, images, batch_size)
+    computed = {0: df.copy()} if used == "random" else {}  # resolve_model draws random weights with seed 0
     df.insert(0, "model", model_label(model_name))
     df["weights"] = used
     df["data"] = data
     df["num_images"] = len(images)
     if seeds:
-        df = df.merge(random_baseline(model_name, images, seeds, batch_size), on=["block", "head"], how="left")
+        df = df.merge(random_baseline(model_name, images, seeds, batch_size, computed), on=["block", "head"],
+                      how="left")
         df["baseline_seeds"] = len(seeds)
     return df
 

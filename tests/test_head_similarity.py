@@ -1,5 +1,6 @@
 """Head similarity (Fig. 4) with planted truth: identical heads, disjoint heads, batch-size independence,
 attention capture for timm ViT / Swin and evit CGA / MHSA, and the CLI's errors."""
+import numpy as np
 import pandas as pd
 import pytest
 import timm
@@ -8,6 +9,7 @@ from timm.models.swin_transformer import SwinTransformer
 from timm.models.vision_transformer import VisionTransformer
 
 import evit  # noqa: F401  (registers evit_custom)
+from analysis import head_similarity as hs
 from analysis.attention_capture import UnsupportedModelError, capture_attention, find_attention
 from analysis.head_similarity import check_readable, head_similarity, main, max_other, pairwise_cosine
 from tests.test_train import one_line_error
@@ -350,6 +352,17 @@ def test_cli_writes_csv_and_figure(tmp_path):
     assert len(csv) == len(df) == 2 and (csv.weights == "random").all() and (csv.num_images == 3).all()
     assert (csv.baseline_seeds == 2).all() and csv.baseline_raw_std.notna().all()
     assert (tmp_path / "tiny_mhsa_vs_tiny_mhsa.png").stat().st_size > 0
+
+
+def test_random_weights_are_the_baselines_seed_0_computed_once(monkeypatch):
+    """With random weights the model measured is the baseline's seed 0: computed once, and equal to it."""
+    calls = []
+    real = hs.head_similarity
+    monkeypatch.setattr(hs, "head_similarity", lambda *args: calls.append(1) or real(*args))
+    df = hs.run("evit_m0", "random", data="digits", num_images=2, batch_size=2, seeds=(0, 1), img_size=64)
+    assert len(calls) == 2  # the model (= seed 0) and seed 1
+    fresh = real(hs.resolve_model("evit_m0", "random", seed=0)[0], hs.load_images("digits", 64, 2), 2)
+    np.testing.assert_allclose(df.max_cos_raw, fresh.max_cos_raw, atol=1e-6)
 
 
 def test_cli_unknown_model(capsys):
