@@ -1,5 +1,5 @@
 """timm Swin Transformer v2 (`swinv2_*`) and its second implementation (`swinv2_cr_*`): Q/K, V and FFN-hidden
-groups per block through a split cosine attention, and one residual-stream width group per stage."""
+groups per block through a split cosine attention (their stage widths: swin.py, with v1's)."""
 from __future__ import annotations
 
 import math
@@ -8,14 +8,13 @@ from typing import Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.models.swin_transformer_v2 import PatchMerging, SwinTransformerV2, SwinTransformerV2Block, WindowAttention
-from timm.models.swin_transformer_v2_cr import PatchMerging as CrPatchMerging
-from timm.models.swin_transformer_v2_cr import SwinTransformerV2Cr, SwinTransformerV2CrBlock, WindowMultiHeadAttention
+from timm.models.swin_transformer_v2 import SwinTransformerV2Block, WindowAttention
+from timm.models.swin_transformer_v2_cr import SwinTransformerV2CrBlock, WindowMultiHeadAttention
 
 from analysis.taylor_prune.attention import PrunedAttention
-from analysis.taylor_prune.builders import register_block, register_model
-from analysis.taylor_prune.builders.common import attention_groups, block_stream, ffn_group, split_heads, split_rows
-from analysis.taylor_prune.groups import Group, Slice, set_sizes, whole
+from analysis.taylor_prune.builders import register_block
+from analysis.taylor_prune.builders.common import attention_groups, ffn_group, split_heads, split_rows
+from analysis.taylor_prune.groups import Group
 
 MAX_LOGIT_SCALE = math.log(1. / 0.01)  # timm's clamp of the per-head logit scale, before exp
 
@@ -77,65 +76,3 @@ def block_groups(name: str, block: nn.Module) -> list[Group]:
     if not isinstance(block.attn, CosineWindowAttention):
         block.attn = CosineWindowAttention(block.attn)
     return attention_groups(name, block.attn) + [ffn_group(name, block.mlp, lambda: block.attn.q.in_features)]
-
-
-def merge_reads(merge: nn.Module, width: int) -> list[Slice]:
-    """Where a patch merging reads the previous stage's channel c: at c, C+c, 2C+c and 3C+c of its reduction's
-    columns (the 2x2 neighbours are concatenated channel-wise) and, in swinv2_cr, which normalizes before reducing,
-    of its norm."""
-    readers = [(merge.norm, "out")] if isinstance(merge, CrPatchMerging) else []
-    readers.append((merge.reduction, "in"))
-    return [Slice(layer, axis, k * width, 0, width) for k in range(4) for layer, axis in readers]
-
-
-def merge_writes(merge: nn.Module) -> list[tuple[nn.Module, str]]:
-    """What writes a stage's width from a patch merging: the reduction rows and, in v2, which normalizes after
-    reducing, its norm."""
-    return [(merge.reduction, "out")] + ([(merge.norm, "out")] if isinstance(merge, PatchMerging) else [])
-
-
-@register_model((SwinTransformerV2, SwinTransformerV2Cr))
-def width_groups(model: nn.Module) -> list[Group]:
-    """One residual-stream width per stage: its writer (the patch embedding's conv and norm for stage 0, the
-    stage's patch merging otherwise), every block's stream layers (post-norm: norm1 and norm2 normalize the
-    attention and MLP outputs before they are added; swinv2_cr's extra norm3 on the stream), and its readers
-    after the stage: the next patch merging, or the final norm (v2; swinv2_cr's is the last block's norm3) and
-    the classifier."""
-    prefix = "layers" if isinstance(model, SwinTransformerV2) else "stages"
-    stages = list(getattr(model, prefix))
-    groups = []
-    for s, stage in enumerate(stages):
-        nxt = stages[s + 1].downsample if s + 1 < len(stages) else None
-
-        def count(stage: nn.Module = stage) -> int:
-            return stage.blocks[0].norm1.normalized_shape[0]
-
-        def layout(s: int = s, stage: nn.Module = stage, nxt: Optional[nn.Module] = nxt) -> list[Slice]:
-            width = count(stage)
-            entries = [(model.patch_embed.proj, "out"), (model.patch_embed.norm, "out")] if s == 0 else merge_writes(
-                stage.downsample)
-            for block in stage.blocks:  # a swinv2_cr block may end with a norm3 on the stream
-                entries += block_stream(block) + [(getattr(block, "norm3", None), "out")]
-            if nxt is None:
-                entries += [(getattr(model, "norm", None), "out"), (model.head.fc, "in")]
-            return whole(width, entries) + (merge_reads(nxt, width) if nxt is not None else [])
-
-        def resize(removed: int, s: int = s, stage: nn.Module = stage, nxt: Optional[nn.Module] = nxt) -> None:
-            width = count(stage)
-            model.feature_info[s]["num_chs"] = width
-            for block in stage.blocks:
-                set_sizes(block, dim=width)
-            if s:
-                set_sizes(stage.downsample, out_dim=width)
-            else:
-                set_sizes(model, embed_dim=width)
-            if nxt is not None:
-                set_sizes(stages[s + 1], dim=width)  # v2 stages and merges keep their input width as `dim`
-                set_sizes(nxt, dim=width)
-            else:
-                set_sizes(model, num_features=width, head_hidden_size=width)
-                set_sizes(model.head, in_features=width, num_features=width)
-
-        groups.append(Group("width", block=f"{prefix}.{s}",
-                            stage=s, heads=1, width=count, layout=layout, count=count, on_prune=resize))
-    return groups
