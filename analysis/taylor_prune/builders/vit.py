@@ -18,21 +18,26 @@ from experiments.models import UnsupportedModelError
 
 
 class SplitAttention(PrunedAttention):
-    """timm's Attention / Swin WindowAttention with separate q, k, v projections, so that Q/K and V are separate
-    pruning groups and each head's Q/K and V dims can shrink. The softmax scale stays the original one, so
-    pruned channels whose weights are zero leave the output unchanged."""
+    """timm's Attention / Swin WindowAttention / BEiT's Attention with separate q, k, v projections, so that Q/K
+    and V are separate pruning groups and each head's Q/K and V dims can shrink. The softmax scale stays the
+    original one, so pruned channels whose weights are zero leave the output unchanged. BEiT's separate q_bias and
+    v_bias become q's and v's biases (k has none), so a channel's bias is pruned with its row."""
 
     def __init__(self, attn: nn.Module):
         super().__init__()
-        self.q, self.k, self.v = split_rows(attn.qkv, fused_biases(attn.qkv, 3))
+        separate = hasattr(attn, "q_bias")  # BEiT
+        biases = (attn.q_bias, None, attn.v_bias) if separate else fused_biases(attn.qkv, 3)
+        self.q, self.k, self.v = split_rows(attn.qkv, biases)
         self.num_heads, self.scale = attn.num_heads, attn.scale
         self.attn_drop, self.proj, self.proj_drop = attn.attn_drop, attn.proj, attn.proj_drop
-        # Swin: keep the module that owns the relative-position bias (a table per head; heads are never pruned),
-        # without its qkv and proj, whose weights now live here.
+        # Swin, BEiT: keep the module that owns the relative-position bias (a table per head; heads are never
+        # pruned), without the weights that now live here.
         self.bias_owner = None
-        if hasattr(attn, "relative_position_bias_table"):
+        if getattr(attn, "relative_position_bias_table", None) is not None:
             del attn.qkv
             attn.proj = None
+            if separate:
+                attn.q_bias = attn.k_bias = attn.v_bias = None
             self.bias_owner = attn
 
     def matmul_channels(self) -> int:
@@ -50,7 +55,7 @@ class SplitAttention(PrunedAttention):
                 windows = mask.shape[0]
                 attn = attn.view(-1, windows, self.num_heads, tokens, tokens) + mask.unsqueeze(1).unsqueeze(0)
                 attn = attn.view(-1, self.num_heads, tokens, tokens)
-        elif attn_mask is not None:
+        if attn_mask is not None:  # ViT's attention mask, BEiT's bias shared by all blocks
             attn = attn + attn_mask
         attn = self.attn_drop(attn.softmax(dim=-1))
         out = (attn @ v).transpose(1, 2).reshape(batch, tokens, -1)
