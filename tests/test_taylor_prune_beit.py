@@ -10,7 +10,7 @@ from analysis import taylor_prune as tpr
 from analysis.taylor_prune.builders.beit import SplitBeitAttention
 from tests.test_taylor_prune import (assert_dead_widths_go_first, assert_planted_go_first_and_change_nothing, batches,
                                      fvcore_macs, prepare_keeping_the_function)
-from tests.test_taylor_prune_cait import randomize_
+from tests.test_taylor_prune_cait import plant_dead_channels_, randomize_
 
 SIZE, HEADS, DIM = 16, 2, 6  # 16 px at patch 8: 4 patch tokens and the class token; 2 heads of 6 dims (width 12)
 # beit_base's own layout (a table per block, mean pooling into fc_norm, no absolute position embedding), and the
@@ -44,16 +44,7 @@ def test_planted_zero_channels_are_pruned_first_and_change_nothing(variant):
     model = tiny_beit(variant)
     qk, v, ffn = tpr.prepare(model)[3:6]  # block 1
     attn, mlp = model.blocks[1].attn, model.blocks[1].mlp
-    with torch.no_grad():
-        for h in range(HEADS):
-            # Q/K dim 4 of every head dead through q alone (rows and q_bias): k stays live, so a forgotten q_bias
-            # would keep the dim in the logits
-            attn.q.weight[h * DIM + 4] = 0
-            attn.q.bias[h * DIM + 4] = 0
-            attn.v.weight[h * DIM + 1] = 0
-            attn.v.bias[h * DIM + 1] = 0
-        mlp.fc1.weight[[3, 7]] = 0
-        mlp.fc1.bias[[3, 7]] = -10.0  # GELU(-10) = 0: the hidden channel is dead
+    plant_dead_channels_(attn, mlp)
     scale = attn.scale
     assert_planted_go_first_and_change_nothing(model, torch.randn(4, 3, SIZE, SIZE), batches(size=SIZE),
                                                [(qk, [4, DIM + 4]), (v, [1, DIM + 1]), (ffn, [3, 7])])

@@ -24,6 +24,19 @@ def randomize_(model, seed=0):
     return model.eval()
 
 
+def plant_dead_channels_(attn, mlp):
+    """Q/K dim 4 and V dim 1 of every head, hidden channels 3 and 7 of the FFN: dead. The Q/K dim is dead through q
+    alone (rows and bias): k stays live, so a forgotten q bias would keep the dim in the logits."""
+    with torch.no_grad():
+        for h in range(HEADS):
+            attn.q.weight[h * DIM + 4] = 0
+            attn.q.bias[h * DIM + 4] = 0
+            attn.v.weight[h * DIM + 1] = 0
+            attn.v.bias[h * DIM + 1] = 0
+        mlp.fc1.weight[[3, 7]] = 0
+        mlp.fc1.bias[[3, 7]] = -10.0  # GELU(-10) = 0: the hidden channel is dead
+
+
 def tiny_cait(**kwargs):
     args = dict(img_size=SIZE, patch_size=8, embed_dim=HEADS * DIM, depth=2, num_heads=HEADS, depth_token_only=2,
                 mlp_ratio=2.0, mlp_ratio_token_only=2.0, num_classes=3, init_values=1.0)
@@ -48,16 +61,7 @@ def test_planted_zero_channels_are_pruned_first_and_change_nothing(block):
     groups = by_block(tpr.prepare(model))
     qk, v, ffn = (groups[block, kind] for kind in ("qk", "v", "ffn"))
     attn, mlp = model.get_submodule(block).attn, model.get_submodule(block).mlp
-    with torch.no_grad():
-        for h in range(HEADS):
-            # Q/K dim 4 of every head dead through q alone (rows and bias): k stays live, so a forgotten q bias
-            # would keep the dim in the logits
-            attn.q.weight[h * DIM + 4] = 0
-            attn.q.bias[h * DIM + 4] = 0
-            attn.v.weight[h * DIM + 1] = 0
-            attn.v.bias[h * DIM + 1] = 0
-        mlp.fc1.weight[[3, 7]] = 0
-        mlp.fc1.bias[[3, 7]] = -10.0  # GELU(-10) = 0: the hidden channel is dead
+    plant_dead_channels_(attn, mlp)
     scale = attn.scale
     assert_planted_go_first_and_change_nothing(model, torch.randn(4, 3, SIZE, SIZE), batches(size=SIZE),
                                                [(qk, [4, DIM + 4]), (v, [1, DIM + 1]), (ffn, [3, 7])])
