@@ -14,8 +14,7 @@ Sites whose queries see a single key get NaN. Maps are read from any family by a
 """
 from __future__ import annotations
 
-import argparse
-import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional, Sequence
 
@@ -29,9 +28,9 @@ from evit.io import save_figure, write_csv
 from experiments.claims import CONFIRMED, INCONCLUSIVE, Claim, names, tally
 from experiments.data import (ArrayDataset, check_data, image_folder, load_digits_split, load_fashion_mnist,
                               parse_spec, subset)
+from experiments.cli import UserError, option, parse_settings, run_cli
 from experiments.models import is_config_file, model_img_size
-from experiments.train import USER_ERRORS
-from experiments.zoo import WeightsUnavailableError, resolve_model
+from experiments.zoo import resolve_model
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -154,7 +153,7 @@ def model_label(model_name: str) -> str:
     return Path(model_name).stem if is_config_file(model_name) else model_name
 
 
-def run(model_name: str, weights: str = "auto", data: str = "fashion_mnist", num_images: int = 64,
+def model_similarity(model_name: str, weights: str = "auto", data: str = "fashion_mnist", num_images: int = 64,
         batch_size: int = 16, seeds: Sequence[int] = (0, 1, 2), img_size: Optional[int] = None,
         data_dir: Optional[str] = None) -> pd.DataFrame:
     """Head similarities of one model on real images, with the random-init baseline over `seeds`."""
@@ -253,32 +252,29 @@ def _cga_more_diverse(mhsa: pd.DataFrame, cga: pd.DataFrame) -> Claim:
 # ---------------------------------------------------------------------------------------------------- CLI
 
 
-def _int_list(text: str) -> list[int]:
-    return [int(s) for s in text.split(",") if s.strip()]
+@dataclass
+class Settings:
+    """What `python -m analysis.head_similarity` measures: its fields are the command's flags."""
+    models: list[str] = option([], "model name(s), comma separated: deit_tiny, swin_tiny, proxies (deit_proxy, ...), "
+                               "evit_m0.., an evit config file, or any timm ViT / Swin; several give a side-by-side "
+                               "figure", flags=("--model",), metavar="NAME[,NAME...]", required=True)
+    weights: str = option("auto", "auto (proxy for proxies, else pretrained if reachable, else random) | random | "
+                          "pretrained | proxy | quick-proxy (a proxy on a small training budget) | PATH to a checkpoint")
+    data: str = option("fashion_mnist", "fashion_mnist | digits | imagefolder:PATH")
+    data_dir: Optional[str] = option(None, "folder holding the data (None: the default location)")
+    num_images: int = option(64, "validation images (a fixed random choice)")
+    batch: int = option(16, "images per forward (results do not depend on it)")
+    img_size: Optional[int] = option(None, "input size (None: the model's own)")
+    seeds: list[int] = option([0, 1, 2], "seeds of the random-init baseline, comma separated ('' skips it; "
+                              "default: 0,1,2)")
+    threads: int = option(1, "torch CPU threads")
+    out: Path = option(Path(DEFAULT_OUT), "output folder")
 
-
-def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m analysis.head_similarity", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", "--models", dest="models", required=True, metavar="NAME[,NAME...]",
-                   help="model name(s), comma separated: deit_tiny, swin_tiny, proxies (deit_proxy, ...), evit_m0.., "
-                        "an evit config file, or any timm ViT / Swin; several give a side-by-side figure")
-    p.add_argument("--weights", default="auto",
-                   help="auto (proxy for proxies, else pretrained if reachable, else random) | random | pretrained | "
-                        "proxy | quick-proxy (a proxy on a small training budget) | PATH to a checkpoint")
-    p.add_argument("--data", default="fashion_mnist", help="fashion_mnist | digits | imagefolder:PATH")
-    p.add_argument("--data-dir", default=None, help="folder holding the data (overrides the default location)")
-    p.add_argument("--num-images", type=int, default=64, help="validation images (a fixed random choice)")
-    p.add_argument("--batch", type=int, default=16, help="images per forward (results do not depend on it)")
-    p.add_argument("--img-size", type=int, default=None, help="input size (default: the model's own)")
-    p.add_argument("--seeds", type=_int_list, default="0,1,2",
-                   help="seeds of the random-init baseline, comma separated ('' skips it)")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
-    p.add_argument("--out", default=DEFAULT_OUT, help="output folder")
-    args = p.parse_args(argv)
-    args.models = [n.strip() for n in args.models.split(",") if n.strip()]
-    if not args.models:
-        p.error("--model needs at least one model name")
-    return args
+    def check(self) -> None:
+        if not self.models:
+            raise UserError("--model needs at least one model name")
+        if self.num_images < 1 or self.batch < 1:
+            raise UserError("--num-images and --batch must be at least 1")
 
 
 def summarize(df: pd.DataFrame) -> str:
@@ -288,27 +284,29 @@ def summarize(df: pd.DataFrame) -> str:
     return f"{df.model.iat[0]} ({df.weights.iat[0]}, {df.num_images.iat[0]} images): mean {means}"
 
 
-def main(argv: Optional[Sequence[str]] = None) -> list[pd.DataFrame]:
-    args = parse_args(argv)
-    torch.set_num_threads(args.threads)
-    out = Path(args.out)
-    try:
-        check_data(args.data, args.data_dir)  # data, then every model's maps, before any long work starts
-        for name in args.models:
-            model, _ = resolve_model(name, "random")
-            check_readable(model, args.img_size or model_img_size(model))
-        frames = []
-        for name in args.models:
-            df = run(name, args.weights, args.data, args.num_images, args.batch, args.seeds, args.img_size,
-                     args.data_dir)
-            print(f"{summarize(df)}  -> {write_csv(df, out / f'{df.model.iat[0]}.csv')}")
-            frames.append(df)
-    except USER_ERRORS + (WeightsUnavailableError, UnsupportedModelError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+def run(settings: Settings) -> list[pd.DataFrame]:
+    """Every model's head similarities (one CSV each) and the side-by-side figure, in settings.out."""
+    settings.check()
+    torch.set_num_threads(settings.threads)
+    check_data(settings.data, settings.data_dir)  # data, then every model's maps, before any long work starts
+    for name in settings.models:
+        model, _ = resolve_model(name, "random")
+        check_readable(model, settings.img_size or model_img_size(model))
+    out = Path(settings.out)
+    frames = []
+    for name in settings.models:
+        df = model_similarity(name, settings.weights, settings.data, settings.num_images, settings.batch,
+                              settings.seeds, settings.img_size, settings.data_dir)
+        print(f"{summarize(df)}  -> {write_csv(df, out / f'{df.model.iat[0]}.csv')}")
+        frames.append(df)
     figure = out / f"{'_vs_'.join(df.model.iat[0] for df in frames)}.png"
     print(f"figure -> {save_figure(plot(frames), figure)}")
     return frames
+
+
+def main(argv: Optional[Sequence[str]] = None) -> list[pd.DataFrame]:
+    return run_cli(lambda: run(parse_settings(Settings, argv, "python -m analysis.head_similarity",
+                                              __doc__.split("\n\n")[0])))
 
 
 if __name__ == "__main__":

@@ -20,10 +20,8 @@ time; the model's memory-bound share is the time in memory-bound signatures over
 """
 from __future__ import annotations
 
-import argparse
 import math
 import os
-import sys
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -41,9 +39,9 @@ from torch.utils.flop_counter import flop_registry
 
 from evit.io import save_figure, write_csv
 from experiments.claims import CONFIRMED, REFUTED, Claim, names
+from experiments.cli import UserError, option, parse_settings, run_cli
+from experiments.models import check_model, create_model, is_config_file, model_img_size, skeleton
 from experiments.timing import synchronizer
-from experiments.models import check_model, model_img_size, skeleton
-from experiments.train import USER_ERRORS, build_model
 
 # The one table of operator classes. Each class: (memory-bound in the paper's sense, FLOPs per output element
 # for ops torch.utils.flop_counter does not count, aten op names). Unknown ops land in "other" and are listed.
@@ -97,7 +95,7 @@ Shapes = tuple[tuple[int, ...], ...]
 Call = tuple[str, int, Shapes]
 
 
-class ProfileError(ValueError):
+class ProfileError(UserError, ValueError):
     """Bad profiling request (e.g. CUDA without a GPU); the message says what to do instead."""
 
 
@@ -400,7 +398,7 @@ def profile_model(model: nn.Module | str, batch: int = 16, img_size: Optional[in
     check_device(device)
     label = name or (model if isinstance(model, str) else type(model).__name__)
     if isinstance(model, str):
-        model = build_model(model, img_size)  # CNNs take any input size and no img_size argument
+        model = create_model(model, img_size)
     model = model.eval().to(device)
     for module in model.modules():
         if hasattr(module, "fused_attn"):  # timm's Attention, WindowAttention, ...
@@ -510,66 +508,67 @@ def claims(shares: pd.DataFrame) -> list[Claim]:
 
 # --- CLI ---------------------------------------------------------------------------------------------------------
 
-def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m analysis.op_profile", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", "--models", dest="models", default="deit_tiny",
-                        help="model(s), comma-separated: deit_tiny, swin_tiny, evit_m0..evit_m5, proxies, evit "
-                             "config files or any timm name (default: deit_tiny)")
-    parser.add_argument("--device", default="cpu", choices=DEVICES)
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--img-size", type=int, default=None, help="input size (default: the model's own)")
-    parser.add_argument("--iters", type=int, default=10, help="profiled iterations (after --warmup)")
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=1, help="CPU threads (the paper's CPU setting is 1)")
-    parser.add_argument("--fused", action="store_true", help="evit deploy mode: BN folded, traced and frozen")
-    parser.add_argument("--fused-attn", action="store_true",
-                        help="keep timm's fused attention (SDPA); default: q@k^T, softmax, @v as separate ops")
-    parser.add_argument("--peak-gflops", type=float, default=None, help="device peak; measured if not given")
-    parser.add_argument("--peak-gbs", type=float, default=None, help="device bandwidth; measured if not given")
-    parser.add_argument("--trace", action="store_true", help="also write a Chrome trace per model (.json)")
-    parser.add_argument("--out", type=Path, default=Path("results/op_profile"))
-    args = parser.parse_args(argv)
-    if (args.peak_gflops is None) != (args.peak_gbs is None):
-        parser.error("give both --peak-gflops and --peak-gbs, or neither (then both are measured)")
-    if args.batch < 1 or args.iters < 1:
-        parser.error("--batch and --iters must be at least 1")
-    return args
+@dataclass
+class Settings:
+    """What `python -m analysis.op_profile` measures: its fields are the command's flags."""
+    models: list[str] = option(["deit_tiny"], "model(s), comma-separated: deit_tiny, swin_tiny, evit_m0..evit_m5, "
+                               "proxies, evit config files or any timm name (default: deit_tiny)", flags=("--model",))
+    device: str = option("cpu", "where the model runs", choices=DEVICES)
+    batch: int = option(16, "images per forward")
+    img_size: Optional[int] = option(None, "input size (None: the model's own)")
+    iters: int = option(10, "profiled iterations (after --warmup)")
+    warmup: int = option(3, "warm-up iterations")
+    threads: int = option(1, "CPU threads (the paper's CPU setting is 1)")
+    fused: bool = option(False, "evit deploy mode: BN folded, traced and frozen")
+    fused_attn: bool = option(False, "keep timm's fused attention (SDPA); off: q@k^T, softmax, @v as separate ops")
+    peak_gflops: Optional[float] = option(None, "device peak GFLOP/s (None: measured)")
+    peak_gbs: Optional[float] = option(None, "device bandwidth GB/s (None: measured)")
+    trace: bool = option(False, "also write a Chrome trace per model (.json)")
+    out: Path = option(Path("results/op_profile"), "output folder")
+
+    def check(self) -> None:
+        if not self.models:
+            raise ProfileError("--model needs at least one model name")
+        if (self.peak_gflops is None) != (self.peak_gbs is None):
+            raise ProfileError("give both --peak-gflops and --peak-gbs, or neither (then both are measured)")
+        if self.batch < 1 or self.iters < 1:
+            raise ProfileError("--batch and --iters must be at least 1")
+
+
+def run(settings: Settings) -> list[OpProfile]:
+    """Profile every model of `settings`, write its tables (and traces) and the figure into settings.out."""
+    settings.check()
+    check_inputs(settings.models, settings.device, settings.fused)
+    torch.set_num_threads(settings.threads)
+    out = Path(settings.out)
+    suffix = settings.device + ("_fused" if settings.fused else "")
+    peaks = ((settings.peak_gflops, settings.peak_gbs) if settings.peak_gflops
+             else measure_peaks(settings.device))
+    print(f"roofline ({settings.device}, {settings.threads} thread(s)): {peaks[0]:.1f} GFLOP/s, {peaks[1]:.1f} GB/s, "
+          f"ridge {peaks[0] / peaks[1]:.2f} FLOP/byte")
+    profiles = []
+    for name in settings.models:
+        stem = Path(name).stem if is_config_file(name) else name
+        trace = out / f"{stem}_{suffix}_trace.json" if settings.trace else None
+        prof = profile_model(name, settings.batch, settings.img_size, settings.iters, settings.warmup,
+                             settings.device, settings.fused, peaks, trace, name=stem, fused_attn=settings.fused_attn)
+        ops_csv = write_csv(prof.ops.round(6), out / f"{stem}_{suffix}.csv")
+        write_csv(prof.classes.round(6), out / f"{stem}_{suffix}_classes.csv")
+        write_csv(prof.signatures.round(6), out / f"{stem}_{suffix}_shapes.csv")
+        print(f"{stem}: {prof.time_ms:.2f} ms/iter, memory-bound {100 * prof.memory_bound_share:.1f}%, "
+              f"{100 * prof.matched_share:.1f}% of the counted ops' time matched per call signature  -> {ops_csv}")
+        print(prof.classes[["op_class", "self_time_ms", "share", "memory_bound"]].to_string(
+            index=False, float_format=lambda v: f"{v:.3f}"))
+        if prof.unknown_ops:
+            print(f"  ops not in OP_CLASSES (counted as other): {', '.join(prof.unknown_ops)}")
+        profiles.append(prof)
+    stem = "_vs_".join(p.model for p in profiles) if len(profiles) <= 3 else "comparison"
+    print(f"figure -> {save_figure(plot(profiles), out / f'{stem}_{suffix}.png')}")
+    return profiles
 
 
 def main(argv: Optional[Sequence[str]] = None) -> list[OpProfile]:
-    args = parse_args(argv)
-    torch.set_num_threads(args.threads)
-    names = [m for m in args.models.split(",") if m]
-    suffix = args.device + ("_fused" if args.fused else "")
-    try:
-        check_inputs(names, args.device, args.fused)
-        peaks = (args.peak_gflops, args.peak_gbs) if args.peak_gflops else measure_peaks(args.device)
-        print(f"roofline ({args.device}, {args.threads} thread(s)): {peaks[0]:.1f} GFLOP/s, {peaks[1]:.1f} GB/s, "
-              f"ridge {peaks[0] / peaks[1]:.2f} FLOP/byte")
-        profiles = []
-        for name in names:
-            stem = Path(name).stem if name.endswith((".yaml", ".yml", ".json")) else name
-            trace = args.out / f"{stem}_{suffix}_trace.json" if args.trace else None
-            prof = profile_model(name, args.batch, args.img_size, args.iters, args.warmup, args.device, args.fused,
-                                 peaks, trace, name=stem, fused_attn=args.fused_attn)
-            ops_csv = write_csv(prof.ops.round(6), args.out / f"{stem}_{suffix}.csv")
-            write_csv(prof.classes.round(6), args.out / f"{stem}_{suffix}_classes.csv")
-            write_csv(prof.signatures.round(6), args.out / f"{stem}_{suffix}_shapes.csv")
-            print(f"{stem}: {prof.time_ms:.2f} ms/iter, memory-bound {100 * prof.memory_bound_share:.1f}%, "
-                  f"{100 * prof.matched_share:.1f}% of the counted ops' time matched per call signature  -> {ops_csv}")
-            print(prof.classes[["op_class", "self_time_ms", "share", "memory_bound"]].to_string(
-                index=False, float_format=lambda v: f"{v:.3f}"))
-            if prof.unknown_ops:
-                print(f"  ops not in OP_CLASSES (counted as other): {', '.join(prof.unknown_ops)}")
-            profiles.append(prof)
-    except USER_ERRORS + (ProfileError,) as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
-    stem = "_vs_".join(p.model for p in profiles) if len(profiles) <= 3 else "comparison"
-    figure = args.out / f"{stem}_{suffix}.png"
-    print(f"figure -> {save_figure(plot(profiles), figure)}")
-    return profiles
+    return run_cli(lambda: run(parse_settings(Settings, argv, "python -m analysis.op_profile", __doc__)))
 
 
 if __name__ == "__main__":

@@ -15,6 +15,8 @@ from typing import Mapping, Optional
 import torch
 from timm.layers import resize_rel_pos_bias_table_levit
 
+from .io import read_checkpoint
+
 StateDict = dict[str, torch.Tensor]
 
 _WRAPPER_KEYS = ("model", "state_dict", "model_ema", "state_dict_ema")
@@ -107,13 +109,5 @@ def normalize_state_dict(checkpoint: Mapping, model: Optional[torch.nn.Module] =
 
 def load_checkpoint(model: torch.nn.Module, path: str, strict: bool = True) -> torch.nn.Module:
     """Load an evit, timm or official checkpoint file into `model` (bias tables resized to its windows)."""
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"checkpoint not found: {path}") from None
-    except Exception as e:  # torch raises many types for truncated or foreign files
-        raise ValueError(f"corrupt or unreadable checkpoint {path}: {type(e).__name__}: {e}") from None
-    if not isinstance(checkpoint, Mapping):
-        raise ValueError(f"checkpoint {path} holds a {type(checkpoint).__name__}, not a state dict")
-    model.load_state_dict(normalize_state_dict(checkpoint, model), strict=strict)
+    model.load_state_dict(normalize_state_dict(read_checkpoint(path), model), strict=strict)
     return model

@@ -1,4 +1,5 @@
-"""Atomic writes: a killed run never leaves a half-written CSV, JSON, figure or checkpoint behind."""
+"""Files: atomic writes (a killed run never leaves a half-written CSV, JSON, figure or checkpoint behind), the one
+checkpoint reader, and the one markdown table writer."""
 from __future__ import annotations
 
 import contextlib
@@ -65,6 +66,28 @@ def torch_save(obj: Any, path: str | os.PathLike) -> Path:
     import torch
 
     return atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, unreadable or does not fit the model; the message is one line naming the
+    file."""
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """The dict a checkpoint file holds (on the CPU, tensors only: weights_only), or a one-line CheckpointError for
+    a missing, truncated or foreign file. Every checkpoint the project reads goes through here."""
+    import torch
+
+    if not Path(path).is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types (RuntimeError, UnpicklingError, EOFError, ...) for bad files
+        raise CheckpointError(f"checkpoint {path} is corrupt or unreadable ({type(e).__name__}); delete it to start "
+                              f"over or pass another file") from e
+    if not isinstance(checkpoint, dict):
+        raise CheckpointError(f"checkpoint {path} holds a {type(checkpoint).__name__}, not a dict of states")
+    return checkpoint
 
 
 def markdown_table(df, floatfmt: str = ".3f") -> str:

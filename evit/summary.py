@@ -66,6 +66,12 @@ def to_markdown(df: pd.DataFrame) -> str:
     return markdown_table(shown)
 
 
+def save_presets(df: pd.DataFrame, out: Path) -> None:
+    """presets.csv and presets.md (the markdown table) in `out`."""
+    write_csv(df.round(4), out / "presets.csv")
+    write_text(out / "presets.md", to_markdown(df))
+
+
 def main(argv: Optional[list[str]] = None) -> pd.DataFrame:
     parser = argparse.ArgumentParser(prog="python -m evit.summary", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -74,12 +80,10 @@ def main(argv: Optional[list[str]] = None) -> pd.DataFrame:
                         help="folder for presets.csv and presets.md (default: print only)")
     args = parser.parse_args(argv)
     df = preset_table(args.img_size)
-    table = to_markdown(df)
     print(f"EfficientViT presets at {args.img_size}x{args.img_size} (fvcore FLOPs: one multiply-add = one FLOP)")
-    print(table)
+    print(to_markdown(df))
     if args.out is not None:
-        write_csv(df.round(4), args.out / "presets.csv")
-        write_text(args.out / "presets.md", table)
+        save_presets(df, args.out)
         print(f"wrote {args.out / 'presets.csv'} and {args.out / 'presets.md'}")
     return df
 

@@ -11,14 +11,12 @@ of `--repeats` timed windows (min and max kept).
 """
 from __future__ import annotations
 
-import argparse
 import copy
-import platform
 import re
-import sys
 import tempfile
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -32,8 +30,10 @@ from evit.fast_path import Compiled, for_inductor, trace
 from evit.io import save_figure, write_csv
 from evit.summary import count_flops, count_params
 from experiments.claims import MET, NOT_MET, Claim
-from experiments.models import UnknownModelError, create_model
-from experiments.timing import Timing, peak_memory_mb, synchronizer, time_callable, time_interleaved
+from experiments.cli import UserError, option, parse_settings, run_cli
+from experiments.models import check_model, create_model
+from experiments.timing import (Timing, describe_machine, peak_memory_mb, synchronizer, time_callable,
+                                time_interleaved)
 
 DEFAULT_MODELS = (
     [f"evit_m{i}" for i in range(6)] + [f"efficientvit_m{i}" for i in range(6)]
@@ -49,16 +49,6 @@ MAIN_BATCH = {"cpu": 16, "cuda": 2048}
 # The fast path's targets: evit.deploy's throughput over timm eager's at the device's main batch.
 FAST_PATH_TARGET = {"cpu": 1.5, "cuda": 1.3}
 DEPLOY_VARIANT = "evit.deploy (compile)"  # the fast path's row of the fast-path table
-
-
-def describe_machine(device: str, threads: int) -> str:
-    if device == "cuda":
-        hw = torch.cuda.get_device_name()
-    else:
-        hw = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() \
-            else platform.processor()
-    return f"{hw}; {threads} thread(s); torch {torch.__version__}; python {platform.python_version()}"
 
 
 def device_stem(device: str) -> str:
@@ -346,65 +336,71 @@ def plot(df: pd.DataFrame, path: Path, accuracy: Optional[pd.Series] = None) -> 
     return path
 
 
-def main(argv: Optional[list[str]] = None) -> pd.DataFrame:
-    parser = argparse.ArgumentParser(prog="python -m experiments.benchmark", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", default=",".join(DEFAULT_MODELS), help="comma-separated model names")
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--backends", default=None,
-                        help=f"comma-separated, from {', '.join(BACKENDS)} (default: trace,onnxruntime on CPU, "
-                             f"trace on CUDA)")
-    parser.add_argument("--batch", type=int, default=None, help="main batch (default 16 on CPU, 2048 on CUDA)")
-    parser.add_argument("--threads", type=int, default=1, help="CPU threads (the paper uses 1)")
-    parser.add_argument("--img-size", type=int, default=224)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--seconds", type=float, default=10.0, help="length of one timed window")
-    parser.add_argument("--warmup", type=float, default=5.0, help="warm-up seconds")
-    parser.add_argument("--quick", action="store_true", help="about 3 s of timing per model and setting")
-    parser.add_argument("--accuracy-csv", type=Path, default=None,
-                        help="CSV with columns model and accuracy (or val_acc, as results/family/family.csv) to "
-                             "add an accuracy panel")
-    parser.add_argument("--fast-path", action="store_true",
-                        help="compare evit.deploy with timm's port (eager, official trace, ONNX Runtime) for the "
-                             "evit presets among --models (all six by default) and print the ratios")
-    parser.add_argument("--with-compile", action="store_true", help="add torch.compile of timm's port to --fast-path")
-    parser.add_argument("--cuda-graphs", action="store_true",
-                        help="add evit.deploy replayed as CUDA graphs to --fast-path (CUDA only; small batches)")
-    parser.add_argument("--levers", action="store_true",
-                        help="add evit.deploy's levers one at a time on the first evit preset among --models (M0 by "
-                             "default), beside timm eager and ONNX Runtime; writes levers_<device>.csv")
-    parser.add_argument("--out", type=Path, default=Path("results/benchmark"))
-    args = parser.parse_args(argv)
+@dataclass
+class Settings:
+    """What `python -m experiments.benchmark` times: its fields are the command's flags."""
+    models: list[str] = option(list(DEFAULT_MODELS), "model names, comma-separated (default: evit M0-M5, timm's "
+                               "efficientvit_m0-m5 and six peers)")
+    device: str = option("cpu", "where the models run", choices=["cpu", "cuda"])
+    backends: Optional[list[str]] = option(None, f"comma-separated, from {', '.join(BACKENDS)} (None: "
+                                                 f"trace,onnxruntime on CPU, trace on CUDA)")
+    batch: Optional[int] = option(None, "main batch (None: 16 on CPU, 2048 on CUDA)")
+    threads: int = option(1, "CPU threads (the paper uses 1)")
+    img_size: int = option(224, "input size")
+    repeats: int = option(3, "timed windows per measurement")
+    seconds: float = option(10.0, "length of one timed window")
+    warmup: float = option(5.0, "warm-up seconds")
+    quick: bool = option(False, "about 3 s of timing per model and setting")
+    accuracy_csv: Optional[Path] = option(None, "CSV with columns model and accuracy (or val_acc, as "
+                                                "results/family/family.csv) to add an accuracy panel")
+    fast_path: bool = option(False, "compare evit.deploy with timm's port (eager, official trace, ONNX Runtime) "
+                             "for the evit presets among --models (all six by default) and print the ratios")
+    with_compile: bool = option(False, "add torch.compile of timm's port to --fast-path")
+    cuda_graphs: bool = option(False, "add evit.deploy replayed as CUDA graphs to --fast-path (CUDA only; small "
+                               "batches)")
+    levers: bool = option(False, "add evit.deploy's levers one at a time on the first evit preset among --models "
+                          "(M0 by default), beside timm eager and ONNX Runtime; writes levers_<device>.csv")
+    out: Path = option(Path("results/benchmark"), "output folder")
 
-    if args.levers and args.device != "cpu":
-        sys.exit("error: --levers measures the CPU inference path (ONNX Runtime's CPU build); use --device cpu")
-    if args.cuda_graphs and (args.device != "cuda" or not args.fast_path):
-        sys.exit("error: --cuda-graphs adds a --fast-path variant on the GPU; use it with --fast-path --device cuda")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        sys.exit("error: --device cuda asked but no CUDA GPU is visible to torch; use --device cpu")
-    backends = tuple(args.backends.split(",")) if args.backends else (
-        ("trace", "onnxruntime") if args.device == "cpu" else ("trace",))
-    unknown = [b for b in backends if b not in BACKENDS]
-    if unknown:
-        sys.exit(f"error: unknown backend(s) {', '.join(unknown)}; valid: {', '.join(BACKENDS)}")
-    if args.quick:
-        args.warmup, args.seconds, args.repeats = 1.0, 1.0, 3
-    torch.set_num_threads(args.threads)
-    default_batch = MAIN_BATCH[args.device]
-    main_batch = args.batch or default_batch
-    machine = describe_machine(args.device, args.threads)
+    def check(self) -> None:
+        if self.levers and self.device != "cpu":
+            raise UserError("--levers measures the CPU inference path (ONNX Runtime's CPU build); use --device cpu")
+        if self.cuda_graphs and (self.device != "cuda" or not self.fast_path):
+            raise UserError("--cuda-graphs adds a --fast-path variant on the GPU; use it with --fast-path --device "
+                            "cuda")
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise UserError("--device cuda asked but no CUDA GPU is visible to torch; use --device cpu")
+        unknown = [b for b in self.backends or () if b not in BACKENDS]
+        if unknown:
+            raise UserError(f"unknown backend(s) {', '.join(unknown)}; valid: {', '.join(BACKENDS)}")
+        for model in self.models:
+            check_model(model)
+
+
+def run(settings: Settings) -> pd.DataFrame:
+    """Time what `settings` asks (peers, --fast-path or --levers) and write its table (and figure) into
+    settings.out."""
+    settings.check()
+    backends = tuple(settings.backends or (("trace", "onnxruntime") if settings.device == "cpu" else ("trace",)))
+    warmup, seconds, repeats = (1.0, 1.0, 3) if settings.quick else (settings.warmup, settings.seconds,
+                                                                      settings.repeats)
+    out = Path(settings.out)
+    torch.set_num_threads(settings.threads)
+    default_batch = MAIN_BATCH[settings.device]
+    main_batch = settings.batch or default_batch
+    machine = describe_machine(settings.device, settings.threads)
     print(f"machine: {machine}")
 
-    if args.levers:
-        preset = next((m.removeprefix("evit_") for m in args.models.split(",") if m.startswith("evit_m")), "m0")
-        df = lever_table(preset, main_batch, args.img_size, args.warmup, args.seconds, args.repeats)
-        write_csv(df.assign(machine=machine).round(4), args.out / f"levers_{args.device}.csv")
+    if settings.levers:
+        preset = next((m.removeprefix("evit_") for m in settings.models if m.startswith("evit_m")), "m0")
+        df = lever_table(preset, main_batch, settings.img_size, warmup, seconds, repeats)
+        write_csv(df.assign(machine=machine).round(4), out / f"levers_{settings.device}.csv")
         print(df[["variant", "throughput", "gain", "ratio_vs_onnxruntime", "kept", "compile_s"]].to_string(
             index=False, float_format=lambda v: f"{v:.3g}"))
         return df
-    stem = device_stem(args.device)
-    if args.fast_path:
-        presets = tuple(m.removeprefix("evit_") for m in args.models.split(",") if m.startswith("evit_m"))
+    stem = device_stem(settings.device)
+    if settings.fast_path:
+        presets = tuple(m.removeprefix("evit_") for m in settings.models if m.startswith("evit_m"))
         # the device's main batch (the issue's targets) is fast_path_<device>.csv; others, such as batch 1, beside it
         batch_suffix = "" if main_batch == default_batch else f"_batch{main_batch}"
         timing_columns = ["throughput", "throughput_min", "throughput_max", "ratio_vs_timm_eager",
@@ -412,11 +408,11 @@ def main(argv: Optional[list[str]] = None) -> pd.DataFrame:
 
         def save(table: pd.DataFrame) -> None:
             write_csv(table.assign(machine=machine).round({c: 4 for c in timing_columns}),
-                      args.out / f"fast_path_{stem}{batch_suffix}.csv")
+                      out / f"fast_path_{stem}{batch_suffix}.csv")
 
-        df = fast_path_table(presets or tuple(f"m{i}" for i in range(6)), main_batch, args.img_size,
-                             args.warmup, args.seconds, args.repeats, args.with_compile, device=args.device,
-                             cuda_graphs=args.cuda_graphs, on_preset=save).assign(machine=machine)
+        df = fast_path_table(presets or tuple(f"m{i}" for i in range(6)), main_batch, settings.img_size,
+                             warmup, seconds, repeats, settings.with_compile, device=settings.device,
+                             cuda_graphs=settings.cuda_graphs, on_preset=save).assign(machine=machine)
         print(df[["model", "variant", "throughput", "ratio_vs_timm_eager", "ratio_vs_onnxruntime",
                   "max_abs_diff_vs_timm"]].to_string(
             index=False, float_format=lambda v: f"{v:.3g}"))
@@ -425,27 +421,28 @@ def main(argv: Optional[list[str]] = None) -> pd.DataFrame:
     from tqdm import tqdm
 
     rows = []
-    for name in tqdm(args.models.split(","), desc="benchmark", unit="model"):
-        try:
-            rows += benchmark_model(name, args.device, (main_batch, 1), backends, args.img_size,
-                                    args.warmup, args.seconds, args.repeats)
-        except UnknownModelError as e:
-            sys.exit(f"error: {e}")
+    for name in tqdm(settings.models, desc="benchmark", unit="model"):
+        rows += benchmark_model(name, settings.device, (main_batch, 1), backends, settings.img_size, warmup,
+                                seconds, repeats)
         if rows:  # saved after each model: a run stopped midway keeps the models it finished
-            write_csv(pd.DataFrame(rows).assign(machine=machine).round(3), args.out / f"{stem}.csv")
+            write_csv(pd.DataFrame(rows).assign(machine=machine).round(3), out / f"{stem}.csv")
     df = pd.DataFrame(rows).assign(machine=machine)
     if df.empty:
-        sys.exit("error: no model could be measured")
+        raise UserError("no model could be measured")
     accuracy = None
-    if args.accuracy_csv and args.accuracy_csv.is_file():  # ours (experiments.family: val_acc) or the user's
-        known = pd.read_csv(args.accuracy_csv).set_index("model")
+    if settings.accuracy_csv and Path(settings.accuracy_csv).is_file():  # ours (family: val_acc) or the user's
+        known = pd.read_csv(settings.accuracy_csv).set_index("model")
         accuracy = known["accuracy" if "accuracy" in known else "val_acc"]
-    plot(df, args.out / f"{stem}.png", accuracy)
+    plot(df, out / f"{stem}.png", accuracy)
     show = df[["model", "backend", "batch", "throughput", "throughput_min", "throughput_max", "latency_ms",
                "ratio_to_paper"]]
     print(show.to_string(index=False, float_format=lambda v: f"{v:.1f}"))
-    print(f"wrote {args.out / (stem + '.csv')} and {args.out / (stem + '.png')}")
+    print(f"wrote {out / (stem + '.csv')} and {out / (stem + '.png')}")
     return df
+
+
+def main(argv: Optional[list[str]] = None) -> pd.DataFrame:
+    return run_cli(lambda: run(parse_settings(Settings, argv, "python -m experiments.benchmark", __doc__)))
 
 
 if __name__ == "__main__":

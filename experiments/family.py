@@ -2,18 +2,18 @@
 
     python -m experiments.family                                   # M0-M5, one fixed budget on Fashion-MNIST
     python -m experiments.family --models evit_m0,results/taylor_prune/deit_proxy_allocation.yaml
+    python -m experiments.family --data imagefolder:/data/imagenet --img-size 224 --launcher slurm --partition gpu \
+        --gpus-per-job 8 --time 2880                               # each model a Slurm job (docs/launch.md)
 
 Every model (an evit preset or an evit config file) is trained with the same budget at proxy resolution
 (Fashion-MNIST, 64 px), and timed with the paper's speed method at 224 px (BN folded, traced, CPU, batch 16,
-1 thread). Training runs are cached in experiments.zoo.cache_dir() / "family", keyed by model and budget, and
-resume when interrupted, so a re-run only times the models again.
+1 thread). Training runs are cached in experiments.zoo.cache_dir() / "family" (job logs in its `jobs/`), keyed by
+model and budget, and resume when interrupted, so a re-run only times the models again.
 """
 from __future__ import annotations
 
-import argparse
-import dataclasses
-import hashlib
-import json
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -21,10 +21,13 @@ import pandas as pd
 
 from evit.config import PAPER
 from evit.io import save_figure, write_csv
+from experiments import launch
 from experiments.benchmark import benchmark_model
 from experiments.claims import CONFIRMED, INCONCLUSIVE, REFUTED, Claim
-from experiments.models import is_config_file
-from experiments.train import FINAL, TrainConfig, fit, load_checkpoint, run_cli
+from experiments.cli import UserError, option, parse_settings, run_cli
+from experiments.launch import Launcher
+from experiments.models import check_model
+from experiments.train import TrainConfig
 from experiments.zoo import cache_dir
 
 PRESETS = tuple(f"evit_m{i}" for i in range(6))
@@ -39,41 +42,38 @@ def budget_config(model: str, **overrides: Any) -> TrainConfig:
 
 def run_dir(cfg: TrainConfig) -> Path:
     """Cache folder of a training run, keyed by what determines its weights (a config file by its content)."""
-    recipe = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("out", "resume", "workers", "threads")}
-    if is_config_file(cfg.model):
-        recipe["model"] = Path(cfg.model).read_text()
-    key = hashlib.sha256(json.dumps(recipe, sort_keys=True, default=str).encode()).hexdigest()[:12]
-    return cache_dir() / "family" / f"{Path(cfg.model).stem}-{key}"
+    return launch.run_dir(cache_dir() / "family", cfg)
 
 
-def train_once(cfg: TrainConfig) -> dict[str, Any]:
-    """Final metrics of the run `cfg` describes, training it (or resuming it) unless it finished before."""
-    out = run_dir(cfg)
-    if not (out / FINAL).is_file():
-        fit(dataclasses.replace(cfg, out=str(out), resume="auto"))
-    history = json.loads((out / "metrics.json").read_text())["history"]
-    metrics = load_checkpoint(out / FINAL).get("metrics", {})
-    return dict(val_acc=metrics.get("val_acc"), train_time_s=sum(row["epoch_time_s"] for row in history))
-
-
-def train_and_time(models: Sequence[str], quick_timing: bool = True, **budget: Any) -> pd.DataFrame:
-    """One row per model: proxy accuracy after the budget, params, FLOPs and CPU throughput at 224 px."""
+def train_and_time(models: Sequence[str], quick_timing: bool = True, launcher: Optional[Launcher] = None,
+                   **budget: Any) -> pd.DataFrame:
+    """One row per model that trained: proxy accuracy after the budget, params, FLOPs and CPU throughput at
+    224 px. Every model trains first (as `launcher`'s jobs, default inline; finished runs are kept), then the
+    trained ones are timed; the runs that failed are named on stderr."""
     from tqdm import tqdm
 
+    configs = [budget_config(name, **budget) for name in models]
+    outcomes = launch.run_trainings(configs, cache_dir() / "family", launcher)
+    missing = launch.missing_report(outcomes)
+    if missing:
+        print(missing, file=sys.stderr)
     timing = dict(warmup_s=1.0, seconds=1.0, repeats=3) if quick_timing else {}
     rows = []
-    for name in tqdm(models, desc="family", unit="model"):
-        cfg = budget_config(name, **budget)
-        trained = train_once(cfg)
+    for name, cfg, outcome in tqdm(list(zip(models, configs, outcomes)), desc="family", unit="model"):
+        if not outcome.finished:
+            continue
         speed = benchmark_model(name, "cpu", batches=(16,), backends=("trace",), **timing)[0]
         preset = name.removeprefix("evit_")
         paper = PAPER.get(preset, {})
-        rows.append(dict(model=Path(name).stem, params_m=speed["params_m"], flops_m=speed["flops_m"], **trained,
+        rows.append(dict(model=Path(name).stem, params_m=speed["params_m"], flops_m=speed["flops_m"],
+                         val_acc=outcome.metrics["val_acc"], train_time_s=outcome.train_time_s,
                          epochs=cfg.epochs, limit_train=cfg.limit_train, img_size=cfg.img_size,
                          batch_size=cfg.batch_size,
                          throughput_cpu=speed["throughput"], throughput_cpu_min=speed["throughput_min"],
                          throughput_cpu_max=speed["throughput_max"], paper_top1=paper.get("top1"),
                          paper_v100_img_s=paper.get("v100_img_s")))
+    if not rows:
+        raise UserError(f"no model of the family trained; {missing}")
     return pd.DataFrame(rows)
 
 
@@ -137,32 +137,43 @@ def plot(df: pd.DataFrame):
     return fig
 
 
+@dataclass
+class Settings(Launcher):
+    """What `python -m experiments.family` trains and times, and where its trainings run (the launcher's flags):
+    its fields are the command's flags."""
+    models: list[str] = option(list(PRESETS), "evit presets or evit config files, comma-separated (default: M0-M5)")
+    data: str = option(BUDGET["data"], "fashion_mnist | digits | imagefolder:PATH (PATH/train, PATH/val)")
+    epochs: int = option(BUDGET["epochs"], "training epochs")
+    limit_train: int = option(BUDGET["limit_train"], "training images (0: all)")
+    limit_val: int = option(BUDGET["limit_val"], "validation images (0: all)")
+    img_size: int = option(BUDGET["img_size"], "training resolution")
+    batch_size: int = option(BUDGET["batch_size"], "training batch (small budgets need the updates of a small one)")
+    full_timing: bool = option(False, "the benchmark's full timing (~35 s a model)")
+    name: str = option("family", "stem of the CSV and figure")
+    out: Path = option(Path("results/family"), "output folder")
+
+    def check(self) -> None:
+        super().check()
+        for model in self.models:
+            check_model(model)
+
+
+def run(settings: Settings) -> pd.DataFrame:
+    """Train and time every model of `settings`; write <name>.csv and <name>.png into settings.out."""
+    settings.check()
+    df = train_and_time(settings.models, not settings.full_timing, Launcher.of(settings), data=settings.data,
+                        epochs=settings.epochs, batch_size=settings.batch_size, img_size=settings.img_size,
+                        limit_train=settings.limit_train or None, limit_val=settings.limit_val or None)
+    out = Path(settings.out)
+    print(f"-> {write_csv(df.round(4), out / f'{settings.name}.csv')}")
+    print(f"-> {save_figure(plot(df), out / f'{settings.name}.png')}")
+    print(df[["model", "params_m", "flops_m", "val_acc", "throughput_cpu", "train_time_s"]].to_string(
+        index=False, float_format=lambda v: f"{v:.4g}"))
+    return df
+
+
 def main(argv: Optional[Sequence[str]] = None) -> pd.DataFrame:
-    parser = argparse.ArgumentParser(prog="python -m experiments.family", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", default=",".join(PRESETS), help="evit presets or evit config files, comma-separated")
-    parser.add_argument("--epochs", type=int, default=BUDGET["epochs"])
-    parser.add_argument("--limit-train", type=int, default=BUDGET["limit_train"], help="training images (0: all)")
-    parser.add_argument("--limit-val", type=int, default=BUDGET["limit_val"], help="validation images (0: all)")
-    parser.add_argument("--img-size", type=int, default=BUDGET["img_size"], help="training resolution")
-    parser.add_argument("--batch-size", type=int, default=BUDGET["batch_size"],
-                        help="training batch (small budgets need the updates of a small one)")
-    parser.add_argument("--full-timing", action="store_true", help="the benchmark's full timing (~35 s a model)")
-    parser.add_argument("--name", default="family", help="stem of the CSV and figure")
-    parser.add_argument("--out", type=Path, default=Path("results/family"))
-    args = parser.parse_args(argv)
-
-    def body() -> pd.DataFrame:
-        df = train_and_time(args.models.split(","), not args.full_timing, epochs=args.epochs, batch_size=args.batch_size,
-                      img_size=args.img_size,
-                      limit_train=args.limit_train or None, limit_val=args.limit_val or None)
-        print(f"-> {write_csv(df.round(4), args.out / f'{args.name}.csv')}")
-        print(f"-> {save_figure(plot(df), args.out / f'{args.name}.png')}")
-        print(df[["model", "params_m", "flops_m", "val_acc", "throughput_cpu", "train_time_s"]].to_string(
-            index=False, float_format=lambda v: f"{v:.4g}"))
-        return df
-
-    return run_cli(body)
+    return run_cli(lambda: run(parse_settings(Settings, argv, "python -m experiments.family", __doc__)))
 
 
 if __name__ == "__main__":

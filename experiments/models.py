@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import difflib
 import os
-from typing import Any
+from typing import Any, Optional
 
 import timm
 import torch
@@ -12,6 +12,7 @@ from timm.data import resolve_model_data_config
 
 import evit  # noqa: F401  (registers evit_m0..evit_m5 and evit_custom with timm)
 from evit import ConfigError
+from experiments.cli import UserError
 
 # Short names used throughout the paper's analyses.
 SHORT_NAMES: dict[str, str] = {
@@ -35,11 +36,11 @@ PROXY_NUM_CLASSES = 10
 CONFIG_SUFFIXES = (".yaml", ".yml", ".json")  # a model name with one of these is an evit config file
 
 
-class UnknownModelError(ValueError):
+class UnknownModelError(UserError, ValueError):
     """Raised for a model name that is neither a short name, an evit config file nor a timm model."""
 
 
-class UnsupportedModelError(ValueError):
+class UnsupportedModelError(UserError, ValueError):
     """A known model that an analysis cannot read or rewrite; the message says which part and what is supported."""
 
 
@@ -69,14 +70,15 @@ def check_model(name: str) -> None:
         resolve_model_name(name)
 
 
-def skeleton(name: str) -> nn.Module:
+def skeleton(name: str, **kwargs: Any) -> nn.Module:
     """Model `name` with no weights to speak of, for structural checks before any long work: built on the meta
-    device (instant even for ViT-L), or on the CPU when its constructor computes with tensors (evit's does)."""
+    device (instant even for ViT-L), or on the CPU when its constructor computes with tensors (evit's does).
+    kwargs go to create_model."""
     try:
         with torch.device("meta"):
-            return create_model(name)
+            return create_model(name, **kwargs)
     except NotImplementedError:  # "Cannot copy out of meta tensor"
-        return create_model(name)
+        return create_model(name, **kwargs)
 
 
 def resolve_model_name(name: str) -> str:
@@ -95,8 +97,18 @@ def resolve_model_name(name: str) -> str:
     )
 
 
-def create_model(name: str, **kwargs: Any) -> nn.Module:
-    """Create a model from a short name, a proxy, an evit config file, or a timm name (kwargs go to timm)."""
+def create_model(name: str, img_size: Optional[int] = None, **kwargs: Any) -> nn.Module:
+    """Create a model from a short name, a proxy, an evit config file, or a timm name (kwargs go to timm);
+    `img_size` goes only to models that take one."""
+    if img_size is not None:
+        try:
+            return _create(name, img_size=img_size, **kwargs)
+        except TypeError:  # size-agnostic models (most CNNs) reject an img_size argument
+            pass
+    return _create(name, **kwargs)
+
+
+def _create(name: str, **kwargs: Any) -> nn.Module:
     if name in PROXY_MODELS:
         timm_name, proxy_kwargs = PROXY_MODELS[name]
         return timm.create_model(timm_name, **{"num_classes": PROXY_NUM_CLASSES, **proxy_kwargs, **kwargs})

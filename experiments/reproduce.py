@@ -5,6 +5,8 @@ family, benchmarks, figures, and a REPORT.md that sets each claim's verdict besi
     python -m experiments.reproduce --force head_similarity    # redo one step (finished steps are skipped)
     python -m experiments.reproduce --scale standard       # the budgets behind results/ (about 1.5 h on 2 cores)
     python -m experiments.reproduce --scale paper --data imagefolder:/data/imagenet   # pretrained, GPU
+    python -m experiments.reproduce --scale paper --data imagefolder:/data/imagenet --launcher slurm \
+        --partition gpu --gpus-per-job 8 --time 2880        # the trainings (Fig. 3's subnetworks, M0-M5) on Slurm
     python -m experiments.reproduce --scale standard --out results   # regenerate the committed reference
 
 Each step writes its own CSVs and figures under the run folder (runs/<scale>, ignored by git) and is skipped when
@@ -16,9 +18,11 @@ results of the scale (results/quick, results/, results/paper).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import multiprocessing
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
@@ -30,6 +34,8 @@ from evit import PRESETS, EfficientViTConfig, get_preset, summary
 from evit.io import markdown_table, save_figure, write_text
 from experiments import benchmark, family
 from experiments.claims import Claim, names
+from experiments.cli import UserError, run_cli, settings_parser
+from experiments.launch import Launcher
 
 RESULTS = Path("results")
 SCALES = ("quick", "standard", "paper")
@@ -56,95 +62,127 @@ REFERENCE = {"quick": RESULTS / "quick", "standard": RESULTS, "paper": RESULTS /
 BUDGETS = {
     "quick": dict(
         weights="quick-proxy",
-        op_profile=["--iters", "2", "--warmup", "1"],
-        head_similarity=["--num-images", "32"],
-        taylor_prune=["--steps", "3", "--batches", "4", "--batch", "32", "--val-images", "1000",
-                      "--finetune-epochs", "1", "--finetune-images", "4000"],
+        op_profile=dict(iters=2, warmup=1),
+        head_similarity=dict(num_images=32),
+        taylor_prune=dict(steps=3, batches=4, batch=32, val_images=1000, finetune_epochs=1, finetune_images=4000),
         # Small budgets need a small batch: with 128 the few updates leave evit at chance.
-        mhsa_ratio=dict(deit=["--epochs", "2", "--limit-train", "2000", "--limit-val", "1000", "--batch-size", "32",
-                              "--shares", "0,0.25,0.5,1"],
-                        evit=["--epochs", "2", "--limit-train", "1500", "--limit-val", "1000", "--batch-size", "32",
-                              "--shares", "0,0.25,1", "--img-size", "32"]),
-        family=["--epochs", "2", "--limit-train", "1200", "--limit-val", "1000", "--batch-size", "32",
-                "--img-size", "32"],
-        benchmark=["--models", "evit_m0,evit_m4,efficientvit_m0,mobilenetv3_large_100,deit_tiny_patch16_224",
-                   "--warmup", "0.5", "--seconds", "0.5"],
-        fast_path=["--models", "evit_m0", "--warmup", "1", "--seconds", "1"],
+        mhsa_ratio=dict(deit=dict(epochs=2, limit_train=2000, limit_val=1000, batch_size=32, shares=[0.0, 0.25, 0.5, 1.0]),
+                        evit=dict(epochs=2, limit_train=1500, limit_val=1000, batch_size=32, shares=[0.0, 0.25, 1.0],
+                                  img_size=32)),
+        family=dict(epochs=2, limit_train=1200, limit_val=1000, batch_size=32, img_size=32),
+        benchmark=dict(models=["evit_m0", "evit_m4", "efficientvit_m0", "mobilenetv3_large_100",
+                               "deit_tiny_patch16_224"], warmup=0.5, seconds=0.5),
+        fast_path=dict(models=["evit_m0"], warmup=1, seconds=1),
     ),
     "standard": dict(
         weights="proxy",
-        op_profile=["--iters", "5"],
-        head_similarity=["--num-images", "64"],
-        taylor_prune=["--batches", "8", "--batch", "64", "--val-images", "2000", "--finetune-epochs", "1"],
-        mhsa_ratio=dict(deit=["--epochs", "4", "--limit-train", "20000"],
-                        evit=["--epochs", "2", "--limit-train", "5000"]),
-        family=[],
-        benchmark=["--quick"],
-        fast_path=["--quick", "--with-compile"],
+        op_profile=dict(iters=5),
+        head_similarity=dict(num_images=64),
+        taylor_prune=dict(batches=8, batch=64, val_images=2000, finetune_epochs=1),
+        mhsa_ratio=dict(deit=dict(epochs=4, limit_train=20000), evit=dict(epochs=2, limit_train=5000)),
+        family={},
+        benchmark=dict(quick=True),
+        fast_path=dict(quick=True, with_compile=True),
     ),
 }
+# Paper scale: the paper's models with their hub weights on ImageNet-format data (--data), on the GPU; the
+# trainings (Fig. 3's subnetworks, M0-M5) as the launcher's jobs (--launcher slurm on a cluster). Our budget:
+# 100 epochs at 224 px, not the paper's 300.
+PAPER_BUDGET = dict(op_profile=dict(iters=10), head_similarity=dict(weights="pretrained", num_images=256),
+                    taylor_prune=dict(weights="pretrained", img_size=224, batch=32),
+                    mhsa_ratio=dict(epochs=100, limit_train=0, limit_val=0, batch_size=256, img_size=224),
+                    family=dict(epochs=100, limit_train=0, limit_val=0, batch_size=256, img_size=224))
+# The paper's Fig. 3 subnetworks: DeiT-T and Swin-T downscaled to run 1.25x and 1.5x faster.
+PAPER_SUBNETWORKS = dict(family=["deit", "swin"], downscale=(1.25, 1.5))
 
 
 def _models(opts: argparse.Namespace) -> dict[str, str]:
     return PAPER_MODELS if opts.scale == "paper" else PROXY_MODELS
 
 
+def _output_names(opts: argparse.Namespace) -> dict[str, str]:
+    """What the steps' output templates name: the device, the models, the MHSA study's first and last series."""
+    if opts.scale == "paper":
+        first, *_, last = [mhsa_ratio.runs_csv(Path(), family, factor).stem
+                           for factor in PAPER_SUBNETWORKS["downscale"] for family in PAPER_SUBNETWORKS["family"]]
+    else:
+        first, *_, last = [mhsa_ratio.runs_csv(Path(), family).stem for family in BUDGETS[opts.scale]["mhsa_ratio"]]
+    return dict(device=opts.device, mhsa_first=first, mhsa_last=last, **_models(opts))
+
+
+def _budget(opts: argparse.Namespace, step: str) -> dict[str, Any]:
+    """A step's settings at the run's scale (the weights keyword of a proxy scale included where it applies)."""
+    if opts.scale == "paper":
+        return dict(PAPER_BUDGET.get(step, {}), **({"data": opts.data} if step != "op_profile" else {}))
+    budget = BUDGETS[opts.scale]
+    weights = {"weights": budget["weights"]} if step in ("head_similarity", "taylor_prune") else {}
+    return dict(budget[step], **weights)
+
+
 def _presets(out: Path, opts: argparse.Namespace) -> None:
-    summary.main(["--out", str(out / "presets")])
+    summary.save_presets(summary.preset_table(), out / "presets")
 
 
 def _op_profile(out: Path, opts: argparse.Namespace) -> None:
-    budget = BUDGETS[opts.scale]["op_profile"] if opts.scale in BUDGETS else ["--iters", "10"]
-    common = ["--device", opts.device, "--batch", "16" if opts.device == "cpu" else "256", "--out",
-              str(out / "op_profile")] + budget
-    op_profile.main(["--models", ",".join(PROFILED)] + common)
-    op_profile.main(["--fused", "--models", ",".join(m for m in PROFILED if m.startswith("evit"))] + common)
+    common = dict(device=opts.device, batch=16 if opts.device == "cpu" else 256, out=out / "op_profile",
+                  **_budget(opts, "op_profile"))
+    op_profile.run(op_profile.Settings(models=list(PROFILED), **common))
+    op_profile.run(op_profile.Settings(models=[m for m in PROFILED if m.startswith("evit")], fused=True, **common))
 
 
 def _head_similarity(out: Path, opts: argparse.Namespace) -> None:
     models = _models(opts)
     # Proxy scales: trained proxies on Fashion-MNIST. Paper: ImageNet weights on ImageNet validation images.
-    data = (["--weights", BUDGETS[opts.scale]["weights"]] + BUDGETS[opts.scale]["head_similarity"]
-            if opts.scale in BUDGETS else ["--weights", "pretrained", "--data", opts.data, "--num-images", "256"])
     folder = out / "head_similarity"
+    budget = dict(out=folder, **_budget(opts, "head_similarity"))
     # the paper's two comparisons, MHSA (DeiT vs Swin) and DeiT vs cascaded group attention; DeiT computed once
-    deit, _ = head_similarity.main(["--model", f"{models['deit']},{models['swin']}", "--out", str(folder)] + data)
-    (evit,) = head_similarity.main(["--model", models["evit"], "--out", str(folder)] + data)
+    deit, _ = head_similarity.run(head_similarity.Settings(models=[models["deit"], models["swin"]], **budget))
+    (evit,) = head_similarity.run(head_similarity.Settings(models=[models["evit"]], **budget))
     save_figure(head_similarity.plot([deit, evit]), folder / f"{deit.model.iat[0]}_vs_{evit.model.iat[0]}.png")
 
 
 def _taylor_prune(out: Path, opts: argparse.Namespace) -> None:
-    data = (["--weights", BUDGETS[opts.scale]["weights"]] + BUDGETS[opts.scale]["taylor_prune"]
-            if opts.scale in BUDGETS else ["--weights", "pretrained", "--data", opts.data, "--img-size", "224",
-                                           "--batch", "32"])
-    # The MHSA-proportion study's best evit share goes into the derived configs (it runs first at proxy scales).
+    # The MHSA-proportion study's best evit share goes into the derived configs (it runs first; the paper's
+    # subnetworks hold no evit series).
     study = out / "mhsa_ratio" / "summary.csv"
-    share = ["--attention-share", str(study)] if study.is_file() else []
+    share = str(study) if study.is_file() and opts.scale != "paper" else None
     for kind, model in _models(opts).items():
         # evit's blocks hold too few of its MACs at 64 px for 50%: every group would sit at its floor.
-        target = ["--target-macs", "0.8"] if kind == "evit" and opts.scale != "paper" else []
-        taylor_prune.main(["--model", model, "--out", str(out / "taylor_prune")] + target + share + data)
+        target = dict(target_macs=0.8) if kind == "evit" and opts.scale != "paper" else {}
+        taylor_prune.run(taylor_prune.Settings(model=model, out=out / "taylor_prune", attention_share=share,
+                                               **target, **_budget(opts, "taylor_prune")))
+
+
+def _launcher(opts: argparse.Namespace) -> dict[str, Any]:
+    """The run's launcher settings, for the steps that train."""
+    return dataclasses.asdict(opts.launcher)
 
 
 def _mhsa_ratio(out: Path, opts: argparse.Namespace) -> None:
+    common = dict(seeds=[0, 1, 2], out=out / "mhsa_ratio", **_launcher(opts))
+    if opts.scale == "paper":
+        for factor in PAPER_SUBNETWORKS["downscale"]:
+            mhsa_ratio.run(mhsa_ratio.Settings(family=PAPER_SUBNETWORKS["family"], downscale=factor, **common,
+                                               **_budget(opts, "mhsa_ratio")))
+        return
     for kind, budget in BUDGETS[opts.scale]["mhsa_ratio"].items():
-        mhsa_ratio.main(["--family", kind, "--seeds", "0,1,2", "--out", str(out / "mhsa_ratio")] + budget)
+        mhsa_ratio.run(mhsa_ratio.Settings(family=[kind], **common, **budget))
 
 
 def _family(out: Path, opts: argparse.Namespace) -> None:
-    budget = BUDGETS[opts.scale]["family"] + ["--out", str(out / "family")]
-    family.main(budget)
+    budget = dict(_budget(opts, "family"), out=out / "family", **_launcher(opts))
+    family.run(family.Settings(**budget))
     # The pruning-derived allocations beside the preset whose FLOPs they were scaled to.
-    derived = [str(out / "taylor_prune" / f"{model}_allocation.yaml") for model in PROXY_MODELS.values()]
-    family.main(["--models", ",".join(["evit_m0"] + derived), "--name", "allocation"] + budget)
+    derived = [str(out / "taylor_prune" / f"{model}_allocation.yaml") for model in _models(opts).values()]
+    family.run(family.Settings(models=["evit_m0"] + derived, name="allocation", **budget))
 
 
 def _benchmark(out: Path, opts: argparse.Namespace) -> None:
-    device = ["--device", opts.device, "--out", str(out / "benchmark")]
+    device = dict(device=opts.device, out=out / "benchmark")
     budget = BUDGETS.get(opts.scale, BUDGETS["standard"])
-    benchmark.main(budget["benchmark"] + ["--accuracy-csv", str(out / "family" / "family.csv")] + device)
+    benchmark.run(benchmark.Settings(accuracy_csv=out / "family" / "family.csv", **budget["benchmark"], **device))
     if opts.device == "cpu":
-        benchmark.main(["--fast-path"] + budget["fast_path"] + device)
+        benchmark.run(benchmark.Settings(fast_path=True, **budget["fast_path"], **device))
 
 
 STEPS = [
@@ -152,13 +190,11 @@ STEPS = [
     Step("op_profile", tuple(f"op_profile/{m}_{{device}}_classes.csv" for m in PROFILED), _op_profile),
     Step("head_similarity", ("head_similarity/{deit}.csv", "head_similarity/{swin}.csv",
                              "head_similarity/{evit}.csv"), _head_similarity),
-    # Training 15 subnetworks, or M0-M5, on ImageNet is a cluster job: at paper scale these run through
-    # torchrun (see README), not here.
-    Step("mhsa_ratio", ("mhsa_ratio/deit_proxy.csv", "mhsa_ratio/evit_m0_proxy.csv"), _mhsa_ratio,
-         ("quick", "standard")),
+    # At paper scale these train on ImageNet: a cluster's job (--launcher slurm, docs/launch.md).
+    Step("mhsa_ratio", ("mhsa_ratio/{mhsa_first}.csv", "mhsa_ratio/{mhsa_last}.csv"), _mhsa_ratio),
     Step("taylor_prune", ("taylor_prune/{deit}.csv", "taylor_prune/{swin}.csv", "taylor_prune/{evit}.csv"),
          _taylor_prune),
-    Step("family", ("family/family.csv", "family/allocation.csv"), _family, ("quick", "standard")),
+    Step("family", ("family/family.csv", "family/allocation.csv"), _family),
     Step("benchmark", ("benchmark/{device}.csv",), _benchmark),
 ]
 
@@ -396,7 +432,8 @@ def run_isolated(step: Step, args: argparse.Namespace) -> None:
     4.2 GB in one process. Forked, not spawned: the child inherits the parsed settings and needs nothing pickled;
     this process has run no torch computation yet, so no thread pool is forked. A step that fails exits with its
     code (2 for a user error, whose one line the step has printed)."""
-    child = multiprocessing.get_context("fork").Process(target=step.run, args=(args.out, args), name=step.name)
+    child = multiprocessing.get_context("fork").Process(target=run_cli, args=(partial(step.run, args.out, args),),
+                                                        name=step.name)
     child.start()
     child.join()
     if child.exitcode:
@@ -404,8 +441,8 @@ def run_isolated(step: Step, args: argparse.Namespace) -> None:
 
 
 def main(argv: Optional[list[str]] = None) -> Path:
-    parser = argparse.ArgumentParser(prog="python -m experiments.reproduce", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    # The launcher's flags (where the trainings run: --launcher slurm --partition ...), then the run's own.
+    parser = settings_parser(Launcher, "python -m experiments.reproduce", __doc__)
     parser.add_argument("--scale", default="quick", choices=SCALES,
                         help="quick: proxies on Fashion-MNIST with minutes of training, about 20 min on 2 cores "
                              "(runs/quick). standard: the proxy budgets behind results/ (about 1.5 h). paper: the "
@@ -424,6 +461,12 @@ def main(argv: Optional[list[str]] = None) -> Path:
                         help="results to set this run's claims beside (default: the committed results of the scale: "
                              "results/quick, results or results/paper)")
     args = parser.parse_args(argv)
+    args.launcher = Launcher(**{f.name: value for f in dataclasses.fields(Launcher)
+                                if (value := getattr(args, f.name)) is not None})
+    try:
+        args.launcher.check()
+    except UserError as e:
+        parser.error(str(e))
     args.device = args.device or ("cuda" if args.scale == "paper" else "cpu")
     args.out = args.out or DEFAULT_OUT[args.scale]
     args.reference = args.reference or REFERENCE[args.scale]
@@ -440,9 +483,8 @@ def main(argv: Optional[list[str]] = None) -> Path:
     for step in steps:
         if step.name not in wanted:
             continue
-        models = _models(args)
-        done = step.outputs and all((args.out / o.format(device=args.device, **models)).is_file()
-                                    for o in step.outputs)
+        names = _output_names(args)
+        done = step.outputs and all((args.out / o.format(**names)).is_file() for o in step.outputs)
         if done and step.name not in forced:
             print(f"[reproduce] {step.name}: cached, skipped (--force {step.name} to redo)")
             continue

@@ -3,13 +3,26 @@ device's queue drained before each clock read; the process's peak memory. Used b
 analyses that time models (op_profile, mhsa_ratio)."""
 from __future__ import annotations
 
+import platform
 import resource
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import pandas as pd
 import torch
+
+
+def describe_machine(device: str, threads: int) -> str:
+    """The hardware and software timings depend on: GPU model or CPU model name, threads, torch and python."""
+    if device == "cuda":
+        hw = torch.cuda.get_device_name()
+    else:
+        hw = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() \
+            else platform.processor()
+    return f"{hw}; {threads} thread(s); torch {torch.__version__}; python {platform.python_version()}"
 
 
 def synchronizer(device: str) -> Callable[[], None]:
@@ -23,6 +36,7 @@ class Timing:
     throughput_min: float
     throughput_max: float
     latency_ms: float  # median time of one iteration
+    window_ms: list[float] = field(default_factory=list)  # ms per iteration of each window, in the order run
 
 
 def time_interleaved(fns: dict[str, Callable[[], object]], batch: int, warmup_s: float, seconds: float,
@@ -53,7 +67,8 @@ def time_interleaved(fns: dict[str, Callable[[], object]], batch: int, warmup_s:
     out = {}
     for key in fns:
         r = pd.Series(rates[key])
-        out[key] = Timing(float(r.median()), float(r.min()), float(r.max()), float(pd.Series(latencies[key]).median()))
+        out[key] = Timing(float(r.median()), float(r.min()), float(r.max()), float(pd.Series(latencies[key]).median()),
+                          latencies[key])
     return out
 
 

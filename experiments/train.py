@@ -13,15 +13,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import random
-import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence, Union, get_args, get_origin, get_type_hints
+from typing import Any, Callable, Mapping, Sequence, Union
 
 import numpy as np
 import pandas as pd
@@ -39,70 +37,65 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 from tqdm import tqdm
 
 from evit import ConfigError
-from evit.io import torch_save, write_csv, write_json
+from evit.io import CheckpointError, read_checkpoint, torch_save, write_csv, write_json
+from experiments.cli import option, run_cli, settings_parser
 from experiments.data import DataError, Datasets, build_datasets, check_data, default_img_size, subset
-from experiments.models import UnknownModelError, check_model, create_model
+from experiments.distillation import (DISTILLATION_TYPES, TEACHER_HELP, TEACHER_WEIGHTS_HELP, check_distillation,
+                                      distillation_loss)
+from experiments.models import check_model, create_model
 
 CHECKPOINT = "last.pth"
 FINAL = "model.pth"
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be read or does not fit the model; the message names the file."""
-
-
-# Errors caused by user input: the CLIs print their one-line message instead of a traceback.
-USER_ERRORS: tuple[type[Exception], ...] = (DataError, CheckpointError, ConfigError, UnknownModelError)
-
-
-def _opt(default: Any, help: str, **kwargs: Any) -> Any:
-    """A TrainConfig field; `help` and extra kwargs feed its --flag."""
-    if isinstance(default, dict):
-        return field(default_factory=dict, metadata={"help": help, **kwargs})
-    return field(default=default, metadata={"help": f"{help} (default: {default})", **kwargs})
 
 
 @dataclass
 class TrainConfig:
     """Everything a run depends on. Defaults suit a quick run; configs/imagenet_official.yaml is the paper's."""
 
-    model: str = _opt("evit_m0", "evit preset, proxy, evit config file or timm name")
-    model_kwargs: dict = _opt({}, "extra kwargs for timm.create_model (JSON on the command line)")
-    data: str = _opt("fashion_mnist", "fashion_mnist, digits or imagefolder:PATH")
-    data_dir: Union[str, None] = _opt(None, "data root (Fashion-MNIST IDX files or image folder)")
-    img_size: Union[int, None] = _opt(None, "input size (None: the data's native size)")
-    epochs: int = _opt(10, "epochs")
-    batch_size: int = _opt(128, "batch size per process")
-    lr: Union[float, None] = _opt(None, "learning rate (None: lr_base * global batch / 512)")
-    lr_base: float = _opt(1e-3, "learning rate per 512 images of global batch")
-    min_lr: float = _opt(1e-5, "final cosine learning rate")
-    warmup_lr: float = _opt(1e-6, "learning rate at the start of warm-up")
-    warmup_epochs: int = _opt(1, "linear warm-up epochs")
-    opt: str = _opt("adamw", "timm optimizer name")
-    opt_eps: float = _opt(1e-8, "optimizer epsilon")
-    weight_decay: float = _opt(0.025, "weight decay (not on biases and norms)")
-    clip_grad: Union[float, None] = _opt(None, "gradient clipping value (off if unset)")
-    clip_mode: str = _opt("norm", "gradient clipping mode: norm, value or agc")
-    smoothing: float = _opt(0.1, "label smoothing")
-    mixup: float = _opt(0.0, "mixup alpha (0: off)")
-    cutmix: float = _opt(0.0, "cutmix alpha (0: off)")
-    ema_decay: float = _opt(0.0, "model EMA decay (0: off); the EMA weights are evaluated and saved")
-    repeated_aug: bool = _opt(False, "repeated augmentation sampler (3 repeats)")
-    auto_augment: Union[str, None] = _opt(None, "timm auto-augment policy, e.g. rand-m9-mstd0.5-inc1 (folders)")
-    color_jitter: float = _opt(0.4, "color jitter (folders)")
-    re_prob: float = _opt(0.0, "random erasing probability (folders)")
-    re_mode: str = _opt("pixel", "random erasing fill: pixel (random normal), rand or const (folders)")
-    interpolation: str = _opt("bilinear", "resize interpolation (folders)")
-    crop_pct: Union[float, None] = _opt(None, "eval center-crop fraction, e.g. 0.875 = resize 256, crop 224 (folders)")
-    amp: bool = _opt(True, "mixed precision on CUDA")
-    seed: int = _opt(0, "random seed")
-    out: Union[str, None] = _opt(None, "output folder: checkpoints, metrics.csv, metrics.json, model.pth")
-    resume: Union[str, None] = _opt(None, "checkpoint to resume; bare --resume: OUT/last.pth if it exists",
+    model: str = option("evit_m0", "evit preset, proxy, evit config file or timm name")
+    model_kwargs: dict = option({}, "extra kwargs for timm.create_model (JSON on the command line)")
+    data: str = option("fashion_mnist", "fashion_mnist, digits or imagefolder:PATH")
+    data_dir: Union[str, None] = option(None, "data root (Fashion-MNIST IDX files or image folder)")
+    img_size: Union[int, None] = option(None, "input size (None: the data's native size)")
+    epochs: int = option(10, "epochs")
+    batch_size: int = option(128, "batch size per process")
+    lr: Union[float, None] = option(None, "learning rate (None: lr_base * global batch / 512)")
+    lr_base: float = option(1e-3, "learning rate per 512 images of global batch")
+    min_lr: float = option(1e-5, "final cosine learning rate")
+    warmup_lr: float = option(1e-6, "learning rate at the start of warm-up")
+    warmup_epochs: int = option(1, "linear warm-up epochs")
+    opt: str = option("adamw", "timm optimizer name")
+    opt_eps: float = option(1e-8, "optimizer epsilon")
+    weight_decay: float = option(0.025, "weight decay (not on biases and norms)")
+    clip_grad: Union[float, None] = option(None, "gradient clipping value (off if unset)")
+    clip_mode: str = option("norm", "gradient clipping mode: norm, value or agc")
+    smoothing: float = option(0.1, "label smoothing")
+    mixup: float = option(0.0, "mixup alpha (0: off)")
+    cutmix: float = option(0.0, "cutmix alpha (0: off)")
+    ema_decay: float = option(0.0, "model EMA decay (0: off); the EMA weights are evaluated and saved")
+    repeated_aug: bool = option(False, "repeated augmentation sampler (3 repeats)")
+    auto_augment: Union[str, None] = option(None, "timm auto-augment policy, e.g. rand-m9-mstd0.5-inc1 (folders)")
+    color_jitter: float = option(0.4, "color jitter (folders)")
+    re_prob: float = option(0.0, "random erasing probability (folders)")
+    re_mode: str = option("pixel", "random erasing fill: pixel (random normal), rand or const (folders)")
+    interpolation: str = option("bilinear", "resize interpolation (folders)")
+    crop_pct: Union[float, None] = option(None, "eval center-crop fraction, e.g. 0.875 = resize 256, crop 224 (folders)")
+    amp: bool = option(True, "mixed precision on CUDA")
+    seed: int = option(0, "random seed")
+    out: Union[str, None] = option(None, "output folder: checkpoints, metrics.csv, metrics.json, model.pth")
+    resume: Union[str, None] = option(None, "checkpoint to resume; bare --resume: OUT/last.pth if it exists",
                                     nargs="?", const="auto")
-    limit_train: Union[int, None] = _opt(None, "use a fixed random subset of N training images")
-    limit_val: Union[int, None] = _opt(None, "use a fixed random subset of N validation images")
-    workers: int = _opt(0, "data loader worker processes")
-    threads: Union[int, None] = _opt(None, "torch threads per process (None: torch's choice, see OMP_NUM_THREADS)")
+    limit_train: Union[int, None] = option(None, "use a fixed random subset of N training images")
+    limit_val: Union[int, None] = option(None, "use a fixed random subset of N validation images")
+    workers: int = option(0, "data loader worker processes")
+    threads: Union[int, None] = option(None, "torch threads per process (None: torch's choice, see OMP_NUM_THREADS)")
+    # DeiT-style distillation (experiments/distillation.py): for a model with a distillation head.
+    teacher: Union[str, None] = option(None, f"teacher for the distillation head: {TEACHER_HELP}")
+    teacher_weights: Union[str, None] = option(None, TEACHER_WEIGHTS_HELP)
+    distillation_type: str = option("hard", "distillation loss: hard (teacher's argmax) or soft (KL at tau)",
+                                  choices=DISTILLATION_TYPES)
+    distillation_alpha: float = option(0.5, "weight of the distillation loss; the label loss gets 1 - alpha")
+    distillation_tau: float = option(1.0, "soft distillation temperature")
 
     def augment(self) -> dict[str, Any]:
         """timm create_transform kwargs for image folders."""
@@ -139,10 +132,11 @@ def resolve_img_size(cfg: TrainConfig) -> TrainConfig:
 
 
 def check_inputs(cfg: TrainConfig) -> None:
-    """Fail at once, reading and building nothing, on missing data, an unknown data spec or model name or a bad
-    evit config file: a bad run stops in its first second, not after its data loads."""
+    """Fail at once, loading no data or weights, on missing data, an unknown data spec or model name, a bad evit
+    config file or distillation setting: a bad run stops in its first second, not after its data loads."""
     check_data(cfg.data, cfg.data_dir)
     check_model(cfg.model)
+    check_distillation(cfg)
 
 
 def load_data(cfg: TrainConfig) -> Datasets:
@@ -270,20 +264,6 @@ class TrainState:
         return self.ema.module if self.ema else self.model
 
 
-def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """torch.load with a one-line CheckpointError for a missing, truncated or foreign file."""
-    if not Path(path).is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # torch raises many types (RuntimeError, UnpicklingError, EOFError, ...) for bad files
-        raise CheckpointError(f"checkpoint {path} is corrupt or unreadable ({type(e).__name__}); delete it to "
-                              f"start over or pass another file") from e
-    if not isinstance(ckpt, dict):
-        raise CheckpointError(f"checkpoint {path} holds a {type(ckpt).__name__}, not a dict of states")
-    return ckpt
-
-
 def load_weights(model: nn.Module, state_dict: Mapping[str, Any], source: str | os.PathLike) -> None:
     """load_state_dict (strict) with a one-line CheckpointError saying what does not fit."""
     own = model.state_dict()
@@ -309,7 +289,7 @@ def resume_path(cfg: TrainConfig) -> Path | None:
 
 
 def restore(state: TrainState, path: Path, proc: Process) -> None:
-    ckpt = load_checkpoint(path)
+    ckpt = read_checkpoint(path)
     missing = {"model", "optimizer", "scheduler", "rng", "epoch"} - set(ckpt)
     if missing:
         raise CheckpointError(f"{path} is not a training checkpoint (no {', '.join(sorted(missing))}); "
@@ -363,7 +343,7 @@ def train_one_epoch(state: TrainState, net: nn.Module, loader: DataLoader, loss_
         if mixup:
             x, y = mixup(x, y)
         with autocast():
-            loss = loss_fn(net(x), y)
+            loss = loss_fn(x, net(x), y)  # the inputs for a teacher
         state.optimizer.zero_grad(set_to_none=True)
         state.scaler.scale(loss).backward()
         if cfg.clip_grad:
@@ -449,6 +429,7 @@ def train(model: nn.Module, cfg: TrainConfig | Mapping[str, Any], data: Datasets
         mixup = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, label_smoothing=cfg.smoothing,
                       num_classes=data.num_classes)
     loss_fn = SoftTargetCrossEntropy() if mixup else LabelSmoothingCrossEntropy(cfg.smoothing)
+    loss_fn = distillation_loss(loss_fn, cfg, model, data, proc.device)
 
     while state.epoch < cfg.epochs:
         start = time.perf_counter()
@@ -478,27 +459,10 @@ def train(model: nn.Module, cfg: TrainConfig | Mapping[str, Any], data: Datasets
 # ------------------------------------------------------------------------------------------------------ CLI
 
 
-def _flag_type(hint: Any) -> Any:
-    """The argparse `type` for a TrainConfig annotation (Optional[X] -> X, dict -> JSON)."""
-    if get_origin(hint) is Union:
-        hint = next(a for a in get_args(hint) if a is not type(None))
-    if hint is dict:
-        return json.loads
-    return hint
-
-
 def build_parser() -> argparse.ArgumentParser:
     """One --flag per TrainConfig field; unset flags stay absent so config-file values survive."""
-    parser = argparse.ArgumentParser(prog="python -m experiments.train", description=__doc__.split("\n\n")[0],
-                                     argument_default=argparse.SUPPRESS)
+    parser = settings_parser(TrainConfig, "python -m experiments.train", __doc__.split("\n\n")[0], keep_unset=True)
     parser.add_argument("--config", help="YAML/JSON training config (flags override its values)")
-    hints = get_type_hints(TrainConfig)
-    for f in dataclasses.fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
-        if hints[f.name] is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **f.metadata)
-        else:
-            parser.add_argument(flag, type=_flag_type(hints[f.name]), **f.metadata)
     return parser
 
 
@@ -508,32 +472,13 @@ def parse_config(argv: Sequence[str] | None = None) -> TrainConfig:
     return TrainConfig(**{**values, **args})
 
 
-def build_model(name: str, img_size: int | None = None, **kwargs: Any) -> nn.Module:
-    """create_model, giving `img_size` only to models that take it."""
-    if img_size is None:
-        return create_model(name, **kwargs)
-    try:
-        return create_model(name, img_size=img_size, **kwargs)
-    except TypeError:  # size-agnostic models (most CNNs) reject an img_size argument
-        return create_model(name, **kwargs)
-
-
 def fit(cfg: TrainConfig | Mapping[str, Any]) -> dict[str, Any]:
     """Load the data and build the model `cfg` names, then train it; returns the final metrics."""
     cfg = resolve_img_size(as_config(cfg))
     data = load_data(cfg)
     seed_everything(cfg.seed)  # the same initial weights on every rank and every resume
-    model = build_model(cfg.model, cfg.img_size, num_classes=data.num_classes, **cfg.model_kwargs)
+    model = create_model(cfg.model, cfg.img_size, num_classes=data.num_classes, **cfg.model_kwargs)
     return train(model, cfg, data)
-
-
-def run_cli(main_fn: Callable[[], Any]) -> Any:
-    """Run a CLI body; a user error ends it with one line on stderr and exit status 2, not a traceback."""
-    try:
-        return main_fn()
-    except USER_ERRORS as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:

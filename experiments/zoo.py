@@ -31,10 +31,13 @@ from urllib.parse import urlparse
 import torch
 import torch.nn as nn
 
+from evit.convert import unwrap
+from evit.io import CheckpointError, read_checkpoint
+from experiments import launch
+from experiments.cli import UserError, run_cli
 from experiments.models import PROXY_MODELS, PROXY_NUM_CLASSES, create_model
 from experiments.paths import PROJECT_ROOT
-from experiments.train import (FINAL, CheckpointError, TrainConfig, build_model, fit, load_checkpoint, load_weights,
-                               run_cli)
+from experiments.train import FINAL, TrainConfig, fit, load_weights
 
 # Training recipes: short runs on Fashion-MNIST (every other TrainConfig field keeps its default).
 _FMNIST = dict(data="fashion_mnist", batch_size=128, lr=1e-3)
@@ -51,7 +54,7 @@ PROXY_BUDGETS: dict[str, dict[str, Any]] = {"proxy": {}, "quick-proxy": dict(epo
 KEYWORDS = (*PROXY_BUDGETS, "pretrained", "random")
 
 
-class WeightsUnavailableError(RuntimeError):
+class WeightsUnavailableError(UserError, RuntimeError):
     """Weights that cannot be had here (hub unreachable, unknown proxy); the message says what to pass instead."""
 
 
@@ -72,8 +75,7 @@ def proxy_config(name: str, budget: str = "proxy") -> TrainConfig:
 def proxy_key(cfg: TrainConfig) -> str:
     """Hash of what determines the trained weights: architecture, parameter shapes and recipe (not paths)."""
     shapes = {k: tuple(v.shape) for k, v in create_model(cfg.model).state_dict().items()}
-    recipe = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("out", "resume", "workers", "threads")}
-    blob = json.dumps([PROXY_MODELS[cfg.model], shapes, recipe], sort_keys=True, default=str)
+    blob = json.dumps([PROXY_MODELS[cfg.model], shapes, launch.recipe(cfg)], sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
@@ -123,13 +125,11 @@ def weights_from_file(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str
     """(state_dict, model kwargs) from model.pth (ours), a training checkpoint, or a bare state dict."""
     if not Path(path).is_file():
         raise CheckpointError(f"weights must be one of {', '.join(KEYWORDS)} or a checkpoint file; {path} not found")
-    ckpt = load_checkpoint(path)
+    ckpt = read_checkpoint(path)
     if "num_classes" in ckpt:  # our model.pth records how the model was built
         return ckpt["state_dict"], {"num_classes": ckpt["num_classes"], "img_size": ckpt["img_size"],
                                     **ckpt["model_kwargs"]}
-    if isinstance(ckpt.get("model"), dict):  # a last.pth training checkpoint
-        return ckpt["model"], {}
-    return ckpt.get("state_dict", ckpt), {}  # timm train.py checkpoints keep the weights under state_dict
+    return unwrap(ckpt), {}  # our last.pth keeps the weights under 'model', timm's train.py under 'state_dict'
 
 
 def load_model(name: str, weights: str = "proxy", num_classes: int | None = None, **kwargs: Any) -> nn.Module:
@@ -153,7 +153,7 @@ def load_model(name: str, weights: str = "proxy", num_classes: int | None = None
     else:
         path = weights
     state_dict, file_kwargs = weights_from_file(path)
-    model = build_model(name, **{**file_kwargs, **kwargs})
+    model = create_model(name, **{**file_kwargs, **kwargs})
     load_weights(model, state_dict, path)
     return model.eval()
 
@@ -190,7 +190,7 @@ def list_proxies() -> None:
             path = proxy_dir(name, budget) / FINAL
             status = "not trained"
             if path.is_file():
-                metrics = load_checkpoint(path).get("metrics", {})
+                metrics = read_checkpoint(path).get("metrics", {})
                 status = f"val_acc {metrics.get('val_acc', float('nan')):.2f}%  {path}"
             print(f"    {budget:12s} {overrides or ''}  [{status}]")
 

@@ -57,16 +57,17 @@ def test_cli_writes_csv_with_documented_columns(tmp_path):
     (["--levers", "--device", "cuda"], "--levers measures the CPU inference path"),
     (["--fast-path", "--cuda-graphs"], "--cuda-graphs adds a --fast-path variant on the GPU"),
 ])
-def test_cli_errors_are_one_clear_line(argv, message, tmp_path):
+def test_cli_errors_are_one_clear_line(argv, message, tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         benchmark.main(argv + ["--out", str(tmp_path)])
-    assert message in str(exc.value)
+    assert exc.value.code == 2 and message in capsys.readouterr().err
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
-def test_cuda_without_gpu_is_a_clear_error(tmp_path):
-    with pytest.raises(SystemExit, match="no CUDA GPU"):
+def test_cuda_without_gpu_is_a_clear_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
         benchmark.main(["--models", "evit_m0", "--device", "cuda", "--out", str(tmp_path)])
+    assert exc.value.code == 2 and "no CUDA GPU" in capsys.readouterr().err
 
 
 def test_onnxruntime_runs_models_with_fused_attention():

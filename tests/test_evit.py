@@ -13,6 +13,7 @@ from torch._dynamo.utils import counters
 
 import evit
 from evit.config import ConfigError, EfficientViTConfig
+from evit.io import CheckpointError
 from evit.efficientvit import CascadedGroupAttention, MultiHeadSelfAttention, WindowAttention
 from evit.fast_path import DepthwiseTaps, DepthwiseUnfold, PointwiseLinear, for_inductor
 from evit.summary import preset_table
@@ -199,9 +200,9 @@ def test_official_layout_round_trip(tmp_path):
 def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
     path = tmp_path / "broken.pth"
     path.write_bytes(b"not a checkpoint")
-    with pytest.raises(ValueError, match="corrupt or unreadable checkpoint"):
+    with pytest.raises(CheckpointError, match="broken.pth is corrupt or unreadable"):
         evit.load_checkpoint(timm.create_model("evit_m0"), str(path))
-    with pytest.raises(FileNotFoundError, match="checkpoint not found"):
+    with pytest.raises(CheckpointError, match="checkpoint not found"):
         evit.load_checkpoint(timm.create_model("evit_m0"), str(tmp_path / "missing.pth"))
 
 

@@ -3,7 +3,7 @@ import pandas as pd
 import pytest
 
 from evit import EfficientViTConfig, get_preset
-from experiments import family
+from experiments import family, launch
 
 TINY = dict(epochs=1, limit_train=64, limit_val=32, batch_size=32)
 
@@ -24,9 +24,19 @@ def test_presets_and_config_files_train_once_with_one_budget(cache, tmp_path, mo
     assert df.paper_top1.iloc[0] == 63.2 and pd.isna(df.paper_top1.iloc[1])
     assert len(list((cache / "family").iterdir())) == 2
 
-    monkeypatch.setattr(family, "fit", lambda cfg: pytest.fail("a finished run must not be trained again"))
+    monkeypatch.setattr(launch, "fit", lambda cfg: pytest.fail("a finished run must not be trained again"))
     again = family.train_and_time(["evit_m0"], **TINY)
     assert again.val_acc.iloc[0] == df.val_acc.iloc[0]
+
+
+def test_a_model_that_fails_to_train_is_named_and_left_out(cache, capsys):
+    broken = family.run_dir(family.budget_config("evit_m1", **TINY))
+    broken.mkdir(parents=True)
+    (broken / "last.pth").write_text("not a checkpoint")  # its training fails resuming from it
+    df = family.train_and_time(["evit_m0", "evit_m1"], **TINY)
+    assert list(df.model) == ["evit_m0"]
+    err = capsys.readouterr().err
+    assert "1 of 2 runs did not finish" in err and f"{broken.name} (seed 0): " in err and "CheckpointError" in err
 
 
 def test_run_key_follows_the_budget_and_the_config_content(tmp_path):

@@ -9,7 +9,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # (layer, its modules by name prefix), bottom first.
 LAYERS = (
     ("builder", ("evit",)),
-    ("substrate", ("experiments.claims", "experiments.data", "experiments.models", "experiments.paths", "experiments.timing",
+    ("substrate", ("experiments.claims", "experiments.cli", "experiments.data", "experiments.distillation",
+                   "experiments.launch", "experiments.models", "experiments.paths", "experiments.timing",
                    "experiments.train", "experiments.zoo")),
     ("analyses", ("analysis",)),
     ("orchestration", ("experiments.benchmark", "experiments.family", "experiments.reproduce",

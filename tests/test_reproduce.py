@@ -68,26 +68,60 @@ def test_unknown_step_names_the_valid_ones(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("scale", sorted(reproduce.BUDGETS))
-def test_every_step_budget_is_valid_command_line(scale, tmp_path, monkeypatch):
-    """Each step's first command at each proxy scale parses with its module's own parser (nothing runs)."""
+def test_every_step_budget_is_valid_settings(scale, tmp_path, monkeypatch):
+    """Each step's first settings at each proxy scale pass its analysis's own check, with the scale's weights and
+    the output inside the run folder (nothing runs)."""
     import argparse
 
+    from analysis import head_similarity, mhsa_ratio, op_profile, taylor_prune
+    from experiments import benchmark, family
+    from experiments.launch import Launcher
     from experiments.zoo import PROXY_BUDGETS
 
-    class Parsed(Exception):
+    class Asked(Exception):
         pass
 
-    parse = argparse.ArgumentParser.parse_args
-    monkeypatch.setattr(argparse.ArgumentParser, "parse_args",
-                        lambda self, args=None, namespace=None: (_ for _ in ()).throw(Parsed(parse(self, args))))
-    opts = argparse.Namespace(scale=scale, device="cpu", data=None)
+    def refuse(settings) -> None:
+        raise Asked(settings)
+
+    for module in (op_profile, head_similarity, taylor_prune, mhsa_ratio, family, benchmark):
+        monkeypatch.setattr(module, "run", refuse)
+    opts = argparse.Namespace(scale=scale, device="cpu", data=None, launcher=Launcher())
     for step in reproduce.STEPS:
-        with pytest.raises(Parsed) as parsed:
+        if step.name == "presets":
+            continue  # no settings: the preset table at 224 px
+        with pytest.raises(Asked) as asked:
             step.run(tmp_path, opts)
-        weights = getattr(parsed.value.args[0], "weights", None)
-        assert weights in (None, reproduce.BUDGETS[scale]["weights"]), step.name
-        assert Path(parsed.value.args[0].out).is_relative_to(tmp_path), step.name  # nothing lands outside the run
+        settings = asked.value.args[0]
+        settings.check()
+        assert getattr(settings, "weights", None) in (None, reproduce.BUDGETS[scale]["weights"]), step.name
+        assert Path(settings.out).is_relative_to(tmp_path), step.name  # nothing lands outside the run
     assert reproduce.BUDGETS[scale]["weights"] in PROXY_BUDGETS
+
+
+def test_paper_scale_trains_the_papers_subnetworks_and_family_with_the_runs_launcher(tmp_path, monkeypatch):
+    import argparse
+
+    from analysis import mhsa_ratio
+    from experiments import family
+    from experiments.launch import Launcher
+
+    asked = []
+    for module in (mhsa_ratio, family):
+        monkeypatch.setattr(module, "run", asked.append)
+    launcher = Launcher(kind="local", gpus_per_job=2, time_min=2880)
+    opts = argparse.Namespace(scale="paper", device="cuda", data="imagefolder:/data/in1k", launcher=launcher)
+    for step in reproduce.STEPS:
+        if step.name in ("mhsa_ratio", "family"):
+            step.run(tmp_path, opts)
+    studies, trained = asked[:2], asked[2:]
+    assert [s.downscale for s in studies] == [1.25, 1.5] and all(s.family == ["deit", "swin"] for s in studies)
+    assert [s.models[0] for s in trained] == ["evit_m0"] * 2 and len(trained[0].models) == 6
+    for settings in studies + trained[:1]:  # (the allocations' configs come from the pruning step, not run here)
+        settings.check()
+    for settings in asked:
+        assert Launcher.of(settings) == launcher and settings.data == "imagefolder:/data/in1k"
+        assert settings.img_size == 224 and Path(settings.out).is_relative_to(tmp_path)
 
 
 def test_report_gives_the_presets_claim_a_verdict(tmp_path):

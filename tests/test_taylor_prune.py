@@ -327,9 +327,9 @@ def test_allocation_takes_the_mhsa_studys_best_share(tmp_path):
     summary = pd.DataFrame(dict(family=["deit", "evit", "evit", "evit"], share=[1.0, 0.0, 0.5, 1.0],
                                 val_acc_mean=[90.0, 80.0, 82.0, 82.0]))
     summary.to_csv(tmp_path / "summary.csv", index=False)
-    args = tpr.parse_args(["--attention-share", str(tmp_path / "summary.csv")])
-    assert args.attention_share == 0.5  # the evit rows' best; the tie with 1.0 goes to the cheaper share
-    config = tpr.allocation_config(blocks, "m0", match_flops=False, attention_share=args.attention_share)
+    share = cli.attention_share(str(tmp_path / "summary.csv"))
+    assert share == 0.5  # the evit rows' best; the tie with 1.0 goes to the cheaper share
+    config = tpr.allocation_config(blocks, "m0", match_flops=False, attention_share=share)
     assert config.mixers == (("none",), ("cga", "none"), ("cga", "none", "cga"))  # m0 depths 1, 2, 3: blocks 1, 3, 5
     matched = tpr.allocation_config(blocks, "m0", attention_share=0.5)
     assert matched.embed_dims > config.embed_dims  # fewer attention blocks leave FLOPs for width
@@ -339,9 +339,9 @@ def test_allocation_takes_the_mhsa_studys_best_share(tmp_path):
 
 @pytest.mark.parametrize("value, message", [("1.5", "must lie in [0, 1]"), ("nothing.csv", "existing summary.csv")])
 def test_attention_share_errors_name_the_valid_values(value, message, capsys):
-    with pytest.raises(SystemExit):
-        tpr.parse_args(["--attention-share", value])
-    assert message in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        tpr.main(["--attention-share", value])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
 
 
 def test_cli_writes_blocks_stages_summary_figure_and_config(tmp_path):

@@ -14,7 +14,8 @@ import yaml
 
 import experiments.train as train_mod
 from experiments.models import create_model
-from experiments.train import TrainConfig, fit, load_checkpoint, main, parse_config, train
+from evit.io import read_checkpoint
+from experiments.train import TrainConfig, fit, main, parse_config, train
 from tests.test_data import make_image_folder
 
 REPO = Path(__file__).resolve().parents[1]
@@ -63,8 +64,8 @@ def test_outputs_per_epoch(tmp_path):
     assert rows["epoch"].tolist() == [1, 2] and {"train_loss", "val_acc"} <= set(rows.columns)
     saved = json.loads((tmp_path / "metrics.json").read_text())
     assert saved["world_size"] == 1 and len(saved["history"]) == 2 and saved["config"]["epochs"] == 2
-    assert load_checkpoint(tmp_path / "last.pth")["epoch"] == 2
-    final = load_checkpoint(tmp_path / "model.pth")
+    assert read_checkpoint(tmp_path / "last.pth")["epoch"] == 2
+    final = read_checkpoint(tmp_path / "model.pth")
     assert final["num_classes"] == 10 and final["metrics"]["val_acc"] == rows["val_acc"].iloc[-1]
 
 
@@ -87,7 +88,7 @@ def test_resume_after_crash_reproduces_straight_run(tmp_path, monkeypatch):
     fit(dict(cfg, out=str(tmp_path / "resumed"), resume="auto"))
 
     assert calls == [0, 1, 1, 2]  # the resumed run redoes only the lost epoch 2, then epoch 3
-    straight, resumed = (load_checkpoint(tmp_path / d / "last.pth") for d in ("straight", "resumed"))
+    straight, resumed = (read_checkpoint(tmp_path / d / "last.pth") for d in ("straight", "resumed"))
     assert state_dicts_equal(straight["model"], resumed["model"])
     assert state_dicts_equal(straight["ema"], resumed["ema"])
     pd.testing.assert_frame_equal(metrics(tmp_path / "straight"), metrics(tmp_path / "resumed"))
@@ -104,13 +105,13 @@ def test_kill_9_mid_run_then_resume(tmp_path):
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     assert proc.wait() == -signal.SIGKILL, proc.stderr.read()
-    done = load_checkpoint(killed / "last.pth")["epoch"]
+    done = read_checkpoint(killed / "last.pth")["epoch"]
     assert 1 <= done < cfg["epochs"], "the run must be killed mid-way for this test to mean anything"
 
     main([*argv, "--out", str(killed), "--resume"])
     main([*argv, "--out", str(straight)])
-    assert state_dicts_equal(load_checkpoint(killed / "model.pth")["state_dict"],
-                             load_checkpoint(straight / "model.pth")["state_dict"])
+    assert state_dicts_equal(read_checkpoint(killed / "model.pth")["state_dict"],
+                             read_checkpoint(straight / "model.pth")["state_dict"])
     pd.testing.assert_frame_equal(metrics(killed), metrics(straight))
 
 
@@ -130,7 +131,7 @@ def test_ddp_two_cpu_processes_match_single_process(tmp_path):
     main(["--config", str(cfg_file), "--batch-size", "32", "--out", str(tmp_path / "single")])
 
     assert json.loads((tmp_path / "ddp" / "metrics.json").read_text())["world_size"] == 2
-    ddp, single = (load_checkpoint(tmp_path / d / "model.pth")["state_dict"] for d in ("ddp", "single"))
+    ddp, single = (read_checkpoint(tmp_path / d / "model.pth")["state_dict"] for d in ("ddp", "single"))
     assert ddp.keys() == single.keys()
     for key in single:
         torch.testing.assert_close(ddp[key], single[key], rtol=0, atol=1e-5)

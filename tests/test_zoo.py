@@ -7,7 +7,8 @@ from huggingface_hub import constants
 
 import experiments.zoo as zoo
 from experiments.models import PROXY_MODELS, UnknownModelError, create_model
-from experiments.train import CheckpointError, fit, load_checkpoint
+from evit.io import CheckpointError, read_checkpoint
+from experiments.train import fit
 from experiments.zoo import PROXY_RECIPES, WeightsUnavailableError, load_model, main
 
 # Tiny stand-in for deit_proxy's recipe: the real one trains for minutes on Fashion-MNIST.
@@ -69,7 +70,7 @@ def test_quick_budget_trains_its_own_entry(cache, monkeypatch):
 ])
 def test_weights_from_local_file(tmp_path, model, model_kwargs):
     fit(dict(TINY_RECIPE, img_size=8, model=model, model_kwargs=model_kwargs, out=str(tmp_path)))
-    saved = load_checkpoint(tmp_path / "model.pth")["state_dict"]
+    saved = read_checkpoint(tmp_path / "model.pth")["state_dict"]
     loaded = load_model(model, weights=str(tmp_path / "model.pth"))
     assert saved.keys() == loaded.state_dict().keys()
     assert all(torch.equal(saved[k], v) for k, v in loaded.state_dict().items())

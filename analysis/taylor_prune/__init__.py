@@ -4,6 +4,7 @@ channel allocation that follows from it.
     python -m analysis.taylor_prune --model deit_proxy                 # trained proxy, prune to 50% of MACs
     python -m analysis.taylor_prune --model swin_proxy --target-macs 0.6 --finetune-epochs 1
     python -m analysis.taylor_prune --model deit_tiny --data imagefolder:/data/imagenet   # hub weights
+    python -m analysis.taylor_prune --model deit_proxy --target-latency 0.6     # to 60% of its measured CPU latency
 
 Importance (Molchanov et al., CVPR 2019): the first-order Taylor estimate |w * dL/dw| of every weight, with
 gradients accumulated over real data batches, summed per channel in each layer the channel lives in, reduced over
@@ -31,7 +32,8 @@ widths relative to the block's input width, before and after, with MACs and para
 
 The package: `groups` (Slice, Group), `attention` (PrunedAttention, the base of the split attentions), `builders`
 (a registry of group builders, one module per family, and `builders.common`), `macs` (the MAC counter),
-`importance` (TaylorImportance, a callable; pass another to `taylor_prune`), `prune` (the loop), `tables`,
+`importance` (TaylorImportance, a callable; pass another to `taylor_prune`), `latency` (LatencyModel: per-group
+latency curves timed on the device and cached, for `--target-latency`), `prune` (the loop), `tables`,
 `allocation`, `plot`, `cli`, and `claims` (the kept fractions by thirds of the blocks and the paper's claims judged
 on them, for the report).
 """
@@ -40,19 +42,20 @@ from __future__ import annotations
 from analysis.taylor_prune.allocation import allocation_config
 from analysis.taylor_prune.builders import prepare, prunable, register_block, register_converter, register_model
 from analysis.taylor_prune.builders.vit import SplitAttention
-from analysis.taylor_prune.cli import DEFAULT_OUT, ServedBatches, load_batches, main, parse_args, run
+from analysis.taylor_prune.cli import DEFAULT_OUT, ServedBatches, Settings, load_batches, main, prune_model, run
 from analysis.taylor_prune.groups import Group, Slice
 from experiments.models import UnsupportedModelError
 from analysis.taylor_prune.importance import NORMALIZERS, REDUCTIONS, TaylorImportance, accumulate_gradients
+from analysis.taylor_prune.latency import LatencyModel
 from analysis.taylor_prune.macs import count_macs, measure_positions
 from analysis.taylor_prune.plot import plot
 from analysis.taylor_prune.prune import PruneResult, Unit, candidate_units, prune_channels, taylor_prune, top1_accuracy
 from analysis.taylor_prune.tables import KINDS, block_table, stage_table
 
 __all__ = [
-    "DEFAULT_OUT", "KINDS", "NORMALIZERS", "REDUCTIONS", "Group", "PruneResult", "ServedBatches", "Slice",
-    "SplitAttention", "TaylorImportance", "Unit", "UnsupportedModelError", "accumulate_gradients",
-    "allocation_config", "block_table", "candidate_units", "count_macs", "load_batches",
-    "main", "measure_positions", "parse_args", "plot", "prepare", "prunable", "prune_channels", "register_block",
+    "DEFAULT_OUT", "KINDS", "LatencyModel", "NORMALIZERS", "REDUCTIONS", "Group", "PruneResult", "ServedBatches",
+    "Settings", "Slice", "SplitAttention", "TaylorImportance", "Unit", "UnsupportedModelError",
+    "accumulate_gradients", "allocation_config", "block_table", "candidate_units", "count_macs", "load_batches",
+    "main", "measure_positions", "plot", "prepare", "prunable", "prune_channels", "prune_model", "register_block",
     "register_converter", "register_model", "run", "stage_table", "taylor_prune", "top1_accuracy",
 ]

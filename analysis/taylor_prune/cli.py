@@ -1,9 +1,9 @@
 """The command line: `python -m analysis.taylor_prune` (see the package docstring)."""
 from __future__ import annotations
 
-import argparse
 import math
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -13,14 +13,16 @@ from torch.utils.data import Dataset
 
 from analysis.taylor_prune.allocation import allocation_config
 from analysis.taylor_prune.builders import prepare, prunable
-
 from analysis.taylor_prune.importance import NORMALIZERS, REDUCTIONS, TaylorImportance
+from analysis.taylor_prune.latency import LatencyModel
 from analysis.taylor_prune.plot import plot
 from analysis.taylor_prune.prune import PruneResult, taylor_prune
 from evit.io import save_figure, write_csv
-from experiments.train import USER_ERRORS
-from experiments.models import UnsupportedModelError
-from experiments.zoo import WeightsUnavailableError, resolve_model
+from experiments.cli import UserError, option, parse_settings, run_cli
+from experiments.data import build_datasets, check_data
+from experiments.models import check_model, model_img_size, skeleton
+from experiments.train import TrainConfig, train as train_model
+from experiments.zoo import cache_dir, resolve_model
 
 DEFAULT_OUT = "results/taylor_prune"
 
@@ -45,8 +47,6 @@ def load_batches(spec: str, img_size: int, batches: int, batch: int, val_images:
     """(`batches` gradient batches from the train split, validation batches holding `val_images` images, number
     of classes); fixed random choices. The gradient batches are read every step, so they are served once and
     kept; the validation batches, read twice, are served when read."""
-    from experiments.data import build_datasets
-
     data = build_datasets(spec, img_size, data_dir)
 
     def picks(dataset: Dataset, count: int, seed: int) -> list[int]:
@@ -55,138 +55,154 @@ def load_batches(spec: str, img_size: int, batches: int, batch: int, val_images:
     train = list(ServedBatches(data.train, picks(data.train, batches * batch, 0), batch))
     return train, ServedBatches(data.val, picks(data.val, val_images, 1), batch), data.num_classes
 
-def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m analysis.taylor_prune", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="deit_proxy", help="a proxy (deit_proxy, swin_proxy, evit_m0_proxy..), an evit "
-                                                         "preset or config file, or a timm model of a family the "
-                                                         "README's support table marks (ViT/DeiT, CaiT, EVA, BEiT, "
-                                                         "Swin v1/v2, LeViT, PVT-v2, MobileViT, efficientvit_m*); "
-                                                         "default deit_proxy")
-    p.add_argument("--weights", default="auto", help="auto (proxy for proxies, else pretrained, else an error) | "
-                                                     "proxy | quick-proxy | pretrained | random | PATH")
-    p.add_argument("--data", default="fashion_mnist", help="fashion_mnist | digits | imagefolder:PATH (the data "
-                                                           "the weights were trained on)")
-    p.add_argument("--data-dir", default=None, help="folder holding the data (overrides the default location)")
-    p.add_argument("--img-size", type=int, default=None, help="input size (default: the model's own)")
-    p.add_argument("--target-macs", type=float, default=0.5, help="fraction of MACs to keep (default 0.5)")
-    p.add_argument("--steps", type=int, default=5, help="iterative pruning steps (default 5)")
-    p.add_argument("--batches", type=int, default=4, help="data batches for the gradients of each step")
-    p.add_argument("--batch", type=int, default=32, help="images per batch")
-    p.add_argument("--val-images", type=int, default=256,
-                   help="validation images for accuracy before/after (default 256: a quick check; 2000 for a firm one)")
-    p.add_argument("--normalizer", default="mean", choices=NORMALIZERS,
-                   help="importance normalization within a group, torch-pruning's (default mean)")
-    p.add_argument("--reduction", default="sum", choices=REDUCTIONS,
-                   help="how a channel's layers combine, torch-pruning's group_reduction (default sum: Molchanov)")
-    p.add_argument("--floor", type=float, default=0.1, help="fraction of each group always kept (default 0.1)")
-    p.add_argument("--no-width", action="store_true", help="do not prune the residual-stream widths")
-    p.add_argument("--finetune-epochs", type=int, default=0, help="short fine-tune after pruning (0: none)")
-    p.add_argument("--finetune-images", type=int, default=20000, help="training images of the fine-tune")
-    p.add_argument("--preset", default="m0", help="evit preset the allocation is scaled to (equal FLOPs)")
-    p.add_argument("--mixer", default="cga", choices=("cga", "mhsa"),
-                   help="allocation's attention: cga (V = C/H) or mhsa (V from the measured V ratio)")
-    p.add_argument("--attention-share", default=None,
-                   help="allocation's share of blocks with attention: a number in [0, 1], or an MHSA-proportion "
-                        "summary.csv (analysis.mhsa_ratio) whose best evit share is taken (default: every block)")
-    p.add_argument("--config-out", type=Path, default=None,
-                   help="where to write the allocation config (default OUT/<model>_allocation.yaml)")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
-    p.add_argument("--out", type=Path, default=Path(DEFAULT_OUT), help="output folder")
-    args = p.parse_args(argv)
-    if not 0 < args.target_macs < 1:
-        p.error(f"--target-macs must lie in (0, 1), got {args.target_macs}")
-    if min(args.steps, args.batches, args.batch, args.val_images) < 1 or not 0 < args.floor <= 1:
-        p.error("--steps, --batches, --batch and --val-images must be >= 1 and --floor in (0, 1]")
-    if args.attention_share is not None:
-        args.attention_share = _attention_share(args.attention_share, p)
-    return args
 
-def _attention_share(value: str, parser: argparse.ArgumentParser) -> float:
-    """--attention-share: a number in [0, 1] or the best evit share of an MHSA-proportion summary CSV."""
+@dataclass
+class Settings:
+    """What `python -m analysis.taylor_prune` prunes and how: its fields are the command's flags."""
+    model: str = option("deit_proxy", "a proxy (deit_proxy, swin_proxy, evit_m0_proxy..), an evit preset or config "
+                        "file, or a timm model of a family the README's support table marks (ViT/DeiT, CaiT, EVA, "
+                        "BEiT, Swin v1/v2, LeViT, PVT-v2, Twins, MobileViT, efficientvit_m*)")
+    weights: str = option("auto", "auto (proxy for proxies, else pretrained, else an error) | proxy | quick-proxy | "
+                          "pretrained | random | PATH")
+    data: str = option("fashion_mnist", "fashion_mnist | digits | imagefolder:PATH (the data the weights were "
+                       "trained on)")
+    data_dir: Optional[str] = option(None, "folder holding the data (None: the default location)")
+    img_size: Optional[int] = option(None, "input size (None: the model's own)")
+    target_macs: float = option(0.5, "fraction of MACs to keep")
+    target_latency: Optional[float] = option(None, "fraction of the unpruned model's latency on --device to keep, "
+                                                   "instead of --target-macs (units ranked by importance per ms "
+                                                   "saved; docs/pruning.md)")
+    device: str = option("cpu", "where latency is timed (with --target-latency)", choices=("cpu", "cuda"))
+    latency_batch: int = option(16, "images per timed call (with --target-latency)")
+    steps: int = option(5, "iterative pruning steps")
+    batches: int = option(4, "data batches for the gradients of each step")
+    batch: int = option(32, "images per batch")
+    val_images: int = option(256, "validation images for accuracy before/after (256: a quick check; 2000 for a "
+                             "firm one)")
+    normalizer: str = option("mean", "importance normalization within a group, torch-pruning's", choices=NORMALIZERS)
+    reduction: str = option("sum", "how a channel's layers combine, torch-pruning's group_reduction (sum: Molchanov)",
+                            choices=REDUCTIONS)
+    floor: float = option(0.1, "fraction of each group always kept")
+    width: bool = option(True, "prune the residual-stream widths too")
+    finetune_epochs: int = option(0, "short fine-tune after pruning (0: none)")
+    finetune_images: int = option(20000, "training images of the fine-tune")
+    preset: str = option("m0", "evit preset the allocation is scaled to (equal FLOPs)")
+    mixer: str = option("cga", "allocation's attention: cga (V = C/H) or mhsa (V from the measured V ratio)",
+                        choices=("cga", "mhsa"))
+    attention_share: Optional[str] = option(
+        None, "allocation's share of blocks with attention: a number in [0, 1], or an MHSA-proportion summary.csv "
+              "(analysis.mhsa_ratio) whose best evit share is taken (None: every block)")
+    config_out: Optional[Path] = option(None, "where to write the allocation config (None: "
+                                              "OUT/<model>_allocation.yaml)")
+    threads: int = option(1, "torch CPU threads")
+    out: Path = option(Path(DEFAULT_OUT), "output folder")
+
+    def check(self) -> None:
+        if not 0 < self.target_macs < 1:
+            raise UserError(f"--target-macs must lie in (0, 1), got {self.target_macs}")
+        if self.target_latency is not None and not 0 < self.target_latency < 1:
+            raise UserError(f"--target-latency must lie in (0, 1), got {self.target_latency}")
+        if self.target_latency is not None and self.device == "cuda" and not torch.cuda.is_available():
+            raise UserError("--device cuda asked but no CUDA GPU is visible to torch; use --device cpu")
+        sizes = (self.steps, self.batches, self.batch, self.val_images, self.latency_batch)
+        if min(sizes) < 1 or not 0 < self.floor <= 1:
+            raise UserError("--steps, --batches, --batch, --val-images and --latency-batch must be >= 1 and --floor in "
+                            "(0, 1]")
+        attention_share(self.attention_share)
+
+
+def attention_share(value: Optional[str]) -> Optional[float]:
+    """--attention-share as a number: given, or the best evit share of an MHSA-proportion summary CSV."""
     from analysis.mhsa_ratio import best_share
 
+    if value is None:
+        return None
     try:
         share = float(value)
     except ValueError:
         if not Path(value).is_file():
-            parser.error(f"--attention-share must be a number in [0, 1] or an existing summary.csv of "
-                         f"analysis.mhsa_ratio; got {value!r}")
+            raise UserError(f"--attention-share must be a number in [0, 1] or an existing summary.csv of "
+                            f"analysis.mhsa_ratio; got {value!r}") from None
         try:
             share = best_share(pd.read_csv(value), "evit")
         except (ValueError, KeyError, pd.errors.ParserError) as e:
-            parser.error(f"--attention-share {value}: not an MHSA-proportion summary with evit rows ({e})")
+            raise UserError(f"--attention-share {value}: not an MHSA-proportion summary with evit rows ({e})") from e
     if not 0 <= share <= 1:
-        parser.error(f"--attention-share must lie in [0, 1], got {share}")
+        raise UserError(f"--attention-share must lie in [0, 1], got {share}")
     return share
 
-def check_inputs(args: argparse.Namespace) -> None:
-    """Fail at once, reading no data and loading no weights, on a missing dataset, an unknown data spec or model
-    name, a bad config file or a model this analysis cannot prune: before a proxy is trained or weights are
-    fetched from the hub."""
-    from experiments.data import check_data
-    from experiments.models import check_model, skeleton
 
-    check_data(args.data, args.data_dir)
-    check_model(args.model)
-    prepare(prunable(skeleton(args.model)))
+def check_inputs(settings: Settings) -> None:
+    """Fail at once, reading no data and loading no weights, on a bad setting, a missing dataset, an unknown data
+    spec or model name, a bad config file or a model this analysis cannot prune: before a proxy is trained or
+    weights are fetched from the hub."""
+    settings.check()
+    check_data(settings.data, settings.data_dir)
+    check_model(settings.model)
+    prepare(prunable(skeleton(settings.model)))
 
-def run(args: argparse.Namespace) -> PruneResult:
-    from experiments.models import model_img_size
 
-    check_inputs(args)
-    model, weights = resolve_model(args.model, args.weights)
-    img_size = args.img_size or model_img_size(model)
-    train, val, num_classes = load_batches(args.data, img_size, args.batches, args.batch, args.val_images,
-                                           args.data_dir)
+def prune_model(settings: Settings) -> PruneResult:
+    """The pruned model and its tables, written nowhere (`run` writes them)."""
+    check_inputs(settings)
+    model, weights = resolve_model(settings.model, settings.weights)
+    img_size = settings.img_size or model_img_size(model)
+    train, val, num_classes = load_batches(settings.data, img_size, settings.batches, settings.batch,
+                                           settings.val_images, settings.data_dir)
     with torch.no_grad():
         outputs = model(train[0][0][:1]).shape[-1]
     if outputs != num_classes:
-        print(f"note: the model has {outputs} outputs but {args.data} has {num_classes} classes: gradients and "
+        print(f"note: the model has {outputs} outputs but {settings.data} has {num_classes} classes: gradients and "
               f"accuracy use its own head (pass the data it was trained on)", file=sys.stderr)
-    importance = TaylorImportance(args.normalizer, args.reduction)
-    result = taylor_prune(model, train, args.target_macs, args.steps, importance, args.floor, val,
-                          prune_width=not args.no_width)
-    result.summary.update(model=args.model, weights=weights, data=args.data, img_size=img_size)
-    if args.finetune_epochs:
-        from experiments.data import build_datasets
-        from experiments.train import TrainConfig, train as train_model
-
-        cfg = TrainConfig(model=args.model, data=args.data, img_size=img_size, epochs=args.finetune_epochs,
-                          warmup_epochs=0, lr=2e-4, limit_train=args.finetune_images, limit_val=args.val_images,
-                          threads=args.threads)
-        metrics = train_model(result.model, cfg, build_datasets(args.data, img_size, args.data_dir))
-        result.summary.update(acc_finetuned=metrics["val_acc"], finetune_epochs=args.finetune_epochs)
+    importance = TaylorImportance(settings.normalizer, settings.reduction)
+    # Latency tables are kept beside the trained proxies: they depend on the model and the machine, not the run.
+    latency = (LatencyModel(settings.device, settings.latency_batch, cache_dir=cache_dir() / "latency")
+               if settings.target_latency is not None else None)
+    result = taylor_prune(model, train, settings.target_macs, settings.steps, importance, settings.floor, val,
+                          prune_width=settings.width, target_latency=settings.target_latency, latency=latency)
+    result.summary.update(model=settings.model, weights=weights, data=settings.data, img_size=img_size)
+    if settings.finetune_epochs:
+        cfg = TrainConfig(model=settings.model, data=settings.data, img_size=img_size,
+                          epochs=settings.finetune_epochs, warmup_epochs=0, lr=2e-4,
+                          limit_train=settings.finetune_images, limit_val=settings.val_images,
+                          threads=settings.threads)
+        metrics = train_model(result.model, cfg, build_datasets(settings.data, img_size, settings.data_dir))
+        result.summary.update(acc_finetuned=metrics["val_acc"], finetune_epochs=settings.finetune_epochs)
         result.model.eval()
     return result
 
-def main(argv: Optional[Sequence[str]] = None) -> PruneResult:
-    args = parse_args(argv)
-    torch.set_num_threads(args.threads)
-    stem = Path(args.model).stem
-    try:
-        result = run(args)
-    except USER_ERRORS + (WeightsUnavailableError, UnsupportedModelError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
-    s = result.summary
-    blocks_csv = write_csv(result.blocks.round(5), args.out / f"{stem}.csv")
-    write_csv(result.stages.round(5), args.out / f"{stem}_stages.csv")
-    write_csv(pd.DataFrame([s]).round(5), args.out / f"{stem}_summary.csv")
-    config = allocation_config(result.blocks, args.preset, name=f"{stem}_taylor", mixer=args.mixer,
-                               attention_share=args.attention_share)
-    config_path = args.config_out or args.out / f"{stem}_allocation.yaml"
+
+def run(settings: Settings) -> PruneResult:
+    """Prune, then write the per-block, stage and summary tables, the figure and the allocation config into
+    settings.out."""
+    torch.set_num_threads(settings.threads)
+    result = prune_model(settings)
+    out, stem, s = Path(settings.out), Path(settings.model).stem, result.summary
+    blocks_csv = write_csv(result.blocks.round(5), out / f"{stem}.csv")
+    write_csv(result.stages.round(5), out / f"{stem}_stages.csv")
+    write_csv(pd.DataFrame([s]).round(5), out / f"{stem}_summary.csv")
+    config = allocation_config(result.blocks, settings.preset, name=f"{stem}_taylor", mixer=settings.mixer,
+                               attention_share=attention_share(settings.attention_share))
+    config_path = settings.config_out or out / f"{stem}_allocation.yaml"
     config.to_file(config_path)
     title = (f"{stem} ({s['weights']}): MACs {s['macs_before_m']:.2f}M -> {s['macs_after_m']:.2f}M, acc "
              f"{s['acc_before']:.1f} -> {s['acc_after']:.1f}%")
-    save_figure(plot(result.blocks, title), args.out / f"{stem}.png")
+    if settings.target_latency is not None:
+        title += (f", latency {s['latency_before_ms']:.1f} -> {s['latency_after_ms']:.1f} ms "
+                  f"({s['latency_kept']:.2f} kept)")
+    save_figure(plot(result.blocks, title), out / f"{stem}.png")
     print(result.blocks[["block", "stage", "in_dim_before", "in_dim", "qk_ratio", "v_ratio", "ffn_ratio"]].to_string(
         index=False, float_format=lambda v: f"{v:.3f}"))
     print(f"{title} (normalizer {s['normalizer']}, reduction {s['reduction']})\n-> {blocks_csv}\n"
-          f"allocation (evit_{args.preset}'s FLOPs, {args.mixer}) -> {config_path}: embed_dims {config.embed_dims}, "
-          f"key_dims {config.key_dims}, v_ratio {config.v_ratio}, mlp_ratio {config.mlp_ratio}, mixers "
-          f"{config.mixers}")
+          f"allocation (evit_{settings.preset}'s FLOPs, {settings.mixer}) -> {config_path}: embed_dims "
+          f"{config.embed_dims}, key_dims {config.key_dims}, v_ratio {config.v_ratio}, mlp_ratio {config.mlp_ratio}, "
+          f"mixers {config.mixers}")
     return result
+
+
+def main(argv: Optional[Sequence[str]] = None) -> PruneResult:
+    return run_cli(lambda: run(parse_settings(Settings, argv, "python -m analysis.taylor_prune", __doc__)))
+
 
 if __name__ == "__main__":
     main()

@@ -1,4 +1,5 @@
-"""Fig. 5: kept channels per block for Q/K, V and the FFN hidden layer."""
+"""Fig. 5: kept channels per block for Q/K, V and the FFN hidden layer; under a latency target, where the
+latency went."""
 from __future__ import annotations
 
 import pandas as pd
@@ -9,11 +10,12 @@ from analysis.taylor_prune.tables import KINDS
 def plot(blocks: pd.DataFrame, title: str):
     """Fig. 5: kept output channels / block input channels per block for Q/K, V and the FFN hidden layer (solid:
     after pruning, dotted: before), the kept input width if it was pruned, and the paper's observation checked on
-    the early blocks."""
+    the early blocks. A table with latency columns (a latency target) adds a panel of ms per block and kind."""
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(max(6.5, 0.5 * len(blocks) + 4.5), 4.4), layout="constrained")
-    ax = fig.subplots()
+    timed = "ffn_ms" in blocks
+    fig = Figure(figsize=(max(6.5, 0.5 * len(blocks) + 4.5), 7.4 if timed else 4.4), layout="constrained")
+    ax, *rest = fig.subplots(2 if timed else 1, 1, squeeze=False, sharex=True)[:, 0]
     for (kind, label), marker in zip(KINDS.items(), "os^"):
         line, = ax.plot(blocks.block, blocks[f"{kind}_ratio"], marker=marker, label=label)
         ax.plot(blocks.block, blocks[f"{kind}_ratio_before"], ls=":", lw=0.8, color=line.get_color())
@@ -31,4 +33,24 @@ def plot(blocks: pd.DataFrame, title: str):
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, title="solid: after\ndotted: before", title_fontsize=7, loc="upper left",
               bbox_to_anchor=(1.01, 1))
+    if timed:
+        _plot_ms(rest[0], blocks)
     return fig
+
+
+def _plot_ms(ax, blocks: pd.DataFrame) -> None:
+    """Per block, the ms each kind's channels cost by the latency table, stacked: before (outlined, left) and
+    after (filled, right)."""
+    width = 0.38
+    for column, offset, filled in (("ms_before", -width / 2, False), ("ms", width / 2, True)):
+        bottom = 0.0
+        for (kind, label), color in zip(KINDS.items(), ("C0", "C1", "C2")):
+            ms = blocks[f"{kind}_{column}"].fillna(0)
+            ax.bar(blocks.block + offset, ms, width, bottom=bottom, color=color if filled else "none",
+                   edgecolor=color, label=label if filled else None)
+            bottom = bottom + ms
+    ax.set(xlabel="block", ylabel="ms (latency table)", xticks=list(blocks.block),
+           title="latency of each kind's channels per block: outlined before, filled after")
+    ax.title.set_fontsize(9)
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))

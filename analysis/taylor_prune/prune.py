@@ -1,12 +1,14 @@
 """The pruning loop: remove channels group by group (torch-pruning's layer pruners), ranking units globally by
-importance until each step's MAC goal is met."""
+importance until each step's MAC goal is met, or by importance per latency saved (`latency`) until each step's
+goal is met on the device."""
 from __future__ import annotations
 
+import copy
 import math
 import sys
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Optional, Sequence
 
 import pandas as pd
 import torch
@@ -16,6 +18,7 @@ import torch_pruning as tp
 from analysis.taylor_prune.builders import prepare, prunable
 from analysis.taylor_prune.groups import Group
 from analysis.taylor_prune.importance import Batches, TaylorImportance, accumulate_gradients
+from analysis.taylor_prune.latency import Curve, LatencyModel
 from analysis.taylor_prune.macs import count_macs, measure_positions
 from analysis.taylor_prune.tables import block_table, stage_table
 
@@ -103,31 +106,16 @@ def _params_by_block(model: nn.Module, blocks: Iterable[str]) -> dict[str, int]:
     return {b: sum(p.numel() for n, p in model.named_parameters() if n.startswith(b + ".")) for b in blocks}
 
 
-def taylor_prune(model: nn.Module, batches: Batches, target_macs: float = 0.5, steps: int = 5,
-                 importance: Callable[[Group], torch.Tensor] = TaylorImportance(), floor: float = 0.1,
-                 val_batches: Batches = (), prune_width: bool = True) -> PruneResult:
-    """Prune `model` (in place, eval mode; a converted copy where a converter is registered, see `prunable`: the
-    result's `model` is the one pruned) to `target_macs` of its MACs in `steps` Taylor steps; report per block.
+def _prune_chosen(groups: Sequence[Group], chosen: dict[int, list[int]]) -> None:
+    for group in groups:
+        if chosen.get(id(group)):
+            prune_channels(group, sorted(chosen[id(group)]))
 
-    batches: (images, labels) used for the gradients (all of them, every step). importance: a group's channel
-    scores from those gradients (TaylorImportance by default; any callable Group -> (channels,) tensor).
-    floor: fraction of each group's channels always kept.
-    val_batches: accuracy before and after, when given. prune_width: include the residual-stream width groups.
-    """
-    if not 0 < target_macs < 1:
-        raise ValueError(f"target_macs must lie in (0, 1), got {target_macs}")
-    model = prunable(model).eval()
-    groups = prepare(model)
-    if not prune_width:
-        for group in groups:
-            group.prunable &= group.kind != "width"
-    example = batches[0][0][:1]
-    measure_positions(model, groups, example)
-    names = list(dict.fromkeys(g.block for g in groups if g.kind != "width"))
-    macs_before, params_before = count_macs(model, example), _params_by_block(model, names)
-    total_params_before = sum(p.numel() for p in model.parameters())
-    acc_before, val_images = top1_accuracy(model, val_batches) if val_batches else (None, 0)
-    total_before = sum(macs_before.values())
+
+def _prune_to_macs(model: nn.Module, groups: Sequence[Group], batches: Batches, example: torch.Tensor,
+                   importance: Callable[[Group], torch.Tensor], floor: float, target_macs: float, steps: int,
+                   total_before: float) -> bool:
+    """The MAC loop; whether every prunable group ended at its floor."""
     at_floor = False  # every prunable group down to its floor: nothing left to remove
     for step in range(1, steps + 1):
         goal = total_before * (1 - (1 - target_macs) * step / steps)
@@ -150,25 +138,147 @@ def taylor_prune(model: nn.Module, batches: Batches, target_macs: float = 0.5, s
                 excess -= len(unit.channels) * unit.group.macs_per_channel()
                 taken += 1
             at_floor = taken == len(units)
-            for group in groups:
-                if chosen.get(id(group)):
-                    prune_channels(group, sorted(chosen[id(group)]))
+            _prune_chosen(groups, chosen)
             model.zero_grad(set_to_none=True)
+    return at_floor
+
+
+LATENCY_TOLERANCE = 0.03  # a step's goal counts as met within this share of the unpruned latency: about the
+                          # spread of a measured ratio on a loaded 2-core machine, so noise alone rarely tops up
+
+
+def latency_units(groups: Sequence[Group], curves: Sequence[Optional[Curve]],
+                  importance: Callable[[Group], torch.Tensor], floor: float) -> list[tuple[Unit, float]]:
+    """(unit, share of the model's latency its removal saves by its group's curve) for every removable unit that
+    saves time, lowest importance per latency saved first. A group's k-th unit is costed at the width it leaves."""
+    units = []
+    for group, curve in zip(groups, curves):
+        if group.prunable and curve is not None:
+            for k, unit in enumerate(candidate_units(group, importance(group), floor)):
+                saving = curve.saving(group.channels - k * len(unit.channels), len(unit.channels))
+                if saving > 0:
+                    units.append((unit, saving))
+    return sorted(units, key=lambda u: u[0].importance / u[1])
+
+
+def _latency_steps(model: nn.Module, reference: nn.Module, groups: Sequence[Group], batches: Batches,
+                   importance: Callable[[Group], torch.Tensor], floor: float, target: float, steps: int,
+                   latency: LatencyModel, curves: Sequence[Optional[Curve]], images: torch.Tensor
+                   ) -> tuple[bool, float]:
+    """Each step removes units by importance per latency saved until the curves say the step's goal is met, then
+    times the whole model against `reference` and tops up while it is not. Returns whether every unit that saves
+    time was taken, and the rewritten model's latency before pruning over the reference's."""
+    _, _, rewritten = latency.measure(reference, model, images)
+    kept = rewritten
+    at_floor = False
+    for step in range(1, steps + 1):
+        goal = 1 - (1 - target) * step / steps
+        for _ in range(4):
+            if kept - goal <= LATENCY_TOLERANCE or at_floor:
+                break
+            excess = (kept - goal) / rewritten  # the curves' shares are of the rewritten model's latency
+            accumulate_gradients(model, batches)
+            units = latency_units(groups, curves, importance, floor)
+            chosen: dict[int, list[int]] = defaultdict(list)
+            taken = 0
+            for unit, saving in units:
+                if excess <= 0:
+                    break
+                chosen[id(unit.group)] += unit.channels
+                excess -= saving
+                taken += 1
+            at_floor = taken == len(units)
+            _prune_chosen(groups, chosen)
+            model.zero_grad(set_to_none=True)
+            _, _, kept = latency.measure(reference, model, images)
+    return at_floor, rewritten
+
+
+def _prune_to_latency(model: nn.Module, reference: nn.Module, groups: Sequence[Group], batches: Batches,
+                      importance: Callable[[Group], torch.Tensor], floor: float, target: float, steps: int,
+                      latency: LatencyModel) -> tuple[bool, dict, dict[int, tuple[float, float]]]:
+    """The latency procedure: curves (cached), steps, then the pruned model timed against the unpruned one afresh,
+    with a note when it misses the target by more than 10%. Returns whether every unit that saves time was taken,
+    the summary's latency fields, and id(group) -> ms its channels cost before and after (by its curve)."""
+    images = latency.images(batches)
+    curves, cached = latency.curves(model, groups, images)
+    at_floor, rewritten = _latency_steps(model, reference, groups, batches, importance, floor, target, steps,
+                                         latency, curves, images)
+    before_ms, after_ms, kept = latency.measure(reference, model, images)
+    if abs(kept / target - 1) > 0.1:
+        reason = ((f"every unit whose removal saves time by the latency table is taken (groups at their floor "
+                   f"{floor:g}, or their remaining channels save nothing measurable)" if at_floor else
+                   "raise --steps") if kept > target else
+                  "the last step saved more than the latency table predicted (it times each group's module alone)")
+        print(f"note: latency target {target:.2f} missed by more than 10% ({kept:.3f} kept on {latency.device}, "
+              f"batch {latency.batch}): {reason}", file=sys.stderr)
+    unpruned_ms = before_ms * rewritten  # the rewritten model's latency, which the curves' shares are of
+    group_ms = {id(g): (c.group_share(g.original) * unpruned_ms, c.group_share(g.channels) * unpruned_ms)
+                for g, c in zip(groups, curves) if c is not None}
+    widths = [group_ms[id(g)] for g in groups if g.kind == "width" and id(g) in group_ms]
+    summary = dict(target_latency=target, latency_before_ms=before_ms, latency_after_ms=after_ms, latency_kept=kept,
+                   latency_rewritten_kept=rewritten, latency_device=latency.device,
+                   latency_hardware=latency.describe(), latency_batch=latency.batch,
+                   latency_threads=torch.get_num_threads(), latency_table="cached" if cached else "measured",
+                   width_ms_before=sum(b for b, _ in widths), width_ms_after=sum(a for _, a in widths))
+    return at_floor, summary, group_ms
+
+
+def taylor_prune(model: nn.Module, batches: Batches, target_macs: float = 0.5, steps: int = 5,
+                 importance: Callable[[Group], torch.Tensor] = TaylorImportance(), floor: float = 0.1,
+                 val_batches: Batches = (), prune_width: bool = True, target_latency: Optional[float] = None,
+                 latency: Optional[LatencyModel] = None) -> PruneResult:
+    """Prune `model` (in place, eval mode; a converted copy where a converter is registered, see `prunable`: the
+    result's `model` is the one pruned) to `target_macs` of its MACs in `steps` Taylor steps; report per block.
+
+    batches: (images, labels) used for the gradients (all of them, every step). importance: a group's channel
+    scores from those gradients (TaylorImportance by default; any callable Group -> (channels,) tensor).
+    floor: fraction of each group's channels always kept.
+    val_batches: accuracy before and after, when given. prune_width: include the residual-stream width groups.
+    target_latency: prune to this fraction of the unpruned model's latency instead (measured by `latency`,
+    LatencyModel() by default: CPU, batch 16) and time the result (summary's latency_*; ms per group in the
+    block table).
+    """
+    if not 0 < target_macs < 1:
+        raise ValueError(f"target_macs must lie in (0, 1), got {target_macs}")
+    if target_latency is not None and not 0 < target_latency < 1:
+        raise ValueError(f"target_latency must lie in (0, 1), got {target_latency}")
+    reference = copy.deepcopy(model).eval() if target_latency is not None else None  # the latency's 1.0
+    model = prunable(model).eval()
+    groups = prepare(model)
+    if not prune_width:
+        for group in groups:
+            group.prunable &= group.kind != "width"
+    example = batches[0][0][:1]
+    measure_positions(model, groups, example)
+    names = list(dict.fromkeys(g.block for g in groups if g.kind != "width"))
+    macs_before, params_before = count_macs(model, example), _params_by_block(model, names)
+    total_params_before = sum(p.numel() for p in model.parameters())
+    acc_before, val_images = top1_accuracy(model, val_batches) if val_batches else (None, 0)
+    total_before = sum(macs_before.values())
+    timed, group_ms = {}, None
+    if target_latency is None:
+        at_floor = _prune_to_macs(model, groups, batches, example, importance, floor, target_macs, steps,
+                                  total_before)
+    else:
+        at_floor, timed, group_ms = _prune_to_latency(model, reference, groups, batches, importance, floor,
+                                                      target_latency, steps, latency or LatencyModel())
     macs_after = count_macs(model, example)
     total_after = sum(macs_after.values())
-    if total_after > (target_macs + 0.01) * total_before:
+    if target_latency is None and total_after > (target_macs + 0.01) * total_before:
         reason = (f"the prunable groups are at their floor ({floor:g}), the rest of the model is not pruned"
                   if at_floor else "raise --steps")
         print(f"note: MAC target {target_macs:.2f} not reached ({total_after / total_before:.3f} kept): {reason}",
               file=sys.stderr)
-    blocks = block_table(groups, macs_before, macs_after, params_before, _params_by_block(model, names))
+    blocks = block_table(groups, macs_before, macs_after, params_before, _params_by_block(model, names), group_ms)
     summary = dict(macs_before_m=total_before / 1e6, macs_after_m=total_after / 1e6,
                    macs_kept=total_after / total_before, params_before_m=total_params_before / 1e6,
-                   params_after_m=sum(p.numel() for p in model.parameters()) / 1e6, target_macs=target_macs,
+                   params_after_m=sum(p.numel() for p in model.parameters()) / 1e6,
+                   target_macs=target_macs if target_latency is None else None,
                    steps=steps, normalizer=getattr(importance, "normalizer", None),
                    reduction=getattr(importance, "reduction", None), floor=floor,
                    width_pruned=any(g.kind == "width" and g.prunable for g in groups),
                    gradient_images=sum(len(labels) for _, labels in batches),
                    val_images=val_images, acc_before=acc_before,
-                   acc_after=top1_accuracy(model, val_batches)[0] if val_batches else None)
+                   acc_after=top1_accuracy(model, val_batches)[0] if val_batches else None, **timed)
     return PruneResult(blocks, stage_table(blocks), summary, model)

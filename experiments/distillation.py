@@ -1,0 +1,167 @@
+"""DeiT-style distillation (Touvron et al. 2021), as EfficientViT's official recipe runs it.
+
+A student with a distillation head returns (class logits, distillation logits) in training: the class head learns
+the labels, the distillation head the output of a frozen teacher, and evaluation averages the two heads (the model's
+own eval forward). Without a teacher the class head's loss is the whole loss.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from evit import ConfigError
+from evit.io import CheckpointError, read_checkpoint
+from experiments.data import Datasets
+from experiments.models import check_model, skeleton
+
+if TYPE_CHECKING:
+    from experiments.train import TrainConfig
+
+DISTILLATION_TYPES = ("hard", "soft")
+# The TrainConfig fields of distillation.
+DISTILLATION_SETTINGS = ("teacher", "teacher_weights", "distillation_type", "distillation_alpha", "distillation_tau")
+# The distillation head's name in evit and in timm's distilled models (DeiT, LeViT, EfficientFormer, PiT, RepViT,
+# SwiftFormer, iFormer: head_dist; EfficientViM: heads_dist).
+HEAD_NAMES = ("head_dist", "heads_dist")
+TEACHER_FILE_SUFFIXES = (".pth", ".pt")
+TEACHER_HELP = "a model.pth written by experiments.train, or a model name (its weights: --teacher-weights)"
+TEACHER_WEIGHTS_HELP = ("weights of a teacher given by name: a checkpoint file (e.g. DeiT's RegNetY-160 file) or a "
+                        "zoo keyword; unset: a proxy's Fashion-MNIST training (trained on first use), else the timm "
+                        "hub's pretrained weights")
+
+
+def soft_distillation(student: torch.Tensor, teacher: torch.Tensor, tau: float) -> torch.Tensor:
+    """KL divergence of the tau-softened distributions times tau^2, summed and divided by the number of logits
+    (batch x classes) as DeiT's and EfficientViT's code do; timm's TokenDistillationTask divides by the batch, which
+    weighs this term `classes` times more at the same alpha."""
+    kl = F.kl_div(F.log_softmax(student / tau, dim=1), F.log_softmax(teacher / tau, dim=1), reduction="sum",
+                  log_target=True)
+    return kl * tau * tau / student.numel()
+
+
+def hard_distillation(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy with the teacher's predicted class."""
+    return F.cross_entropy(student, teacher.argmax(dim=1))
+
+
+class DistillationLoss(nn.Module):
+    """(1 - alpha) * base(class logits, targets) + alpha * distillation(distillation logits, teacher(inputs));
+    `base` alone without a teacher. The teacher runs in eval mode without gradients, on the student's (possibly
+    mixed) inputs, under the caller's autocast."""
+
+    def __init__(self, base: nn.Module, teacher: nn.Module | None = None, kind: str = "hard", alpha: float = 0.5,
+                 tau: float = 1.0):
+        super().__init__()
+        self.base, self.teacher, self.kind, self.alpha, self.tau = base, teacher, kind, alpha, tau
+
+    def forward(self, inputs: torch.Tensor, outputs: Any, targets: torch.Tensor) -> torch.Tensor:
+        if self.teacher is None:
+            return self.base(outputs, targets)
+        if isinstance(outputs, torch.Tensor):  # unpacking it would split the batch
+            raise TypeError("with a teacher the student must return (class logits, distillation logits) in training")
+        outputs, outputs_dist = outputs
+        with torch.no_grad():
+            teacher_logits = self.teacher(inputs)
+        if self.kind == "soft":
+            distill = soft_distillation(outputs_dist, teacher_logits, self.tau)
+        else:
+            distill = hard_distillation(outputs_dist, teacher_logits)
+        return (1 - self.alpha) * self.base(outputs, targets) + self.alpha * distill
+
+
+def has_distillation_head(model: nn.Module) -> bool:
+    return any(name.rpartition(".")[2] in HEAD_NAMES and not isinstance(module, nn.Identity)
+               for name, module in model.named_modules())
+
+
+def is_teacher_file(teacher: str) -> bool:
+    return teacher.endswith(TEACHER_FILE_SUFFIXES)
+
+
+def check_pairing(cfg: TrainConfig, distilled: bool) -> None:
+    """A distillation head trains only on a teacher, and a teacher trains only a distillation head (DeiT's code
+    refuses a teacher for a single-head model too)."""
+    if distilled and cfg.teacher is None:
+        raise ConfigError(f"model {cfg.model} has a distillation head, which learns from a teacher: pass --teacher "
+                          f"(a model.pth written by experiments.train, or a model name), or build the model without "
+                          f"the head")
+    if cfg.teacher is not None and not distilled:
+        raise ConfigError(f"--teacher trains a distillation head, and model {cfg.model} has none: build it with one "
+                          f"(an evit config with distillation: true, --model-kwargs '{{\"distillation\": true}}', "
+                          f"or a timm distilled model such as deit_tiny_distilled_patch16_224), or drop --teacher")
+
+
+def check_distillation(cfg: TrainConfig) -> None:
+    """Fail at once, loading no weights, on a bad distillation setting, a distillation head without a teacher or
+    a teacher without one, an unknown teacher name or a missing teacher file."""
+    if cfg.distillation_type not in DISTILLATION_TYPES:
+        raise ConfigError(f"distillation_type '{cfg.distillation_type}' is not one of {', '.join(DISTILLATION_TYPES)}")
+    if not 0 <= cfg.distillation_alpha <= 1 or cfg.distillation_tau <= 0:
+        raise ConfigError(f"distillation_alpha must lie in [0, 1] and distillation_tau be > 0; got "
+                          f"{cfg.distillation_alpha} and {cfg.distillation_tau}")
+    check_pairing(cfg, has_distillation_head(skeleton(cfg.model, **cfg.model_kwargs)))
+    if cfg.teacher is None:
+        if cfg.teacher_weights is not None:
+            raise ConfigError("--teacher-weights without --teacher: name the teacher they belong to")
+        return
+    if is_teacher_file(cfg.teacher):
+        if cfg.teacher_weights is not None:
+            raise ConfigError(f"--teacher-weights goes with a teacher name; the checkpoint {cfg.teacher} holds its "
+                              f"own weights")
+        if not Path(cfg.teacher).is_file():
+            raise CheckpointError(f"teacher checkpoint not found: {cfg.teacher}")
+        return
+    check_model(cfg.teacher)
+    from experiments.zoo import KEYWORDS  # zoo imports train, which imports this module
+
+    if cfg.teacher_weights not in (None, *KEYWORDS) and not Path(cfg.teacher_weights).is_file():
+        raise CheckpointError(f"teacher weights not found: {cfg.teacher_weights} (a checkpoint file or one of "
+                              f"{', '.join(KEYWORDS)})")
+
+
+def load_teacher(teacher: str, weights: str | None, num_classes: int) -> nn.Module:
+    """The teacher `teacher` and `weights` name (see TEACHER_HELP, TEACHER_WEIGHTS_HELP), in eval mode; built for
+    `num_classes` when its weights are a file that need not say (as the official code builds its teacher)."""
+    from experiments import zoo  # zoo imports train, which imports this module
+
+    if not is_teacher_file(teacher):
+        if weights is None or weights in zoo.KEYWORDS:
+            return zoo.load_model(teacher, weights or ("proxy" if teacher in zoo.PROXY_RECIPES else "pretrained"))
+        return zoo.load_model(teacher, weights, num_classes=num_classes)
+    name = read_checkpoint(teacher).get("model")
+    if not isinstance(name, str):
+        raise CheckpointError(f"teacher checkpoint {teacher} does not say which model it holds (not a model.pth "
+                              f"written by experiments.train): pass --teacher NAME --teacher-weights {teacher}")
+    return zoo.load_model(name, teacher)
+
+
+def check_teacher(teacher: nn.Module, spec: str, data: Datasets) -> None:
+    """The teacher must take this run's inputs and predict the data's classes."""
+    example = data.train[0][0][None]
+    try:
+        with torch.no_grad():
+            logits = teacher(example)
+    except (RuntimeError, AssertionError, ValueError) as e:  # timm asserts the input size; shapes raise RuntimeError
+        raise ConfigError(f"teacher {spec} cannot take this run's {tuple(example.shape[1:])} inputs: "
+                          f"{' '.join(str(e).split())}") from e
+    if logits.shape[-1] != data.num_classes:
+        raise ConfigError(f"teacher {spec} predicts {logits.shape[-1]} classes; {data.num_classes} in the data")
+
+
+def distillation_loss(base: nn.Module, cfg: TrainConfig, model: nn.Module, data: Datasets,
+                      device: torch.device) -> DistillationLoss:
+    """The training loss of `model` under `cfg`. With a teacher: the teacher, frozen, on `device`, and `model`
+    switched to returning both heads' logits in training (timm's distilled models need asking; evit's do it)."""
+    check_pairing(cfg, has_distillation_head(model))
+    if cfg.teacher is None:
+        return DistillationLoss(base)
+    teacher = load_teacher(cfg.teacher, cfg.teacher_weights, data.num_classes).requires_grad_(False)
+    check_teacher(teacher, cfg.teacher, data)
+    if hasattr(model, "set_distilled_training"):
+        model.set_distilled_training(True)
+    return DistillationLoss(base, teacher.to(device), cfg.distillation_type, cfg.distillation_alpha,
+                            cfg.distillation_tau)

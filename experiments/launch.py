@@ -1,0 +1,255 @@
+"""Trainings as jobs: in this process (inline), as submitit jobs on this machine (local) or on Slurm (slurm).
+
+    run_trainings(configs, out, Launcher("slurm", partition="gpu", gpus_per_job=4, time_min=120))
+
+Every run has its own folder under `out`, named by the model and a hash of the settings that determine its
+weights, so a re-launch skips the runs that finished (their `model.pth` exists) and submits the others again,
+which resume from their `last.pth`. A job is `experiments.train.fit` (the code `python -m experiments.train` runs);
+with several GPUs it is one DDP training, one process (submitit task) per GPU. submitit's job files (pickles,
+stdout and stderr per task, named by job id) sit in `out/jobs/` (docs/launch.md). A failed run comes back as an
+`Outcome` naming the exception's last line and the job's log: the caller reports it and builds its tables from the
+runs that finished.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import shutil
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
+
+import submitit
+import torch.distributed as dist
+import torch.nn as nn
+
+from experiments.cli import UserError, option
+from experiments.distillation import DISTILLATION_SETTINGS
+from experiments.models import is_config_file
+from experiments.train import FINAL, TrainConfig, check_inputs, fit, init_distributed, seed_everything, train
+
+KINDS = ("inline", "local", "slurm")
+JOBS = "jobs"  # the folder under `out` with submitit's job folders
+# TrainConfig fields that say where and how a run executes, not what it learns: no part of its key.
+PLACEMENT = ("out", "resume", "workers", "threads")
+
+
+@dataclass
+class Launcher:
+    """Where trainings run; its fields are the flags a command that trains gets by subclassing it (`class
+    Settings(Launcher)`, whose `check` calls `super().check()`). Each job trains one run over `gpus_per_job` GPUs,
+    one DDP process per GPU (0: one process on what the machine has); a job that reaches `time_min` is requeued
+    and resumes. The other fields are Slurm's."""
+
+    kind: str = option("inline", "inline: in this process; local: submitit jobs on this machine, one after "
+                       "another; slurm: submitit jobs on Slurm, all queued at once", flags=("--launcher",),
+                       choices=KINDS)
+    gpus_per_job: int = option(0, "GPUs per job, one DDP process each (0: one process)")
+    time_min: int = option(240, "job time limit in minutes", flags=("--time",))
+    partition: Optional[str] = option(None, "Slurm partition")
+    account: Optional[str] = option(None, "Slurm account")
+    cpus_per_task: Optional[int] = option(None, "Slurm CPUs per process")
+    mem_gb: Optional[float] = option(None, "Slurm memory per node in GB")
+    slurm_params: dict = option({}, 'more #SBATCH lines as JSON, e.g. \'{"qos": "high"}\'')
+
+    def check(self) -> None:
+        """One UserError line per impossible combination, before anything is submitted."""
+        if self.kind not in KINDS:
+            raise UserError(f"unknown launcher '{self.kind}'; valid: {', '.join(KINDS)}")
+        if self.gpus_per_job < 0 or self.time_min <= 0:
+            raise UserError(f"--gpus-per-job must be 0 or more and --time (minutes) more than 0, got "
+                            f"{self.gpus_per_job} and {self.time_min}")
+        if self.kind == "inline" and self.gpus_per_job:
+            raise UserError("--gpus-per-job needs --launcher local or slurm (inline trains in this process, on its "
+                            "devices)")
+        slurm_only = [flag for flag, value in (("--partition", self.partition), ("--account", self.account),
+                                               ("--cpus-per-task", self.cpus_per_task), ("--mem-gb", self.mem_gb),
+                                               ("--slurm-params", self.slurm_params)) if value]
+        if slurm_only and self.kind != "slurm":
+            raise UserError(f"{', '.join(slurm_only)} apply to --launcher slurm only (got --launcher {self.kind})")
+        if self.kind == "slurm" and not (shutil.which("sbatch") and shutil.which("srun")):
+            raise UserError("--launcher slurm needs Slurm's sbatch and srun on PATH, and this machine has none; "
+                            "use --launcher local or inline here")
+
+    @classmethod
+    def of(cls, settings: Any) -> "Launcher":
+        """The launcher part of a command's settings (a subclass of this)."""
+        return cls(**{f.name: getattr(settings, f.name) for f in dataclasses.fields(cls)})
+
+    @property
+    def tasks_per_job(self) -> int:
+        return max(1, self.gpus_per_job)
+
+    def executor(self, folder: Path) -> submitit.Executor:
+        """submitit's executor for these settings, writing its job files (pickles, logs) in `folder`."""
+        executor = submitit.AutoExecutor(folder, cluster=self.kind)
+        executor.update_parameters(
+            name="evit", timeout_min=self.time_min, nodes=1, tasks_per_node=self.tasks_per_job,
+            gpus_per_node=self.gpus_per_job, cpus_per_task=self.cpus_per_task, mem_gb=self.mem_gb,
+            slurm_partition=self.partition, slurm_account=self.account,
+            slurm_additional_parameters=dict(self.slurm_params) or None)
+        return executor
+
+
+@dataclass(frozen=True)
+class Run:
+    """One training: its settings and, for a model no name describes (an analysis's variant), the picklable
+    function that builds it from `build_kwargs` (called after seeding with the run's seed; both key the run)."""
+
+    config: TrainConfig
+    build: Optional[Callable[..., nn.Module]] = None
+    build_kwargs: Mapping[str, Any] = field(default_factory=dict)
+
+
+def as_run(run: Union[Run, TrainConfig]) -> Run:
+    return run if isinstance(run, Run) else Run(run)
+
+
+def recipe(run: Union[Run, TrainConfig]) -> dict[str, Any]:
+    """What determines a run's weights: its TrainConfig less placement, an evit config file by its content, and
+    the builder of a variant by its name and arguments."""
+    run = as_run(run)
+    recipe = {k: v for k, v in dataclasses.asdict(run.config).items() if k not in PLACEMENT}
+    if run.config.teacher is None:  # without a teacher these settings act on nothing (and older keys stay valid)
+        recipe = {k: v for k, v in recipe.items() if k not in DISTILLATION_SETTINGS}
+    if is_config_file(run.config.model):
+        recipe["model"] = Path(run.config.model).read_text()
+    if run.build is not None:
+        recipe.update(build=f"{run.build.__module__}.{run.build.__qualname__}", build_kwargs=dict(run.build_kwargs))
+    return recipe
+
+
+def run_dir(root: Path, run: Union[Run, TrainConfig]) -> Path:
+    """The run's folder under `root`: the model's name and a hash of its `recipe`."""
+    run = as_run(run)
+    key = hashlib.sha256(json.dumps(recipe(run), sort_keys=True, default=str).encode()).hexdigest()[:12]
+    return Path(root) / f"{Path(run.config.model).stem}-{key}"
+
+
+def finished(folder: Path) -> bool:
+    return (folder / FINAL).is_file()
+
+
+def train_run(run: Run, folder: Path) -> None:
+    """Train `run` into `folder`, resuming from its last checkpoint there; inside the process group that the
+    environment describes (torchrun's variables), if any."""
+    cfg = dataclasses.replace(run.config, out=str(folder), resume="auto")
+    joins = not dist.is_initialized()
+    init_distributed()
+    try:
+        if run.build is None:
+            fit(cfg)
+        else:
+            seed_everything(cfg.seed)  # the same initial weights on every rank and every resume, as fit does
+            train(run.build(**run.build_kwargs), cfg)
+    finally:
+        if joins and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+class TrainingJob(submitit.helpers.Checkpointable):
+    """A run as a submitit job, each of its tasks one DDP process. Checkpointable: after a timeout or a
+    preemption submitit requeues the same call, which resumes from the run's last.pth."""
+
+    def __call__(self, run: Run, folder: Path) -> None:
+        if submitit.JobEnvironment().num_tasks > 1:
+            # torchrun's variables for init_distributed; every task sees all the job's GPUs and takes LOCAL_RANK's.
+            submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+        train_run(run, folder)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """A run after a launch: its folder and, when it finished, its metrics.json; else the failure's last line
+    and the job's stderr (None inline)."""
+
+    run: Run
+    folder: Path
+    error: Optional[str] = None
+    log: Optional[Path] = None
+
+    @property
+    def finished(self) -> bool:
+        return self.error is None
+
+    @property
+    def metrics(self) -> dict[str, Any]:
+        """The final epoch's metrics (and best_val_acc)."""
+        return json.loads((self.folder / "metrics.json").read_text())["final"]
+
+    @property
+    def train_time_s(self) -> float:
+        history = json.loads((self.folder / "metrics.json").read_text())["history"]
+        return sum(row["epoch_time_s"] for row in history)
+
+
+def last_line(error: BaseException) -> str:
+    """The line that names a failure: the exception's type and message, or for a job that failed, its own
+    traceback's last line (submitit quotes the traceback between two rules of dashes)."""
+    if isinstance(error, submitit.core.utils.FailedJobError):
+        text = str(error).split("-" * 22)[1]
+    elif isinstance(error, submitit.core.utils.UncompletedJobError):
+        text = str(error)
+    else:
+        text = traceback.format_exception_only(error)[-1]
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[-1] if lines else type(error).__name__
+
+
+def submit(todo: Sequence[tuple[Run, Path]], launcher: Launcher, jobs: Path) -> list[submitit.Job]:
+    """Submit one job per (run, folder), as one Slurm array when there are several."""
+    executor = launcher.executor(jobs)
+    with executor.batch():
+        submitted = [executor.submit(TrainingJob(), run, folder) for run, folder in todo]
+    return submitted
+
+
+def wait(job: submitit.Job, folder: Path) -> Optional[str]:
+    """None once the job has trained its run, else what went wrong."""
+    error = job.exception()  # waits for the job
+    if error is None and not finished(folder):
+        return f"job {job.job_id} ended without writing {folder / FINAL}"
+    return None if error is None else last_line(error)
+
+
+def run_trainings(runs: Sequence[Union[Run, TrainConfig]], out: Path,
+                  launcher: Optional[Launcher] = None) -> list[Outcome]:
+    """Train every run that has not finished in `out` (one job each, resuming where one stopped; default: inline)
+    and return every run's outcome, in order. Bad settings fail here (UserError), before anything is submitted."""
+    launcher = launcher or Launcher()
+    launcher.check()
+    runs = [as_run(r) for r in runs]
+    for run in runs:
+        check_inputs(run.config)
+    folders = [run_dir(out, run) for run in runs]
+    todo = [(run, folder) for run, folder in zip(runs, folders) if not finished(folder)]
+    failures: dict[Path, tuple[str, Optional[Path]]] = {}
+    if launcher.kind == "inline":
+        for run, folder in todo:
+            try:
+                train_run(run, folder)
+            except Exception as error:  # the caller reports it and goes on with the runs that finished
+                failures[folder] = (last_line(error), None)
+    else:
+        # Slurm queues every job at once; local jobs run one after another, each on the machine's first GPUs.
+        batches = [todo] if launcher.kind == "slurm" else [[item] for item in todo]
+        for batch in batches:
+            for (run, folder), job in zip(batch, submit(batch, launcher, Path(out) / JOBS)):
+                error = wait(job, folder)
+                if error is not None:
+                    failures[folder] = (error, job.paths.stderr)
+    return [Outcome(run, folder, *failures.get(folder, (None, None))) for run, folder in zip(runs, folders)]
+
+
+def missing_report(outcomes: Sequence[Outcome]) -> Optional[str]:
+    """Lines naming the runs that did not finish, why and where their log is; None when all finished."""
+    missing = [o for o in outcomes if not o.finished]
+    if not missing:
+        return None
+    lines = [f"{len(missing)} of {len(outcomes)} runs did not finish (re-launch to retry them; finished runs are "
+             f"kept):"]
+    lines += [f"  {o.folder.name} (seed {o.run.config.seed}): {o.error}" + (f" [log: {o.log}]" if o.log else "")
+              for o in missing]
+    return "\n".join(lines)
