@@ -257,7 +257,7 @@ class Settings:
     """What `python -m analysis.head_similarity` measures: its fields are the command's flags."""
     models: list[str] = option([], "model name(s), comma separated: deit_tiny, swin_tiny, proxies (deit_proxy, ...), "
                                "evit_m0.., an evit config file, or any timm ViT / Swin; several give a side-by-side "
-                               "figure", flags=("--model",), metavar="NAME[,NAME...]", required=True)
+                               "figure", flags=("--models", "--model"), metavar="NAME[,NAME...]", required=True)
     weights: str = option("auto", "auto (proxy for proxies, else pretrained if reachable, else random) | random | "
                           "pretrained | proxy | quick-proxy (a proxy on a small training budget) | PATH to a checkpoint")
     data: str = option("fashion_mnist", "fashion_mnist | digits | imagefolder:PATH")

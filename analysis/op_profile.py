@@ -512,7 +512,7 @@ def claims(shares: pd.DataFrame) -> list[Claim]:
 class Settings:
     """What `python -m analysis.op_profile` measures: its fields are the command's flags."""
     models: list[str] = option(["deit_tiny"], "model(s), comma-separated: deit_tiny, swin_tiny, evit_m0..evit_m5, "
-                               "proxies, evit config files or any timm name (default: deit_tiny)", flags=("--model",))
+                               "proxies, evit config files or any timm name (default: deit_tiny)", flags=("--models", "--model"))
     device: str = option("cpu", "where the model runs", choices=DEVICES)
     batch: int = option(16, "images per forward")
     img_size: Optional[int] = option(None, "input size (None: the model's own)")

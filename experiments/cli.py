@@ -29,8 +29,8 @@ Settings = TypeVar("Settings")
 
 
 def option(default: Any, help: str, *, flags: Sequence[str] = (), **argparse_kwargs: Any) -> Any:
-    """A settings field and its --flag: `help` (the default is appended), other names for the flag (`flags`, e.g.
-    "--models" beside "--model") and any add_argument keyword (choices, metavar, nargs, const). A list default is
+    """A settings field and its --flag: `help` (the default is appended), the flag's names (`flags`; default the
+    field's name, --like-this) and any add_argument keyword (choices, metavar, nargs, const). A list default is
     copied per instance; on the command line a list is comma-separated."""
     metadata = {"help": help if isinstance(default, (dict, list)) else f"{help} (default: {default})",
                 "flags": tuple(flags), **argparse_kwargs}
@@ -68,7 +68,7 @@ def settings_parser(cls: type, prog: str, description: Optional[str] = None,
     hints = get_type_hints(cls)
     for f in dataclasses.fields(cls):
         kwargs = {k: v for k, v in f.metadata.items() if k != "flags"}
-        names = ["--" + f.name.replace("_", "-"), *f.metadata.get("flags", ())]
+        names = f.metadata.get("flags") or ["--" + f.name.replace("_", "-")]
         if hints[f.name] is bool:
             parser.add_argument(*names, dest=f.name, action=argparse.BooleanOptionalAction, **kwargs)
         else:
