@@ -80,8 +80,10 @@ def test_attention_free_deit_still_sees_the_image():
 
 def test_speed_axis_time_per_image_and_memory_bound_share_rise_with_attention():
     """Measured for real: the DeiT proxy with attention in every block against none (docs: 2450 vs 4302 img/s,
-    50% vs 36% memory-bound at batch 16 on one thread)."""
-    speeds = mhsa_ratio.speed_table(mhsa_ratio.family_base("deit"), [0.0, 1.0]).set_index("share")
+    50% vs 36% memory-bound at batch 16 on one thread). The median of three tables: a table taken while another
+    process competes for the cores can swap the memory-bound shares (58% vs 39% was seen)."""
+    tables = [mhsa_ratio.speed_table(mhsa_ratio.family_base("deit"), [0.0, 1.0]) for _ in range(3)]
+    speeds = pd.concat(tables).groupby("share").median()
     assert speeds.throughput[1.0] < 0.85 * speeds.throughput[0.0]
     assert speeds.memory_bound_share[1.0] > speeds.memory_bound_share[0.0]
 
