@@ -80,8 +80,14 @@ def parse_settings(cls: type[Settings], argv: Optional[Sequence[str]], prog: str
                    description: Optional[str] = None) -> Settings:
     """Settings `cls` from the command line (a value of the wrong type ends the program with the parser's error
     and exit status 2). Combinations are judged by the settings' `check()`, which `run` calls first."""
-    parser = settings_parser(cls, prog, description)
-    return cls(**{k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None})
+    return settings_from(cls, settings_parser(cls, prog, description).parse_args(argv))
+
+
+def settings_from(cls: type[Settings], namespace: argparse.Namespace) -> Settings:
+    """Settings `cls` from the fields of a parsed namespace (which may hold other flags too); flags left unset
+    (None) keep the field's default."""
+    values = {f.name: getattr(namespace, f.name) for f in dataclasses.fields(cls)}
+    return cls(**{name: value for name, value in values.items() if value is not None})
 
 
 def run_cli(body: Callable[[], Any]) -> Any:

@@ -34,7 +34,7 @@ from evit import PRESETS, EfficientViTConfig, get_preset, summary
 from evit.io import markdown_table, save_figure, write_text
 from experiments import benchmark, family
 from experiments.claims import Claim, names
-from experiments.cli import UserError, run_cli, settings_parser
+from experiments.cli import UserError, run_cli, settings_from, settings_parser
 from experiments.launch import Launcher
 
 RESULTS = Path("results")
@@ -461,8 +461,7 @@ def main(argv: Optional[list[str]] = None) -> Path:
                         help="results to set this run's claims beside (default: the committed results of the scale: "
                              "results/quick, results or results/paper)")
     args = parser.parse_args(argv)
-    args.launcher = Launcher(**{f.name: value for f in dataclasses.fields(Launcher)
-                                if (value := getattr(args, f.name)) is not None})
+    args.launcher = settings_from(Launcher, args)
     try:
         args.launcher.check()
     except UserError as e:
