@@ -136,14 +136,26 @@ def throughputs(models: dict[int, nn.Module], img_size: int, device: str = "cpu"
 
 
 def downscaled_base(family: str, factor: float, img_size: int = 224, device: str = "cpu",
-                    measure: Optional[Callable[[dict[int, nn.Module], int, str], dict[int, float]]] = None) -> Base:
+                    measure: Optional[Callable[[dict[int, nn.Module], int, str], dict[int, float]]] = None,
+                    sweep_csv: Optional[Path] = None) -> Base:
     """The paper's subnetwork: DeiT-T or Swin-T with the embedding width whose measured throughput (`measure`, on
     `device` at `img_size`) is closest to `factor` times the original's, among the original width and every
-    narrower one in steps of WIDTH_STEP down to NARROWEST of it (`measure` default: `throughputs`)."""
+    narrower one in steps of WIDTH_STEP down to NARROWEST of it (`measure` default: `throughputs`). The sweep is
+    read from `sweep_csv` when that exists, else measured and written there: the 1.25x and 1.5x subnetworks of a
+    model come from one sweep."""
     name = PAPER_MODELS[family]
     full = create_model(name, img_size=img_size).patch_embed.proj.out_channels
     widths = range(full, int(full * NARROWEST) - 1, -WIDTH_STEP)
-    speeds = (measure or throughputs)({w: create_model(name, img_size=img_size, embed_dim=w) for w in widths}, img_size, device)
+    if sweep_csv is not None and Path(sweep_csv).is_file():
+        sweep = pd.read_csv(sweep_csv)
+        speeds = dict(zip(sweep.embed_dim.astype(int), sweep.throughput))
+        print(f"{name}: width sweep read from {sweep_csv}")
+    else:
+        speeds = (measure or throughputs)({w: create_model(name, img_size=img_size, embed_dim=w) for w in widths},
+                                          img_size, device)
+        if sweep_csv is not None:
+            write_csv(pd.DataFrame(dict(embed_dim=list(speeds), throughput=list(speeds.values()), device=device,
+                                        img_size=img_size)), sweep_csv)
     width = min(widths, key=lambda w: abs(speeds[w] / speeds[full] - factor))
     print(f"{name} downscaled {factor:g}x: embed_dim {width} of {full} measured {speeds[width] / speeds[full]:.2f}x "
           f"as fast on {device} at {img_size} px ({', '.join(f'{w}: {speeds[w]:.0f}' for w in widths)} img/s)")
@@ -353,6 +365,11 @@ def runs_csv(out: Path, family: str, downscale: Optional[float] = None) -> Path:
     return Path(out) / f"{stem}.csv"
 
 
+def sweep_csv(out: Path, family: str, img_size: int) -> Path:
+    """Where a study keeps the width sweep of a paper model (beside the runs, out of the tables' glob)."""
+    return Path(out) / "runs" / f"{PAPER_MODELS[family]}_{img_size}px_width_sweep.csv"
+
+
 def trained_base(family: str, runs: pd.DataFrame) -> Base:
     """The base a runs table was trained from (for --speed-only: no width is measured again)."""
     first = runs.iloc[0]
@@ -375,7 +392,8 @@ def run(settings: Settings) -> pd.DataFrame:
             base = trained_base(family, trained)
             df = trained.merge(speed_table(base, sorted(trained.share.unique()), settings.mixer), on="share")
         else:
-            base = (downscaled_base(family, settings.downscale, settings.img_size or 224) if settings.downscale
+            base = (downscaled_base(family, settings.downscale, settings.img_size or 224,
+                                    sweep_csv=sweep_csv(out, family, settings.img_size or 224)) if settings.downscale
                     else family_base(family, settings.img_size))
             df = run_study(base, settings.shares, settings.seeds, settings.epochs, settings.limit_train or None,
                            settings.limit_val or None, settings.mixer, settings.data, settings.data_dir,

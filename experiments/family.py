@@ -7,8 +7,8 @@
 
 Every model (an evit preset or an evit config file) is trained with the same budget at proxy resolution
 (Fashion-MNIST, 64 px), and timed with the paper's speed method at 224 px (BN folded, traced, CPU, batch 16,
-1 thread). Training runs are cached in experiments.zoo.cache_dir() / "family" (job logs in its `jobs/`), keyed by
-model and budget, and resume when interrupted, so a re-run only times the models again.
+1 thread). Training runs sit in OUT/runs (job logs in its `jobs/`), keyed by model and budget, and resume when
+interrupted, so a re-run only times the models again.
 """
 from __future__ import annotations
 
@@ -28,7 +28,6 @@ from experiments.cli import UserError, option, parse_settings, run_cli
 from experiments.launch import Launcher
 from experiments.models import check_model
 from experiments.train import TrainConfig
-from experiments.zoo import cache_dir
 
 PRESETS = tuple(f"evit_m{i}" for i in range(6))
 # One budget for every model: short enough for M0-M5 to train in about half an hour on one core.
@@ -40,20 +39,16 @@ def budget_config(model: str, **overrides: Any) -> TrainConfig:
     return TrainConfig(model=model, **{**BUDGET, **overrides})
 
 
-def run_dir(cfg: TrainConfig) -> Path:
-    """Cache folder of a training run, keyed by what determines its weights (a config file by its content)."""
-    return launch.run_dir(cache_dir() / "family", cfg)
-
-
-def train_and_time(models: Sequence[str], quick_timing: bool = True, launcher: Optional[Launcher] = None,
-                   **budget: Any) -> pd.DataFrame:
+def train_and_time(models: Sequence[str], runs_dir: Path = Path("results/family/runs"), quick_timing: bool = True,
+                   launcher: Optional[Launcher] = None, **budget: Any) -> pd.DataFrame:
     """One row per model that trained: proxy accuracy after the budget, params, FLOPs and CPU throughput at
-    224 px. Every model trains first (as `launcher`'s jobs, default inline; finished runs are kept), then the
-    trained ones are timed; the runs that failed are named on stderr."""
+    224 px. Every model trains first (as `launcher`'s jobs, default inline, each in its folder under `runs_dir`
+    keyed by model and budget; finished runs are kept), then the trained ones are timed; the runs that failed are
+    named on stderr."""
     from tqdm import tqdm
 
     configs = [budget_config(name, **budget) for name in models]
-    outcomes = launch.run_trainings(configs, cache_dir() / "family", launcher)
+    outcomes = launch.run_trainings(configs, runs_dir, launcher)
     missing = launch.missing_report(outcomes)
     if missing:
         print(missing, file=sys.stderr)
@@ -150,7 +145,7 @@ class Settings(Launcher):
     batch_size: int = option(BUDGET["batch_size"], "training batch (small budgets need the updates of a small one)")
     full_timing: bool = option(False, "the benchmark's full timing (~35 s a model)")
     name: str = option("family", "stem of the CSV and figure")
-    out: Path = option(Path("results/family"), "output folder")
+    out: Path = option(Path("results/family"), "output folder (the training runs in its runs/)")
 
     def check(self) -> None:
         super().check()
@@ -161,10 +156,10 @@ class Settings(Launcher):
 def run(settings: Settings) -> pd.DataFrame:
     """Train and time every model of `settings`; write <name>.csv and <name>.png into settings.out."""
     settings.check()
-    df = train_and_time(settings.models, not settings.full_timing, Launcher.of(settings), data=settings.data,
-                        epochs=settings.epochs, batch_size=settings.batch_size, img_size=settings.img_size,
-                        limit_train=settings.limit_train or None, limit_val=settings.limit_val or None)
     out = Path(settings.out)
+    df = train_and_time(settings.models, out / "runs", not settings.full_timing, Launcher.of(settings),
+                        data=settings.data, epochs=settings.epochs, batch_size=settings.batch_size, img_size=settings.img_size,
+                        limit_train=settings.limit_train or None, limit_val=settings.limit_val or None)
     print(f"-> {write_csv(df.round(4), out / f'{settings.name}.csv')}")
     print(f"-> {save_figure(plot(df), out / f'{settings.name}.png')}")
     print(df[["model", "params_m", "flops_m", "val_acc", "throughput_cpu", "train_time_s"]].to_string(

@@ -93,13 +93,20 @@ def inverse_square(models, img_size, device):
     return {width: 1e6 / width ** 2 for width in models}
 
 
-def test_downscaled_width_is_the_one_closest_to_the_asked_speedup():
-    base = mhsa_ratio.downscaled_base("deit", 1.5, img_size=32, measure=inverse_square)
+def test_downscaled_width_is_the_one_closest_to_the_asked_speedup(tmp_path):
+    sweeps = []
+    counted = lambda models, img_size, device: sweeps.append(len(models)) or inverse_square(  # noqa: E731
+        models, img_size, device)
+    sweep = tmp_path / "sweep.csv"
+    base = mhsa_ratio.downscaled_base("deit", 1.5, img_size=32, measure=counted, sweep_csv=sweep)
     # (192 / 156)^2 = 1.51 is the closest to 1.5 among 192, 180, ..., 72 (168: 1.31, 144: 1.78)
     assert base.kwargs == dict(embed_dim=156) and base.series == "deit_tiny/1.5" and base.img_size == 32
     model, keep = mhsa_ratio.build_variant("deit", 0.25, base=base)
     assert model.embed_dim == 156 and keep == [3, 7, 11] and len(model.blocks) == 12
     assert model(torch.randn(1, 3, 32, 32)).shape == (1, 10)
+    # The 1.25x subnetwork comes from the same sweep, read back: measured once, 11 widths from 192 down to 72.
+    other = mhsa_ratio.downscaled_base("deit", 1.25, img_size=32, measure=counted, sweep_csv=sweep)
+    assert sweeps == [11] and other.kwargs == dict(embed_dim=168)  # (192 / 168)^2 = 1.31
 
 
 def test_cli_downscale_writes_its_series_and_refuses_evit(tmp_path, monkeypatch, capsys):
@@ -112,6 +119,7 @@ def test_cli_downscale_writes_its_series_and_refuses_evit(tmp_path, monkeypatch,
     runs = pd.read_csv(tmp_path / "deit_tiny_patch16_224_x1.25.csv")
     assert (runs.embed_dim == 168).all() and (runs.family == "deit_tiny/1.25").all() and set(runs.data) == {"digits"}
     assert set(pd.read_csv(tmp_path / "summary.csv").family) == {"deit_tiny/1.25"}
+    assert pd.read_csv(mhsa_ratio.sweep_csv(tmp_path, "deit", 32)).embed_dim.max() == 192  # kept for 1.5x
     capsys.readouterr()  # the study's progress bars
     err = one_line_error(capsys, ["--family", "deit,evit", "--downscale", "1.5"], mhsa_ratio.main)
     assert "--downscale cuts the paper's subnetworks from deit, swin; drop evit" in err
