@@ -30,6 +30,7 @@ def test_fold_batchnorm_keeps_outputs_for_plain_torch_models():
         torch.testing.assert_close(folded(x), net(x), atol=1e-5, rtol=0)
 
 
+@pytest.mark.timing
 def test_timing_reports_batch_over_iteration_time():
     measured = timing.time_callable(lambda: time.sleep(0.01), batch=8, warmup_s=0.0, seconds=0.1, repeats=3,
                                     sync=lambda: None)

@@ -78,6 +78,7 @@ def test_attention_free_deit_still_sees_the_image():
     torch.testing.assert_close(shuffled, out.flip(0))
 
 
+@pytest.mark.timing
 def test_speed_axis_time_per_image_and_memory_bound_share_rise_with_attention():
     """Measured for real: the DeiT proxy with attention in every block against none (docs: 2450 vs 4302 img/s,
     50% vs 36% memory-bound at batch 16 on one thread). The median of three tables: a table taken while another

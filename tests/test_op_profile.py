@@ -191,6 +191,7 @@ def test_fused_evit_keeps_the_work_and_drops_batchnorm(tmp_path):
     assert "aten::equal" not in set(fused.ops.op)  # the JIT optimizer's ops are not counted as the model's
 
 
+@pytest.mark.timing
 def test_memory_bound_share_is_stable_and_splits_the_convs():
     kwargs = dict(batch=4, img_size=64, iters=3, warmup=1, peaks=PEAKS)
     first, second = profile_model("evit_m0", **kwargs), profile_model("evit_m0", **kwargs)

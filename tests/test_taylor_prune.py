@@ -304,12 +304,12 @@ def test_an_unreachable_target_stops_at_the_floor(capsys):
 def test_allocation_config_builds_at_the_presets_flops():
     blocks = pd.DataFrame(dict(block=range(6), qk_ratio=[1.0, 1.0, 0.5, 0.5, 0.25, 0.25], v_ratio=0.5,
                                ffn_ratio=[2.0, 2.0, 2.0, 1.5, 1.0, 1.0]))
-    config = tpr.allocation_config(blocks, "m0", match_flops=False)
+    config = tpr.allocation_config(blocks, "m0", match="none")
     assert config.embed_dims == (64, 128, 192) and config.v_ratio == (1.0,) * 3
     assert config.key_dims == (16, 16, 12) and config.mlp_ratio == (2.0, 1.75, 1.0)
     # the kept input widths scale the stages; MHSA takes the measured V ratio
     widths = blocks.assign(width_kept=[1.0, 1.0, 0.75, 0.75, 0.5, 0.5])
-    config = tpr.allocation_config(widths, "m0", mixer="mhsa", match_flops=False)
+    config = tpr.allocation_config(widths, "m0", mixer="mhsa", match="none")
     assert config.embed_dims == (64, 96, 96) and config.v_ratio == (0.5,) * 3 and config.mixers[0] == ("mhsa",)
     assert config.key_dims == (16, 12, 8)  # qk_ratio of the new width, per head
     matched = tpr.allocation_config(blocks, "m0")
@@ -329,7 +329,7 @@ def test_allocation_takes_the_mhsa_studys_best_share(tmp_path):
     summary.to_csv(tmp_path / "summary.csv", index=False)
     share = cli.attention_share(str(tmp_path / "summary.csv"))
     assert share == 0.5  # the evit rows' best; the tie with 1.0 goes to the cheaper share
-    config = tpr.allocation_config(blocks, "m0", match_flops=False, attention_share=share)
+    config = tpr.allocation_config(blocks, "m0", match="none", attention_share=share)
     assert config.mixers == (("none",), ("cga", "none"), ("cga", "none", "cga"))  # m0 depths 1, 2, 3: blocks 1, 3, 5
     matched = tpr.allocation_config(blocks, "m0", attention_share=0.5)
     assert matched.embed_dims > config.embed_dims  # fewer attention blocks leave FLOPs for width
@@ -702,8 +702,8 @@ def test_evit_stage_widths_pruned_to_a_mac_target():
     assert (result.blocks.v_ratio == 1.0).all() and (result.blocks.v_kept == result.blocks.width_kept).all()
     assert sum(tpr.count_macs(model, x).values()) == count_flops(evit.fuse(model), 64)
     # the allocation scales each preset stage by the kept widths of its blocks
-    dims = tpr.allocation_config(result.blocks, "m0", match_flops=False).embed_dims
-    unpruned = tpr.allocation_config(result.blocks.assign(width_kept=1.0), "m0", match_flops=False).embed_dims
+    dims = tpr.allocation_config(result.blocks, "m0", match="none").embed_dims
+    unpruned = tpr.allocation_config(result.blocks.assign(width_kept=1.0), "m0", match="none").embed_dims
     assert dims != unpruned and all(a <= b for a, b in zip(dims, unpruned))
 
 

@@ -27,8 +27,8 @@ with fvcore on every family (tested). The families, their couplings and what eac
 Outputs (folder --out, default results/taylor_prune): <model>.csv (one row per block: Q/K, V and FFN-hidden
 widths relative to the block's input width, before and after, with MACs and params), <model>_stages.csv,
 <model>_summary.csv (MACs, params, accuracy before/after, normalizer, reduction), <model>.png (Fig. 5 style) and
-<model>_allocation.yaml, an EfficientViT config built from the kept ratios at a preset's FLOPs
-(`python -m experiments.family --models evit_m0,<that yaml>` trains and times both).
+<model>_allocation.yaml, an EfficientViT config built from the kept ratios at a preset's FLOPs or measured
+throughput (--match) (`python -m experiments.family --models evit_m0,<that yaml>` trains and times both).
 
 The package: `groups` (Slice, Group), `attention` (PrunedAttention, the base of the split attentions), `builders`
 (a registry of group builders, one module per family, and `builders.common`), `macs` (the MAC counter),
@@ -39,7 +39,7 @@ on them, for the report).
 """
 from __future__ import annotations
 
-from analysis.taylor_prune.allocation import allocation_config
+from analysis.taylor_prune.allocation import allocate, allocation_config
 from analysis.taylor_prune.builders import prepare, prunable, register_block, register_converter, register_model
 from analysis.taylor_prune.builders.vit import SplitAttention
 from analysis.taylor_prune.cli import DEFAULT_OUT, ServedBatches, Settings, load_batches, main, prune_model, run
@@ -55,7 +55,7 @@ from analysis.taylor_prune.tables import KINDS, block_table, stage_table
 __all__ = [
     "DEFAULT_OUT", "KINDS", "LatencyModel", "NORMALIZERS", "REDUCTIONS", "Group", "PruneResult", "ServedBatches",
     "Settings", "Slice", "SplitAttention", "TaylorImportance", "Unit", "UnsupportedModelError",
-    "accumulate_gradients", "allocation_config", "block_table", "candidate_units", "count_macs", "load_batches",
-    "main", "measure_positions", "plot", "prepare", "prunable", "prune_channels", "prune_model", "register_block",
-    "register_converter", "register_model", "run", "stage_table", "taylor_prune", "top1_accuracy",
+    "accumulate_gradients", "allocate", "allocation_config", "block_table", "candidate_units", "count_macs",
+    "load_batches", "main", "measure_positions", "plot", "prepare", "prunable", "prune_channels", "prune_model",
+    "register_block", "register_converter", "register_model", "run", "stage_table", "taylor_prune", "top1_accuracy",
 ]

@@ -11,12 +11,13 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset
 
-from analysis.taylor_prune.allocation import allocation_config
+from analysis.taylor_prune.allocation import MATCHES, DeployThroughput, allocate
 from analysis.taylor_prune.builders import prepare, prunable
 from analysis.taylor_prune.importance import NORMALIZERS, REDUCTIONS, TaylorImportance
 from analysis.taylor_prune.latency import LatencyModel
 from analysis.taylor_prune.plot import plot
 from analysis.taylor_prune.prune import PruneResult, taylor_prune
+from evit import get_preset
 from evit.io import save_figure, write_csv
 from experiments.cli import UserError, option, parse_settings, run_cli
 from experiments.data import build_datasets, check_data
@@ -72,8 +73,9 @@ class Settings:
     target_latency: Optional[float] = option(None, "fraction of the unpruned model's latency on --device to keep, "
                                                    "instead of --target-macs (units ranked by importance per ms "
                                                    "saved; docs/pruning.md)")
-    device: str = option("cpu", "where latency is timed (with --target-latency)", choices=("cpu", "cuda"))
-    latency_batch: int = option(16, "images per timed call (with --target-latency)")
+    device: str = option("cpu", "where latency is timed (with --target-latency or --match throughput)",
+                         choices=("cpu", "cuda"))
+    latency_batch: int = option(16, "images per timed call (with --target-latency or --match throughput)")
     steps: int = option(5, "iterative pruning steps")
     batches: int = option(4, "data batches for the gradients of each step")
     batch: int = option(32, "images per batch")
@@ -86,7 +88,10 @@ class Settings:
     width: bool = option(True, "prune the residual-stream widths too")
     finetune_epochs: int = option(0, "short fine-tune after pruning (0: none)")
     finetune_images: int = option(20000, "training images of the fine-tune")
-    preset: str = option("m0", "evit preset the allocation is scaled to (equal FLOPs)")
+    preset: str = option("m0", "evit preset the allocation is scaled to (see --match)")
+    match: str = option("flops", f"what the allocation matches in --preset: {' | '.join(MATCHES)} (flops: BN-folded "
+                        "FLOPs at 224 px; throughput: deploy-mode img/s measured on --device at --latency-batch, side "
+                        "by side, within 5%; none: widths unscaled)")
     mixer: str = option("cga", "allocation's attention: cga (V = C/H) or mhsa (V from the measured V ratio)",
                         choices=("cga", "mhsa"))
     attention_share: Optional[str] = option(
@@ -102,7 +107,11 @@ class Settings:
             raise UserError(f"--target-macs must lie in (0, 1), got {self.target_macs}")
         if self.target_latency is not None and not 0 < self.target_latency < 1:
             raise UserError(f"--target-latency must lie in (0, 1), got {self.target_latency}")
-        if self.target_latency is not None and self.device == "cuda" and not torch.cuda.is_available():
+        if self.match not in MATCHES:
+            raise UserError(f"--match must be one of {', '.join(MATCHES)}; got {self.match!r}")
+        get_preset(self.preset)  # an unknown name is a ConfigError: one line, before the pruning
+        timed = self.target_latency is not None or self.match == "throughput"
+        if timed and self.device == "cuda" and not torch.cuda.is_available():
             raise UserError("--device cuda asked but no CUDA GPU is visible to torch; use --device cpu")
         sizes = (self.steps, self.batches, self.batch, self.val_images, self.latency_batch)
         if min(sizes) < 1 or not 0 < self.floor <= 1:
@@ -180,9 +189,12 @@ def run(settings: Settings) -> PruneResult:
     out, stem, s = Path(settings.out), Path(settings.model).stem, result.summary
     blocks_csv = write_csv(result.blocks.round(5), out / f"{stem}.csv")
     write_csv(result.stages.round(5), out / f"{stem}_stages.csv")
+    measure = DeployThroughput(settings.device, settings.latency_batch)
+    allocation = allocate(result.blocks, settings.preset, settings.match, name=f"{stem}_taylor", mixer=settings.mixer,
+                          attention_share=attention_share(settings.attention_share), measure=measure)
+    s.update(allocation.summary, **(measure.fields() if settings.match == "throughput" else {}))
     write_csv(pd.DataFrame([s]).round(5), out / f"{stem}_summary.csv")
-    config = allocation_config(result.blocks, settings.preset, name=f"{stem}_taylor", mixer=settings.mixer,
-                               attention_share=attention_share(settings.attention_share))
+    config = allocation.config
     config_path = settings.config_out or out / f"{stem}_allocation.yaml"
     config.to_file(config_path)
     title = (f"{stem} ({s['weights']}): MACs {s['macs_before_m']:.2f}M -> {s['macs_after_m']:.2f}M, acc "
@@ -194,10 +206,22 @@ def run(settings: Settings) -> PruneResult:
     print(result.blocks[["block", "stage", "in_dim_before", "in_dim", "qk_ratio", "v_ratio", "ffn_ratio"]].to_string(
         index=False, float_format=lambda v: f"{v:.3f}"))
     print(f"{title} (normalizer {s['normalizer']}, reduction {s['reduction']})\n-> {blocks_csv}\n"
-          f"allocation (evit_{settings.preset}'s FLOPs, {settings.mixer}) -> {config_path}: embed_dims "
+          f"allocation ({_matched(settings, s)}, {settings.mixer}) -> {config_path}: embed_dims "
           f"{config.embed_dims}, key_dims {config.key_dims}, v_ratio {config.v_ratio}, mlp_ratio {config.mlp_ratio}, "
           f"mixers {config.mixers}")
     return result
+
+
+def _matched(settings: Settings, summary: dict) -> str:
+    """What the allocation was scaled to, for the printed line."""
+    if settings.match == "none":
+        return "widths unscaled"
+    if settings.match == "flops":
+        return (f"evit_{settings.preset}'s FLOPs: {summary['allocation_flops_m']:.1f}M vs "
+                f"{summary['preset_flops_m']:.1f}M")
+    return (f"evit_{settings.preset}'s throughput: {summary['allocation_throughput']:.0f} vs "
+            f"{summary['preset_throughput']:.0f} img/s ({summary['allocation_throughput_ratio']:.3f}) on "
+            f"{settings.device}, batch {settings.latency_batch}, {summary['allocation_threads']} thread(s)")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> PruneResult:
