@@ -140,12 +140,12 @@ def claims(family: pd.DataFrame) -> list[Claim]:
     return [Claim("larger presets trade speed for accuracy.",
                   CONFIRMED if correlation <= TRADE_OFF_CORRELATION else INCONCLUSIVE,
                   f"the Spearman rank correlation of accuracy with throughput is {correlation:+.2f} (a trade-off: "
-                  f"{TRADE_OFF_CORRELATION:+.1f} or below); {_seeds_text(presets)} and a short budget on upsampled "
+                  f"{TRADE_OFF_CORRELATION:+.1f} or below); {seeds_text(presets)} and a short budget on upsampled "
                   f"28 px images favour models that converge fast, so this is a weak test.",
                   {"Spearman correlation of accuracy with throughput": correlation})]
 
 
-def _seeds_text(df: pd.DataFrame) -> str:
+def seeds_text(df: pd.DataFrame) -> str:
     """'one seed' or 'N seeds' (the most any row had; tables written before --seeds had one)."""
     most = int(df.seeds.max()) if "seeds" in df else 1
     return "one seed" if most == 1 else f"{most} seeds"
@@ -210,7 +210,7 @@ def plot(df: pd.DataFrame):
     ours.set(xlabel=f"images / s ({SPEED_METHOD[speed]}, 224 px, BN folded + traced)",
              ylabel=f"{first.data} val accuracy (%), mean ± std",
              title=f"this run: {first.epochs} epochs on {images} images at {first.img_size} px, "
-                   f"{_seeds_text(df)}")
+                   f"{seeds_text(df)}")
     ours.legend(fontsize=7)
     paper = df.dropna(subset=["paper_top1"])
     theirs.plot(paper.paper_v100_img_s, paper.paper_top1, "s-", color="gray")

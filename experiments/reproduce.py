@@ -149,8 +149,10 @@ def _taylor_prune(out: Path, opts: argparse.Namespace) -> None:
     for kind, model in _models(opts).items():
         # evit's blocks hold too few of its MACs at 64 px for 50%: every group would sit at its floor.
         target = dict(target_macs=0.8) if kind == "evit" and opts.scale != "paper" else {}
+        # The derived config is matched to M0's measured deploy throughput on the run's device (#18), not its FLOPs.
         taylor_prune.run(taylor_prune.Settings(model=model, out=out / "taylor_prune", attention_share=share,
-                                               **target, **_budget(opts, "taylor_prune")))
+                                               match="throughput", device=opts.device, **target,
+                                               **_budget(opts, "taylor_prune")))
 
 
 def _launcher(opts: argparse.Namespace) -> dict[str, Any]:
@@ -169,12 +171,17 @@ def _mhsa_ratio(out: Path, opts: argparse.Namespace) -> None:
         mhsa_ratio.run(mhsa_ratio.Settings(family=[kind], **common, **budget))
 
 
+# The derived configs against M0 at equal measured throughput: seeds enough for a mean and a spread.
+ALLOCATION_SEEDS = (0, 1, 2)
+
+
 def _family(out: Path, opts: argparse.Namespace) -> None:
     budget = dict(_budget(opts, "family"), out=out / "family", **_launcher(opts))
     family.run(family.Settings(**budget))
     # The pruning-derived allocations beside the preset whose FLOPs they were scaled to.
     derived = [str(out / "taylor_prune" / f"{model}_allocation.yaml") for model in _models(opts).values()]
-    family.run(family.Settings(models=["evit_m0"] + derived, name="allocation", **budget))
+    family.run(family.Settings(models=["evit_m0"] + derived, name="allocation", seeds=list(ALLOCATION_SEEDS),
+                               **budget))
 
 
 def _benchmark(out: Path, opts: argparse.Namespace) -> None:
@@ -203,10 +210,11 @@ STEPS = [
 
 @dataclass(frozen=True)
 class Section:
-    """One step's part of the report. `read` gets back from a results folder what the step's claims are judged on
-    (None when the folder lacks the step's results), `judge` turns it into the claims (the analysis's own function)
-    and `render` into the section's markdown: its tables and figures, and the claims where they belong."""
-    step: str
+    """A part of the report, named as its step or a part of one. `read` gets back from a results folder what the
+    section's claims are judged on (None when the folder lacks those results), `judge` turns it into the claims (the
+    analysis's own function) and `render` into the section's markdown: its tables and figures, and the claims
+    where they belong."""
+    name: str
     read: Callable[[Path], Any]
     judge: Callable[[Any], list[Claim]]
     render: Callable[[Path, Any], str]
@@ -288,24 +296,26 @@ def _render_mhsa_ratio(out: Path, summary: pd.DataFrame) -> str:
 
 
 def _render_family(out: Path, trained: pd.DataFrame) -> str:
-    cols = ["model", "params_m", "flops_m", "val_acc", "throughput_cpu", "paper_top1", "paper_v100_img_s"]
+    speed = family.throughput_column(trained)
+    cols = ["model", "params_m", "flops_m", "val_acc", speed, "paper_top1", "paper_v100_img_s"]
     first = trained.iloc[0]
-    text = (f"## The M0-M5 family (Fig. 1 shape)\n\nEach model trained {first.epochs} epochs on {first.limit_train} "
-            f"Fashion-MNIST images at {first.img_size} px (one seed), timed at 224 px (CPU, batch 16, BN folded + "
-            f"traced).\n\n" + markdown_table(trained[cols], ".1f") + _claims_text(family.claims(trained))
-            + "\n![family](family/family.png)\n")
-    derived = _read_csv(out / "family" / "allocation.csv")
-    if derived is None:
-        return text
-    derived["vs_m0_throughput"] = derived.throughput_cpu / derived.throughput_cpu.iat[0]
-    derived["attention_blocks"] = [_attention_blocks(out, m) for m in derived.model]
-    return text + ("\n### Pruning-derived allocations vs M0 at equal FLOPs\n\nThe Taylor-pruning ratios turned into "
-                   "EfficientViT configs (analysis.taylor_prune.allocation_config, scaled to M0's FLOPs; attention in "
-                   "the MHSA-proportion study's best share of the blocks), trained with the same budget and timed the "
-                   "same way.\n\n"
-                   + markdown_table(derived[["model", "params_m", "flops_m", "attention_blocks", "val_acc",
-                                             "throughput_cpu", "vs_m0_throughput"]], ".2f")
-                   + "\n![allocation](family/allocation.png)\n")
+    return (f"## The M0-M5 family (Fig. 1 shape)\n\nEach model trained {first.epochs} epochs on {first.limit_train} "
+            f"Fashion-MNIST images at {first.img_size} px ({family.seeds_text(trained)}), timed at 224 px "
+            f"({family.SPEED_METHOD[speed]}, BN folded + traced).\n\n" + markdown_table(trained[cols], ".1f")
+            + _claims_text(family.claims(trained)) + "\n![family](family/family.png)\n")
+
+
+def _render_allocation(out: Path, derived: pd.DataFrame) -> str:
+    speed = family.throughput_column(derived)
+    derived = derived.assign(vs_m0_throughput=derived[speed] / derived[speed].iat[0],
+                             attention_blocks=[_attention_blocks(out, m) for m in derived.model])
+    cols = [c for c in ("model", "params_m", "flops_m", "attention_blocks", "val_acc", "val_acc_std", "seeds", speed,
+                        "vs_m0_throughput", "pareto") if c in derived]
+    return ("## Pruning-derived allocations against M0\n\nThe Taylor-pruning ratios turned into EfficientViT configs "
+            "(analysis.taylor_prune.allocate, scaled until their measured deploy throughput matches M0's; attention "
+            "in the MHSA-proportion study's best share of the blocks), trained with the family's budget for "
+            f"{family.seeds_text(derived)} and timed the same way.\n\n" + markdown_table(derived[cols], ".2f")
+            + _claims_text(family.allocation_claims(derived)) + "\n![allocation](family/allocation.png)\n")
 
 
 def _attention_blocks(out: Path, model: str) -> str:
@@ -375,6 +385,8 @@ SECTIONS = (
     Section("mhsa_ratio", lambda out: _read_csv(out / "mhsa_ratio" / "summary.csv"), mhsa_ratio.claims,
             _render_mhsa_ratio),
     Section("family", lambda out: _read_csv(out / "family" / "family.csv"), family.claims, _render_family),
+    Section("allocation", lambda out: _read_csv(out / "family" / "allocation.csv"), family.allocation_claims,
+            _render_allocation),
     Section("benchmark", _read_benchmark, _judge_fast_paths, _render_benchmark),
 )
 
@@ -382,8 +394,8 @@ SECTIONS = (
 # --- this run beside the reference ---------------------------------------------------------------------------
 
 def judge_folder(out: Path) -> dict[str, list[Claim]]:
-    """The claims judged on the results in `out`, by step; a step whose results it lacks is left out."""
-    return {section.step: section.judge(data) for section in SECTIONS if (data := section.read(out)) is not None}
+    """The claims judged on the results in `out`, by report section; a section whose results it lacks is left out."""
+    return {section.name: section.judge(data) for section in SECTIONS if (data := section.read(out)) is not None}
 
 
 def beside_reference(out: Path, reference: Path) -> str:
@@ -392,13 +404,13 @@ def beside_reference(out: Path, reference: Path) -> str:
     if out.resolve() == reference.resolve():
         return f"This folder is the reference ({reference}): nothing to set beside it.\n"
     ours, theirs = judge_folder(out), judge_folder(reference)
-    lacking = [step for step in ours if step not in theirs]
+    lacking = [section for section in ours if section not in theirs]
     text = f"The reference ({reference}) lacks the results of {names(lacking)}: left out.\n\n" if lacking else ""
-    compared = [step for step in ours if step in theirs]
+    compared = [section for section in ours if section in theirs]
     if not compared:
         return text or f"This folder holds no results to set beside the reference ({reference}).\n"
-    run = [claim for step in compared for claim in ours[step]]
-    ref = [claim for step in compared for claim in theirs[step]]
+    run = [claim for section in compared for claim in ours[section]]
+    ref = [claim for section in compared for claim in theirs[section]]
     return (text + _side_by_side("claim", {c.claim: c.verdict for c in run}, {c.claim: c.verdict for c in ref})
             + "\n" + _side_by_side("number", _numbers(run), _numbers(ref)))
 

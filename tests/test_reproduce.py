@@ -146,6 +146,25 @@ def test_report_sections_read_the_analysis_csvs(tmp_path):
     assert "## The M0-M5 family" in report and "**confirmed**: the Spearman rank correlation" in report
 
 
+def test_report_judges_the_derived_allocations_against_m0_over_seeds(tmp_path):
+    """The family step's allocation table (M0 and the derived configs, 3 seeds each): its section and claim, and
+    the derived configs' attention blocks read from the pruning step's configs."""
+    from evit import get_preset
+
+    get_preset("m0").replace(mixers=(("none",), ("none", "cga"), ("none", "none", "cga"))).to_file(
+        tmp_path / "taylor_prune" / "deit_proxy_allocation.yaml")
+    write_csv(pd.DataFrame(dict(model=["evit_m0", "deit_proxy_allocation"], params_m=[2.3, 2.6], flops_m=[79, 96],
+                                val_acc=[80.0, 85.0], val_acc_std=[1.0, 1.0], seeds=3, throughput_cpu=[400.0, 410.0],
+                                throughput_cpu_min=[390.0, 400.0], throughput_cpu_max=[410.0, 420.0], epochs=3,
+                                limit_train=20000, img_size=64, pareto=[False, True])),
+              tmp_path / "family" / "allocation.csv")
+    report = reproduce.write_report(tmp_path).read_text()
+    section = report[report.index("## Pruning-derived allocations against M0"):]
+    assert "measured deploy throughput matches M0's" in section and "3 seeds" in section
+    assert "| deit_proxy_allocation |" in section and "| 2/6 |" in section and "1.02" in section  # vs M0's speed
+    assert "**confirmed**: evit_m0 reaches 80.00 ± 1.00%" in section
+
+
 def plant(folder: Path, band_accuracy: float, with_family: bool = True) -> Path:
     """A results folder with the presets table, an MHSA-proportion summary (25% of attention at `band_accuracy`
     against 100% at 80) and, `with_family`, the family table."""
