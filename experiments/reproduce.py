@@ -32,7 +32,7 @@ from analysis import head_similarity, mhsa_ratio, op_profile, taylor_prune
 from analysis.taylor_prune import claims as pruning_claims
 from evit import PRESETS, EfficientViTConfig, get_preset, summary
 from evit.io import markdown_table, save_figure, write_text
-from experiments import benchmark, family
+from experiments import benchmark, family, prune_study
 from experiments.claims import Claim, names
 from experiments.cli import UserError, run_cli, settings_from, settings_parser
 from experiments.launch import Launcher
@@ -65,6 +65,7 @@ BUDGETS = {
         op_profile=dict(iters=2, warmup=1),
         head_similarity=dict(num_images=32),
         taylor_prune=dict(steps=3, batches=4, batch=32, val_images=1000, finetune_epochs=1, finetune_images=4000),
+        prune_study=dict(batches=2, latency_batch=8, finetune_images=2000),
         # Small budgets need a small batch: with 128 the few updates leave evit at chance.
         mhsa_ratio=dict(deit=dict(epochs=2, limit_train=2000, limit_val=1000, batch_size=32, shares=[0.0, 0.25, 0.5, 1.0]),
                         evit=dict(epochs=2, limit_train=1500, limit_val=1000, batch_size=32, shares=[0.0, 0.25, 1.0],
@@ -79,6 +80,7 @@ BUDGETS = {
         op_profile=dict(iters=5),
         head_similarity=dict(num_images=64),
         taylor_prune=dict(batches=8, batch=64, val_images=2000, finetune_epochs=1),
+        prune_study=dict(finetune_epochs=2, finetune_images=10000),
         mhsa_ratio=dict(deit=dict(epochs=4, limit_train=20000), evit=dict(epochs=2, limit_train=5000)),
         family={},
         benchmark=dict(quick=True),
@@ -115,7 +117,7 @@ def _budget(opts: argparse.Namespace, step: str) -> dict[str, Any]:
     if opts.scale == "paper":
         return dict(PAPER_BUDGET.get(step, {}), **({"data": opts.data} if step != "op_profile" else {}))
     budget = BUDGETS[opts.scale]
-    weights = {"weights": budget["weights"]} if step in ("head_similarity", "taylor_prune") else {}
+    weights = {"weights": budget["weights"]} if step in ("head_similarity", "taylor_prune", "prune_study") else {}
     return dict(budget[step], **weights)
 
 
@@ -153,6 +155,12 @@ def _taylor_prune(out: Path, opts: argparse.Namespace) -> None:
         taylor_prune.run(taylor_prune.Settings(model=model, out=out / "taylor_prune", attention_share=share,
                                                match="throughput", device=opts.device, **target,
                                                **_budget(opts, "taylor_prune")))
+
+
+def _prune_study(out: Path, opts: argparse.Namespace) -> None:
+    models = _models(opts)
+    prune_study.run(prune_study.Settings(models=[models["deit"], models["swin"]], device=opts.device,
+                                         out=out / "prune_study", **_launcher(opts), **_budget(opts, "prune_study")))
 
 
 def _launcher(opts: argparse.Namespace) -> dict[str, Any]:
@@ -201,6 +209,8 @@ STEPS = [
     Step("mhsa_ratio", ("mhsa_ratio/{mhsa_first}.csv", "mhsa_ratio/{mhsa_last}.csv"), _mhsa_ratio),
     Step("taylor_prune", ("taylor_prune/{deit}.csv", "taylor_prune/{swin}.csv", "taylor_prune/{evit}.csv"),
          _taylor_prune),
+    # MAC- against latency-targeted pruning of the proxies at equal measured latency (#18): proxy scales only.
+    Step("prune_study", ("prune_study/summary.csv",), _prune_study, ("quick", "standard")),
     Step("family", ("family/family.csv", "family/allocation.csv"), _family),
     Step("benchmark", ("benchmark/{device}.csv",), _benchmark),
 ]
@@ -295,6 +305,17 @@ def _render_mhsa_ratio(out: Path, summary: pd.DataFrame) -> str:
             + "\n![mhsa_ratio](mhsa_ratio/mhsa_ratio.png)\n")
 
 
+def _render_prune_study(out: Path, summary: pd.DataFrame) -> str:
+    cols = ["model", "method", "acc_mean", "acc_std", "seeds", "acc_pruned", "acc_unpruned", "latency_kept",
+            "latency_vs_latency_target", "macs_kept"]
+    return ("## MAC against latency targets at equal measured latency\n\nEach proxy pruned to "
+            f"{summary.target_latency.iat[0]:.2f} of its measured latency (units ranked by importance per ms saved), "
+            "and to the MAC target at which it runs as fast (bisected); both fine-tuned with the same budget per "
+            "seed. Latencies timed on this run's device against the unpruned model, in both call orders.\n\n"
+            + markdown_table(summary[cols], ".3f") + _claims_text(prune_study.claims(summary))
+            + "\n![prune_study](prune_study/prune_study.png)\n")
+
+
 def _render_family(out: Path, trained: pd.DataFrame) -> str:
     speed = family.throughput_column(trained)
     cols = ["model", "params_m", "flops_m", "val_acc", speed, "paper_top1", "paper_v100_img_s"]
@@ -384,6 +405,8 @@ SECTIONS = (
     Section("taylor_prune", _read_taylor_prune, pruning_claims.claims, _render_taylor_prune),
     Section("mhsa_ratio", lambda out: _read_csv(out / "mhsa_ratio" / "summary.csv"), mhsa_ratio.claims,
             _render_mhsa_ratio),
+    Section("prune_study", lambda out: _read_csv(out / "prune_study" / "summary.csv"), prune_study.claims,
+            _render_prune_study),
     Section("family", lambda out: _read_csv(out / "family" / "family.csv"), family.claims, _render_family),
     Section("allocation", lambda out: _read_csv(out / "family" / "allocation.csv"), family.allocation_claims,
             _render_allocation),

@@ -74,7 +74,7 @@ def test_every_step_budget_is_valid_settings(scale, tmp_path, monkeypatch):
     import argparse
 
     from analysis import head_similarity, mhsa_ratio, op_profile, taylor_prune
-    from experiments import benchmark, family
+    from experiments import benchmark, family, prune_study
     from experiments.launch import Launcher
     from experiments.zoo import PROXY_BUDGETS
 
@@ -84,7 +84,7 @@ def test_every_step_budget_is_valid_settings(scale, tmp_path, monkeypatch):
     def refuse(settings) -> None:
         raise Asked(settings)
 
-    for module in (op_profile, head_similarity, taylor_prune, mhsa_ratio, family, benchmark):
+    for module in (op_profile, head_similarity, taylor_prune, mhsa_ratio, prune_study, family, benchmark):
         monkeypatch.setattr(module, "run", refuse)
     opts = argparse.Namespace(scale=scale, device="cpu", data=None, launcher=Launcher())
     for step in reproduce.STEPS:

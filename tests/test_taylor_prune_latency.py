@@ -43,6 +43,7 @@ def quick(**kwargs):
     return LatencyModel(**{**dict(batch=2, points=3, warmup_s=0.01, calls=25), **kwargs})
 
 
+@pytest.mark.timing
 def test_a_slow_group_loses_more_under_a_latency_target_than_under_a_mac_target():
     """To 0.8 of the latency, ranking by importance per ms saved takes only the slow FFN's channels; ranking by
     importance alone, removing the same MACs, takes fewer of them. The result lands near its target (within 20%

@@ -176,9 +176,18 @@ class LatencyModel:
 
     def measure(self, reference: nn.Module, model: nn.Module, images: torch.Tensor) -> tuple[float, float, float]:
         """(median ms of `reference`, of `model`, model / reference as `_ratio`) on `images`."""
+        reference_ms, measured = self.measure_many(reference, {"model": model}, images)
+        return reference_ms, *measured["model"]
+
+    def measure_many(self, reference: nn.Module, models: dict[str, nn.Module], images: torch.Tensor
+                     ) -> tuple[float, dict[str, tuple[float, float]]]:
+        """(median ms of `reference`, {name: (median ms, model / reference as `_ratio`)}) on `images`, every model
+        timed in the same interleaved run: models compared with each other share the machine's load too."""
         inputs = ((images,), {})
-        t = self._time({"reference": (self._on_device(reference), inputs), "model": (self._on_device(model), inputs)})
-        return t["reference"].latency_ms, t["model"].latency_ms, self._ratio(t, "model", "reference")
+        t = self._time({"reference": (self._on_device(reference), inputs),
+                        **{f"model {k}": (self._on_device(m), inputs) for k, m in models.items()}})
+        return t["reference"].latency_ms, {k: (t[f"model {k}"].latency_ms, self._ratio(t, f"model {k}", "reference"))
+                                           for k in models}
 
     def _curve(self, model: nn.Module, index: int, scope: str, inputs: tuple, images: torch.Tensor) -> Curve:
         """Time group `index` of `model` (a prepared model) at `points` widths from full to one channel per head,
