@@ -333,10 +333,18 @@ def _render_allocation(out: Path, derived: pd.DataFrame) -> str:
     cols = [c for c in ("model", "params_m", "flops_m", "attention_blocks", "val_acc", "val_acc_std", "seeds", speed,
                         "vs_m0_throughput", "pareto") if c in derived]
     return ("## Pruning-derived allocations against M0\n\nThe Taylor-pruning ratios turned into EfficientViT configs "
-            "(analysis.taylor_prune.allocate, scaled until their measured deploy throughput matches M0's; attention "
-            "in the MHSA-proportion study's best share of the blocks), trained with the family's budget for "
+            f"(analysis.taylor_prune.allocate, scaled until {_allocation_match(out)}; attention in the "
+            "MHSA-proportion study's best share of the blocks), trained with the family's budget for "
             f"{family.seeds_text(derived)} and timed the same way.\n\n" + markdown_table(derived[cols], ".2f")
             + _claims_text(family.allocation_claims(derived)) + "\n![allocation](family/allocation.png)\n")
+
+
+def _allocation_match(out: Path) -> str:
+    """What the pruning step scaled its derived configs to equal in M0 (its summaries say; FLOPs before --match)."""
+    summaries = [pd.read_csv(p) for p in sorted((out / "taylor_prune").glob("*_summary.csv"))]
+    matches = {m for s in summaries for m in s.get("allocation_match", pd.Series(["flops"]))}
+    return ("their measured deploy throughput matches M0's" if matches == {"throughput"}
+            else "their FLOPs match M0's" if matches <= {"flops"} else f"they match M0 ({', '.join(sorted(matches))})")
 
 
 def _attention_blocks(out: Path, model: str) -> str:

@@ -160,9 +160,12 @@ def test_report_judges_the_derived_allocations_against_m0_over_seeds(tmp_path):
               tmp_path / "family" / "allocation.csv")
     report = reproduce.write_report(tmp_path).read_text()
     section = report[report.index("## Pruning-derived allocations against M0"):]
-    assert "measured deploy throughput matches M0's" in section and "3 seeds" in section
+    assert "until their FLOPs match M0's" in section and "3 seeds" in section  # no pruning summary: before --match
     assert "| deit_proxy_allocation |" in section and "| 2/6 |" in section and "1.02" in section  # vs M0's speed
     assert "**confirmed**: evit_m0 reaches 80.00 ± 1.00%" in section
+    write_csv(pd.DataFrame(dict(model=["deit_proxy"], allocation_match=["throughput"])),
+              tmp_path / "taylor_prune" / "deit_proxy_summary.csv")
+    assert reproduce._allocation_match(tmp_path) == "their measured deploy throughput matches M0's"
 
 
 def plant(folder: Path, band_accuracy: float, with_family: bool = True) -> Path:
