@@ -10,6 +10,7 @@ from experiments import launch, prune_study
 from experiments.claims import CONFIRMED, INCONCLUSIVE, REFUTED
 from tests.test_taylor_prune import batches
 from tests.test_taylor_prune_latency import quick, with_a_slow_ffn
+from tests.test_train import one_line_error
 
 
 @pytest.mark.timing
@@ -98,7 +99,4 @@ def test_a_second_run_prunes_and_trains_nothing(tmp_path, monkeypatch):
 ])
 def test_bad_flags_are_one_line_and_exit_2(flags, message, capsys, monkeypatch):
     monkeypatch.setattr(prune_study, "measure_model", lambda *a: pytest.fail("ran past its checks"))
-    with pytest.raises(SystemExit) as exit:
-        prune_study.main(flags)
-    err = capsys.readouterr().err
-    assert exit.value.code == 2 and message in err and len(err.strip().splitlines()) == 1
+    assert message in one_line_error(capsys, flags, prune_study.main)
