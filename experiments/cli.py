@@ -32,6 +32,7 @@ def option(default: Any, help: str, *, flags: Sequence[str] = (), **argparse_kwa
     """A settings field and its --flag: `help` (the default is appended), the flag's names (`flags`; default the
     field's name, --like-this) and any add_argument keyword (choices, metavar, nargs, const). A list default is
     copied per instance; on the command line a list is comma-separated."""
+    help = help.replace("%", "%%")  # argparse formats help strings with %: a percentage is text, not a format
     metadata = {"help": help if isinstance(default, (dict, list)) else f"{help} (default: {default})",
                 "flags": tuple(flags), **argparse_kwargs}
     if isinstance(default, (dict, list)):
