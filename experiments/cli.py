@@ -32,8 +32,9 @@ def option(default: Any, help: str, *, flags: Sequence[str] = (), **argparse_kwa
     """A settings field and its --flag: `help` (the default is appended), the flag's names (`flags`; default the
     field's name, --like-this) and any add_argument keyword (choices, metavar, nargs, const). A list default is
     copied per instance; on the command line a list is comma-separated."""
-    help = help.replace("%", "%%")  # argparse formats help strings with %: a percentage is text, not a format
-    metadata = {"help": help if isinstance(default, (dict, list)) else f"{help} (default: {default})",
+    text = help if isinstance(default, (dict, list)) else f"{help} (default: {default})"
+    # argparse formats help strings with %: a percentage in the text is text, not a format.
+    metadata = {"help": text.replace("%", "%%"),
                 "flags": tuple(flags), **argparse_kwargs}
     if isinstance(default, (dict, list)):
         return field(default_factory=lambda: type(default)(default), metadata=metadata)
