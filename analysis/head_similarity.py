@@ -6,7 +6,9 @@ Nq x Nk, per image and per window) to the other heads of the site, averaged over
 raw (the paper's measure) and centred (each query's uniform distribution over the keys it can see, 1/Nk unless a
 mask hides some, as Swin's shifted windows do, removed first: near-uniform maps, as at random init, give raw
 ~0.999 for every pair), next to a random-init baseline of the same architecture over several seeds (mean, std).
-Sites whose queries see a single key get NaN. Maps are read from any family by analysis.attention_capture.
+A uniform map (a window of identical tokens, e.g. blank background, in a head without position bias; any map of
+a site whose queries see a single key) centres to the zero vector, which has no cosine: it is left out, and a head
+with no map left gets NaN. Maps are read from any family by analysis.attention_capture.
 
     python -m analysis.head_similarity --model deit_tiny --weights pretrained
     python -m analysis.head_similarity --model deit_proxy,swin_proxy        # trained proxies, side by side
@@ -42,18 +44,36 @@ METRICS = ("max_cos_raw", "max_cos_centred")
 # ------------------------------------------------------------------------------------------------ similarity
 
 
+def uniform_part(maps: torch.Tensor, visible: Optional[torch.Tensor] = None) -> torch.Tensor | float:
+    """What centring removes from (B, H, Nq, Nk) maps: each query's uniform distribution over the keys it can see,
+    1/Nk, or over `visible` (bool, broadcastable to the maps) where a mask hides keys (Swin's shifted windows)."""
+    return 1.0 / maps.shape[-1] if visible is None else visible / visible.sum(-1, keepdim=True)
+
+
 def pairwise_cosine(maps: torch.Tensor, centred: bool = False, visible: Optional[torch.Tensor] = None
                     ) -> torch.Tensor:
     """(B, H, N, N) attention maps -> (B, H, H) cosine similarity of the heads' flattened maps, per map.
 
-    `centred` subtracts from each query's row the uniform distribution over the keys it can see: 1/N, or over
-    `visible` (B, 1, N, N) where a mask hides keys (Swin's shifted windows), so the mask shared by all heads
-    does not count as similarity. The cosine is taken in float64: identical heads give 1 to ~1e-15.
+    `centred` subtracts `uniform_part` first, so that near-uniform maps (random init) and the mask shared by all
+    heads do not count as similarity. The cosine is taken in float64: identical heads give 1 to ~1e-15. A uniform
+    map centres to the zero vector, whose cosine is undefined; here it comes out 0 (`is_uniform` tells them apart).
     """
     if centred:  # in the maps' dtype, so a softmax of equal logits becomes exactly 0, not rounding noise
-        maps = maps - (1.0 / maps.shape[-1] if visible is None else visible / visible.sum(-1, keepdim=True))
-    x = F.normalize(maps.flatten(2).double(), dim=-1)  # a uniform head becomes the zero vector: similarity 0
+        maps = maps - uniform_part(maps, visible)
+    x = F.normalize(maps.flatten(2).double(), dim=-1)
     return x @ x.transpose(1, 2)
+
+
+def is_uniform(maps: torch.Tensor, visible: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """(B, H, Nq, Nk) maps -> (B, H) bool: which maps are exactly their uniform part on every key their queries can
+    see, so that their centred form is the zero vector and has no cosine with anything. A window of identical
+    tokens (blank background) gives one in every head that adds no position bias: identical keys, equal logits.
+    What hidden keys keep (~1e-44 under Swin's -100 mask) is not attention and does not count.
+    """
+    centred = maps - uniform_part(maps, visible)
+    if visible is not None:
+        centred = centred.masked_fill(~visible, 0)
+    return centred.flatten(2).eq(0).all(-1)
 
 
 def _others(sim: torch.Tensor) -> torch.Tensor:
@@ -63,23 +83,33 @@ def _others(sim: torch.Tensor) -> torch.Tensor:
 
 
 def max_other(sim: torch.Tensor) -> torch.Tensor:
-    """(..., H, H) similarities -> (..., H) maximum over the other heads (NaN for a block with one head)."""
+    """(..., H, H) similarities (-inf: undefined) -> (..., H) maximum over the other heads, NaN where there is
+    none (a block with one head, or every similarity undefined)."""
     values = _others(sim).amax(-1)
     return values.masked_fill(values.isneginf(), float("nan"))
 
 
 def most_similar(sim: torch.Tensor) -> list[Optional[int]]:
-    """(H, H) mean similarities -> for each head the most similar other head (None for a block with one head)."""
-    if sim.shape[-1] < 2:
-        return [None] * sim.shape[-1]
-    return _others(sim).argmax(-1).tolist()
+    """(H, H) mean similarities (NaN: never defined) -> for each head the most similar other head (None where
+    there is no other head, or no defined similarity to one)."""
+    others = _others(sim.nan_to_num(nan=float("-inf")))
+    best, index = others.max(-1)
+    return [None if value.isneginf() else int(i) for value, i in zip(best, index)]
 
 
 def _sums(captured: CapturedMaps) -> dict[str, torch.Tensor]:
-    """Sums over one batch of maps: each metric per head (H,), centred similarities (H, H), number of maps."""
-    raw, centred = pairwise_cosine(captured.maps), pairwise_cosine(captured.maps, True, captured.visible)
-    return {"max_cos_raw": max_other(raw).sum(0), "max_cos_centred": max_other(centred).sum(0),
-            "pairs": centred.sum(0), "count": torch.tensor(len(raw))}
+    """Sums over one batch of maps: each metric per head (H,), the maps each metric's sum holds per head (H,),
+    centred similarities (H, H) and how many maps each pair's sum holds (H, H), the number of maps.
+
+    A centred similarity involving a uniform map (`is_uniform`) is undefined and left out of every sum."""
+    maps, visible = captured
+    raw, centred = pairwise_cosine(maps), pairwise_cosine(maps, True, visible)
+    defined = ~is_uniform(maps, visible)
+    pair_defined = defined[:, :, None] & defined[:, None, :]
+    centred_max = max_other(centred.masked_fill(~pair_defined, float("-inf")))
+    return {"max_cos_raw": max_other(raw).sum(0), "max_cos_centred": centred_max.nansum(0),
+            "centred_maps": centred_max.isfinite().sum(0), "pairs": centred.masked_fill(~pair_defined, 0).sum(0),
+            "pair_maps": pair_defined.sum(0), "count": torch.tensor(len(raw))}
 
 
 @torch.no_grad()
@@ -88,6 +118,10 @@ def head_similarity(model: nn.Module, images: torch.Tensor, batch_size: int = 16
     head of the site, averaged over `images` and windows, the head it resembles most (by mean centred
     similarity), and the site's layout (heads, query and key tokens, maps per image). Sites attending over a
     single key get NaN (one key: every map is 1).
+
+    The centred maximum of a map is over the other heads whose maps are not uniform (`is_uniform`); a map that is
+    uniform, or whose every other head's is, has none and is left out of the head's mean
+    (`centred_maps_left_out` counts them; NaN when every map is).
     """
     model.eval()
     sums: dict[str, dict[str, torch.Tensor]] = {}
@@ -103,12 +137,16 @@ def head_similarity(model: nn.Module, images: torch.Tensor, batch_size: int = 16
     rows = []
     for block, (name, acc) in enumerate(sums.items()):
         (heads, queries, keys), count = layouts[name], int(acc["count"])
-        closest = most_similar(acc["pairs"] / count) if keys > 1 else [None] * heads
+        raw = acc["max_cos_raw"] / count if keys > 1 else torch.full((heads,), float("nan"))
+        centred = acc["max_cos_centred"] / acc["centred_maps"]  # 0 / 0: NaN for a head with no defined map
+        # With two or more heads a map lacks a centred maximum only when it, or every other head's, is uniform.
+        left_out = count - acc["centred_maps"] if heads > 1 else torch.zeros(heads, dtype=torch.long)
+        closest = most_similar(acc["pairs"] / acc["pair_maps"])
         for head in range(heads):
-            metrics = {m: float(acc[m][head] / count) if keys > 1 else float("nan") for m in METRICS}
             rows.append(dict(block=block, module=name, module_type=module_types[name], head=head, num_heads=heads,
                              query_tokens=queries, key_tokens=keys, maps_per_image=count // len(images),
-                             **metrics, most_similar_head=closest[head]))
+                             max_cos_raw=float(raw[head]), max_cos_centred=float(centred[head]),
+                             centred_maps_left_out=int(left_out[head]), most_similar_head=closest[head]))
     return pd.DataFrame(rows)
 
 
@@ -284,6 +322,16 @@ def summarize(df: pd.DataFrame) -> str:
     return f"{df.model.iat[0]} ({df.weights.iat[0]}, {df.num_images.iat[0]} images): mean {means}"
 
 
+def left_out_summary(df: pd.DataFrame) -> str:
+    """One line: how many of a model's maps the centred means left out (uniform maps have no cosine), and the
+    sites left with no defined centred map at all (NaN)."""
+    maps = df.maps_per_image * df.num_images
+    left_out, total = int(df.centred_maps_left_out.sum()), int(maps[df.num_heads > 1].sum())
+    empty = df.centred_maps_left_out.eq(maps).groupby(df.module, sort=False).all()
+    line = f"{df.model.iat[0]}: {left_out} of {total} centred maps left out (uniform: no cosine)"
+    return line + (f"; no map left, NaN: {', '.join(empty.index[empty])}" if empty.any() else "")
+
+
 def run(settings: Settings) -> list[pd.DataFrame]:
     """Every model's head similarities (one CSV each) and the side-by-side figure, in settings.out."""
     settings.check()
@@ -298,6 +346,7 @@ def run(settings: Settings) -> list[pd.DataFrame]:
         df = model_similarity(name, settings.weights, settings.data, settings.num_images, settings.batch,
                               settings.seeds, settings.img_size, settings.data_dir)
         print(f"{summarize(df)}  -> {write_csv(df, out / f'{df.model.iat[0]}.csv')}")
+        print(left_out_summary(df))
         frames.append(df)
     figure = out / f"{'_vs_'.join(df.model.iat[0] for df in frames)}.png"
     print(f"figure -> {save_figure(plot(frames), figure)}")

@@ -5,6 +5,7 @@ import pandas as pd
 import pytest
 import timm
 import torch
+import torch.nn.functional as F
 from timm.models.swin_transformer import SwinTransformer
 from timm.models.vision_transformer import VisionTransformer
 
@@ -336,10 +337,125 @@ def test_independent_of_batch_size(make, size):
     pd.testing.assert_frame_equal(small[columns], whole[columns], atol=1e-5, rtol=0)
 
 
+# ------------------------------------------------------------------------------ uniform maps: no cosine
+
+
+def test_uniform_maps_told_apart_from_near_uniform_ones():
+    """A softmax of equal logits over the keys a query sees is uniform, also beside Swin's -100 mask (hidden keys
+    keep ~1e-44, not 0); logits spread by 1e-6, as in evit_m0's second stage at random init, are not."""
+    torch.manual_seed(0)
+    logits = torch.zeros(3, 2, 16, 16)
+    logits[1, :, :, 8:] = -100
+    logits[2, 1] = 1e-6 * torch.randn(16, 16)
+    visible = (logits[:, :1] > -100).expand(3, 2, 16, 16)
+    assert hs.is_uniform(logits.softmax(-1), visible).tolist() == [[True, True], [True, True], [True, False]]
+
+
+def identical_heads_swin_without_bias() -> torch.nn.Module:
+    """tiny_swin with head 1 = head 0 and no position bias: a window of identical tokens gets uniform maps."""
+    model = tiny_swin()
+    for block in model.layers[0].blocks:
+        attn, dim = block.attn, block.attn.qkv.in_features
+        for offset in (0, dim):  # q, then k
+            copy_head(attn.qkv, dim // 2, offset)
+        attn.relative_position_bias_table.data.zero_()
+    return model
+
+
+def blank_window_images() -> torch.Tensor:
+    """3 images of 8x8 tokens in 4x4 windows: image 1 blank, image 2 blank on its left half. Blank windows: 4 + 2
+    in the first block; in the second (shifted by 2 tokens) the 4 of image 1, no shifted window of image 2 lies in
+    its blank half."""
+    x = images(3, 16)
+    x[1] = 0.3
+    x[2, :, :, :8] = -0.5
+    return x
+
+
+def mean_max_cosine_counting_uniform_as_0(model: torch.nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The centred measure straight from its definition, a uniform map counting as similarity 0 to every head:
+    per map each head's maximum cosine to another head, mean over all maps."""
+    with capture_attention(model) as capture:
+        model(x)
+        captured = capture.take()
+    means = {}
+    for name, (maps, visible) in captured.items():
+        uniform = 1 / maps.shape[-1] if visible is None else visible / visible.sum(-1, keepdim=True)
+        flat = (maps - uniform).flatten(2).double()
+        cos = F.cosine_similarity(flat[:, :, None], flat[:, None], dim=-1)  # a zero vector gives 0
+        means[name] = cos.diagonal_scatter(torch.full(cos.shape[:2], -torch.inf, dtype=cos.dtype), 0, 1, 2
+                                           ).amax(-1).mean(0)
+    return means
+
+
+def test_identical_heads_on_blank_windows_are_identical():
+    """Planted: identical heads. The blank windows' maps are uniform; left out of the centred mean, the rest give
+    exactly 1, where counting them as 0 gives 0.5 and 0.67."""
+    model, x = identical_heads_swin_without_bias(), blank_window_images()
+    df = head_similarity(model, x, batch_size=3)
+    assert df.max_cos_raw.to_numpy() == pytest.approx(1, abs=1e-6)
+    assert df.max_cos_centred.to_numpy() == pytest.approx(1, abs=1e-6)
+    assert df.most_similar_head.tolist() == [1, 0, 1, 0]
+    counted_as_0 = mean_max_cosine_counting_uniform_as_0(model, x)
+    assert [v.tolist() for v in counted_as_0.values()] == [pytest.approx([6 / 12] * 2), pytest.approx([8 / 12] * 2)]
+
+
+def test_left_out_maps_are_the_blank_windows_of_every_head():
+    df = head_similarity(identical_heads_swin_without_bias(), blank_window_images(), batch_size=2)
+    assert df.centred_maps_left_out.tolist() == [6, 6, 4, 4]  # blank windows, per head (2 heads a site)
+    assert (df.maps_per_image == 4).all()
+
+
+def test_all_maps_uniform_gives_nan_and_says_so():
+    x = blank_window_images()[1:2].expand(2, -1, -1, -1)  # two blank images: every map uniform
+    df = head_similarity(identical_heads_swin_without_bias(), x)
+    assert df.max_cos_centred.isna().all() and df.most_similar_head.isna().all()
+    assert df.max_cos_raw.to_numpy() == pytest.approx(1, abs=1e-6)
+    assert (df.centred_maps_left_out == 8).all()
+    df["model"], df["num_images"] = "planted", 2
+    assert hs.left_out_summary(df) == ("planted: 32 of 32 centred maps left out (uniform: no cosine); no map left, "
+                                       "NaN: layers.0.blocks.0.attn, layers.0.blocks.1.attn")
+
+
+class FixedMaps(torch.nn.Module):
+    """Attention whose maps are softmax(`logits`) (H, N, N) for every image."""
+
+    def __init__(self, logits: torch.Tensor):
+        super().__init__()
+        self.logits = logits
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.logits.expand(len(x), *self.logits.shape).softmax(-1)
+
+
+def test_a_uniform_head_is_no_other_heads_neighbour():
+    """Planted: head 0 attends to key 0, head 1 to key 1, head 2 uniformly. Heads 0 and 1 are each other's
+    closest, at the disjoint heads' -1/(n-1) (a uniform head counted as 0 would make it 0); head 2 has none."""
+    n = 5
+    logits = torch.zeros(3, n, n)
+    logits[0, :, 0] = logits[1, :, 1] = 50
+    df = head_similarity(FixedMaps(logits), torch.zeros(4, 1), batch_size=3)
+    assert df.max_cos_centred.tolist()[:2] == pytest.approx([-1 / (n - 1)] * 2, abs=1e-9)
+    assert np.isnan(df.max_cos_centred.iat[2])
+    assert df.centred_maps_left_out.tolist() == [0, 0, 4] and df.most_similar_head.tolist()[:2] == [1, 0]
+    assert np.isnan(df.most_similar_head.iat[2])
+
+
+@pytest.mark.parametrize("make, size", [(tiny_vit, 16), (tiny_swin, 16), (lambda: tiny_evit("cga"), 64),
+                                        (identical_heads_swin_without_bias, 16)])
+def test_without_uniform_maps_the_measure_is_unchanged(make, size):
+    """Random images leave no map uniform: nothing is left out, and the centred means are the definition's."""
+    model, x = make(), images(3, size)
+    df = head_similarity(model, x, batch_size=3)  # one forward, as the reference's: the same maps to the bit
+    assert (df.centred_maps_left_out == 0).all()
+    expected = torch.cat(list(mean_max_cosine_counting_uniform_as_0(model, x).values()))
+    np.testing.assert_allclose(df.max_cos_centred, expected, rtol=0, atol=1e-9)
+
+
 # ---------------------------------------------------------------------------------------------------- CLI
 
 
-def test_cli_writes_csv_and_figure(tmp_path):
+def test_cli_writes_csv_and_figure(tmp_path, capsys):
     config = tmp_path / "tiny_mhsa.yaml"
     config.write_text("".join(f"{k}: {list(v) if isinstance(v, tuple) else v}\n" for k, v in EVIT_TINY.items())
                       + "mixers: mhsa\n")
@@ -352,6 +468,9 @@ def test_cli_writes_csv_and_figure(tmp_path):
     assert len(csv) == len(df) == 2 and (csv.weights == "random").all() and (csv.num_images == 3).all()
     assert (csv.baseline_seeds == 2).all() and csv.baseline_raw_std.notna().all()
     assert (tmp_path / "tiny_mhsa_vs_tiny_mhsa.png").stat().st_size > 0
+    maps = 2 * 3 * int(csv.maps_per_image.iat[0])  # heads x images x windows
+    assert (f"tiny_mhsa: {csv.centred_maps_left_out.sum()} of {maps} centred maps left out (uniform: no cosine)\n"
+            in capsys.readouterr().out)
 
 
 def test_random_weights_are_the_baselines_seed_0_computed_once(monkeypatch):
