@@ -42,6 +42,7 @@ from experiments.claims import CONFIRMED, REFUTED, Claim, names
 from experiments.cli import UserError, option, parse_settings, run_cli
 from experiments.models import check_model, create_model, is_config_file, model_img_size, skeleton
 from experiments.timing import synchronizer
+from experiments.zoo import check_weights, resolve_model
 
 # The one table of operator classes. Each class: (memory-bound in the paper's sense, FLOPs per output element
 # for ops torch.utils.flop_counter does not count, aten op names). Unknown ops land in "other" and are listed.
@@ -521,6 +522,9 @@ class Settings:
     threads: int = option(1, "CPU threads (the paper's CPU setting is 1)")
     fused: bool = option(False, "evit deploy mode: BN folded, traced and frozen")
     fused_attn: bool = option(False, "keep timm's fused attention (SDPA); off: q@k^T, softmax, @v as separate ops")
+    weights: str = option("random", "random (the model as built: the profile depends on its widths, not its weights) "
+                          "or a checkpoint PATH of the model, e.g. a pruned model of analysis.taylor_prune "
+                          "--save-model, profiled at its pruned widths")
     peak_gflops: Optional[float] = option(None, "device peak GFLOP/s (None: measured)")
     peak_gbs: Optional[float] = option(None, "device bandwidth GB/s (None: measured)")
     trace: bool = option(False, "also write a Chrome trace per model (.json)")
@@ -539,6 +543,8 @@ def run(settings: Settings) -> list[OpProfile]:
     """Profile every model of `settings`, write its tables (and traces) and the figure into settings.out."""
     settings.check()
     check_inputs(settings.models, settings.device, settings.fused)
+    for name in settings.models:
+        check_weights(name, settings.weights)
     torch.set_num_threads(settings.threads)
     out = Path(settings.out)
     suffix = settings.device + ("_fused" if settings.fused else "")
@@ -550,7 +556,8 @@ def run(settings: Settings) -> list[OpProfile]:
     for name in settings.models:
         stem = Path(name).stem if is_config_file(name) else name
         trace = out / f"{stem}_{suffix}_trace.json" if settings.trace else None
-        prof = profile_model(name, settings.batch, settings.img_size, settings.iters, settings.warmup,
+        model = name if settings.weights == "random" else resolve_model(name, settings.weights)[0]
+        prof = profile_model(model, settings.batch, settings.img_size, settings.iters, settings.warmup,
                              settings.device, settings.fused, peaks, trace, name=stem, fused_attn=settings.fused_attn)
         ops_csv = write_csv(prof.ops.round(6), out / f"{stem}_{suffix}.csv")
         write_csv(prof.classes.round(6), out / f"{stem}_{suffix}_classes.csv")

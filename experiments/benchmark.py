@@ -8,10 +8,13 @@ of `--repeats` timed windows (min and max kept).
     python -m experiments.benchmark --models evit_m0,efficientvit_m0,mobilenetv3_large_100 --device cpu --quick
     python -m experiments.benchmark --fast-path --with-compile   # evit.deploy vs timm's port and ONNX Runtime
     python -m experiments.benchmark --levers                     # evit.deploy's levers one at a time (M0)
+    python -m experiments.benchmark --models deit_proxy --weights pruned.pth   # a pruned model beside its unpruned form
 """
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
 import re
 import tempfile
 import time
@@ -31,7 +34,8 @@ from evit.io import save_figure, write_csv
 from evit.summary import count_flops, count_params
 from experiments.claims import MET, NOT_MET, Claim
 from experiments.cli import UserError, option, parse_settings, run_cli
-from experiments.models import check_model, create_model
+from experiments.models import check_model, create_model, model_img_size
+from experiments.zoo import check_weights, load_model, weights_kwargs
 from experiments.timing import (Timing, describe_machine, peak_memory_mb, synchronizer, time_callable,
                                 time_interleaved)
 
@@ -60,15 +64,24 @@ def device_stem(device: str) -> str:
                           name.split()[-1]).lower()
 
 
-def fold_batchnorm(model: nn.Module) -> tuple[nn.Module, bool]:
+def fold_batchnorm(model: nn.Module, example: Optional[torch.Tensor] = None) -> tuple[nn.Module, bool]:
     """The official method folds BN. evit and timm's EfficientViT port carry `fuse()` methods; other models
-    go through torch.fx's conv-bn folding when they trace, and run unfolded otherwise (reported)."""
+    go through torch.fx's conv-bn folding when they trace (and, given an `example` input, the folded graph gives
+    the model's outputs on it), and run unfolded otherwise (reported)."""
     if any(callable(getattr(m, "fuse", None)) for m in model.modules() if m is not model):
         return evit.fuse(model), True
     try:
         from torch.fx.experimental.optimization import fuse as fx_fuse
 
-        return fx_fuse(model), True
+        folded = fx_fuse(model)
+        if example is not None:
+            # FX traces Python branches on an argument once, with the argument a placeholder: `if mask is not None`
+            # is taken even when the call passes None (a pruned model's split attention), and the graph is wrong.
+            # (A failing FX graph prints its own traceback before raising: kept off the command's output.)
+            with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
+                if not torch.allclose(folded(example), model(example), rtol=1e-4, atol=1e-5):
+                    return model, False
+        return folded, True
     except Exception:  # noqa: BLE001 - FX cannot trace some models; they are measured unfolded
         return model, False
 
@@ -124,11 +137,13 @@ def paper_reference(model_name: str, device: str, backend: str) -> tuple[Optiona
 
 def benchmark_model(name: str, device: str = "cpu", batches: tuple[int, ...] = (16, 1),
                     backends: tuple[str, ...] = ("trace", "onnxruntime"), img_size: int = 224,
-                    warmup_s: float = 5.0, seconds: float = 10.0, repeats: int = 3) -> list[dict]:
-    """All rows (one per batch size and backend) for one model."""
-    unfolded = create_model(name, pretrained=False).eval().to(device)
+                    warmup_s: float = 5.0, seconds: float = 10.0, repeats: int = 3,
+                    model: Optional[nn.Module] = None) -> list[dict]:
+    """All rows (one per batch size and backend) for one model: `model` under the name `name` when given (no
+    paper reference then: it is not the paper's model), else `name` built with random weights."""
+    unfolded = (create_model(name, pretrained=False) if model is None else model).eval().to(device)
     params_m = count_params(unfolded) / 1e6
-    model, folded = fold_batchnorm(unfolded)
+    model, folded = fold_batchnorm(unfolded, torch.randn(1, 3, img_size, img_size, device=device))
     flops_m = count_flops(model.cpu(), img_size) / 1e6
     model = model.to(device)
     amp = device == "cuda"
@@ -149,7 +164,7 @@ def benchmark_model(name: str, device: str = "cpu", batches: tuple[int, ...] = (
             except Exception as e:  # noqa: BLE001 - one backend failing on one model must not stop the table
                 print(f"  {name} {backend} batch {batch}: failed ({type(e).__name__}: {str(e)[:120]})")
                 continue
-            paper, paper_hw = paper_reference(name, device, backend)
+            paper, paper_hw = paper_reference(name, device, backend) if model is None else (None, "")
             rows.append(dict(
                 model=name, device=device, backend=backend, batch=batch, threads=torch.get_num_threads(),
                 amp=amp, bn_folded=folded, throughput=timing.throughput, throughput_min=timing.throughput_min,
@@ -346,7 +361,7 @@ class Settings:
                                                  f"trace,onnxruntime on CPU, trace on CUDA)")
     batch: Optional[int] = option(None, "main batch (None: 16 on CPU, 2048 on CUDA)")
     threads: int = option(1, "CPU threads (the paper uses 1)")
-    img_size: int = option(224, "input size")
+    img_size: Optional[int] = option(None, "input size (None: 224, or with --weights the model's own)")
     repeats: int = option(3, "timed windows per measurement")
     seconds: float = option(10.0, "length of one timed window")
     warmup: float = option(5.0, "warm-up seconds")
@@ -360,6 +375,10 @@ class Settings:
                                "batches)")
     levers: bool = option(False, "add evit.deploy's levers one at a time on the first evit preset among --models "
                           "(M0 by default), beside timm eager and ONNX Runtime; writes levers_<device>.csv")
+    weights: Optional[str] = option(None, "a checkpoint of the one model --models names, e.g. a pruned model of "
+                                          "analysis.taylor_prune --save-model: timed beside that model unpruned "
+                                          "(random weights, the recorded creation kwargs), every backend of the "
+                                          "table (ONNX export included)")
     out: Path = option(Path("results/benchmark"), "output folder")
 
     def check(self) -> None:
@@ -375,6 +394,11 @@ class Settings:
             raise UserError(f"unknown backend(s) {', '.join(unknown)}; valid: {', '.join(BACKENDS)}")
         for model in self.models:
             check_model(model)
+        if self.weights is not None:
+            if self.fast_path or self.levers or len(self.models) != 1:
+                raise UserError(f"--weights times one model beside its unpruned form: pass one --models (got "
+                                f"{len(self.models)}) and neither --fast-path nor --levers")
+            check_weights(self.models[0], self.weights)
 
 
 def run(settings: Settings) -> pd.DataFrame:
@@ -389,11 +413,12 @@ def run(settings: Settings) -> pd.DataFrame:
     default_batch = MAIN_BATCH[settings.device]
     main_batch = settings.batch or default_batch
     machine = describe_machine(settings.device, settings.threads)
+    img_size = settings.img_size or 224
     print(f"machine: {machine}")
 
     if settings.levers:
         preset = next((m.removeprefix("evit_") for m in settings.models if m.startswith("evit_m")), "m0")
-        df = lever_table(preset, main_batch, settings.img_size, warmup, seconds, repeats)
+        df = lever_table(preset, main_batch, img_size, warmup, seconds, repeats)
         write_csv(df.assign(machine=machine).round(4), out / f"levers_{settings.device}.csv")
         print(df[["variant", "throughput", "gain", "ratio_vs_onnxruntime", "kept", "compile_s"]].to_string(
             index=False, float_format=lambda v: f"{v:.3g}"))
@@ -410,7 +435,7 @@ def run(settings: Settings) -> pd.DataFrame:
             write_csv(table.assign(machine=machine).round({c: 4 for c in timing_columns}),
                       out / f"fast_path_{stem}{batch_suffix}.csv")
 
-        df = fast_path_table(presets or tuple(f"m{i}" for i in range(6)), main_batch, settings.img_size,
+        df = fast_path_table(presets or tuple(f"m{i}" for i in range(6)), main_batch, img_size,
                              warmup, seconds, repeats, settings.with_compile, device=settings.device,
                              cuda_graphs=settings.cuda_graphs, on_preset=save).assign(machine=machine)
         print(df[["model", "variant", "throughput", "ratio_vs_timm_eager", "ratio_vs_onnxruntime",
@@ -420,10 +445,17 @@ def run(settings: Settings) -> pd.DataFrame:
 
     from tqdm import tqdm
 
+    models: dict[str, Optional[nn.Module]] = dict.fromkeys(settings.models)  # None: built with random weights
+    if settings.weights is not None:
+        name = settings.models[0]
+        weighted = load_model(name, settings.weights)
+        models = {name: create_model(name, **weights_kwargs(name, settings.weights)),
+                  f"{name} ({settings.weights})": weighted}
+        img_size = settings.img_size or model_img_size(weighted)
     rows = []
-    for name in tqdm(settings.models, desc="benchmark", unit="model"):
-        rows += benchmark_model(name, settings.device, (main_batch, 1), backends, settings.img_size, warmup,
-                                seconds, repeats)
+    for name, model in tqdm(models.items(), desc="benchmark", unit="model"):
+        rows += benchmark_model(name, settings.device, (main_batch, 1), backends, img_size, warmup, seconds,
+                                repeats, model)
         if rows:  # saved after each model: a run stopped midway keeps the models it finished
             write_csv(pd.DataFrame(rows).assign(machine=machine).round(3), out / f"{stem}.csv")
     df = pd.DataFrame(rows).assign(machine=machine)

@@ -1,8 +1,11 @@
-"""DeiT-style distillation (Touvron et al. 2021), as EfficientViT's official recipe runs it.
+"""DeiT-style distillation (Touvron et al. 2021), as EfficientViT's official recipe runs it, and knowledge
+distillation on the class logits (Hinton et al. 2015) from a teacher given as a module (a pruned model's unpruned
+form, as NViT fine-tunes).
 
 A student with a distillation head returns (class logits, distillation logits) in training: the class head learns
 the labels, the distillation head the output of a frozen teacher, and evaluation averages the two heads (the model's
-own eval forward). Without a teacher the class head's loss is the whole loss.
+own eval forward). A student without one, taught by a teacher module, learns the labels and the teacher's softened
+output with its class logits. Without a teacher the class head's loss is the whole loss.
 """
 from __future__ import annotations
 
@@ -34,13 +37,14 @@ TEACHER_WEIGHTS_HELP = ("weights of a teacher given by name: a checkpoint file (
                         "hub's pretrained weights")
 
 
-def soft_distillation(student: torch.Tensor, teacher: torch.Tensor, tau: float) -> torch.Tensor:
+def soft_distillation(student: torch.Tensor, teacher: torch.Tensor, tau: float, per: str = "logit") -> torch.Tensor:
     """KL divergence of the tau-softened distributions times tau^2, summed and divided by the number of logits
-    (batch x classes) as DeiT's and EfficientViT's code do; timm's TokenDistillationTask divides by the batch, which
-    weighs this term `classes` times more at the same alpha."""
+    (per='logit': batch x classes) as DeiT's and EfficientViT's code do for a distillation head, or by the batch
+    (per='image': Hinton et al.'s KD on the class logits, on the scale of the label loss it shares them with; timm's
+    TokenDistillationTask does the same), which weighs this term `classes` times more at the same alpha."""
     kl = F.kl_div(F.log_softmax(student / tau, dim=1), F.log_softmax(teacher / tau, dim=1), reduction="sum",
                   log_target=True)
-    return kl * tau * tau / student.numel()
+    return kl * tau * tau / (student.numel() if per == "logit" else len(student))
 
 
 def hard_distillation(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
@@ -50,24 +54,29 @@ def hard_distillation(student: torch.Tensor, teacher: torch.Tensor) -> torch.Ten
 
 class DistillationLoss(nn.Module):
     """(1 - alpha) * base(class logits, targets) + alpha * distillation(distillation logits, teacher(inputs));
-    `base` alone without a teacher. The teacher runs in eval mode without gradients, on the student's (possibly
-    mixed) inputs, under the caller's autocast."""
+    `base` alone without a teacher. `on_logits`: the student has no distillation head, and its class logits take
+    the distillation term too (soft: divided by the batch, see soft_distillation). The teacher runs in eval mode
+    without gradients, on the student's (possibly mixed) inputs, under the caller's autocast."""
 
     def __init__(self, base: nn.Module, teacher: nn.Module | None = None, kind: str = "hard", alpha: float = 0.5,
-                 tau: float = 1.0):
+                 tau: float = 1.0, on_logits: bool = False):
         super().__init__()
         self.base, self.teacher, self.kind, self.alpha, self.tau = base, teacher, kind, alpha, tau
+        self.on_logits = on_logits
 
     def forward(self, inputs: torch.Tensor, outputs: Any, targets: torch.Tensor) -> torch.Tensor:
         if self.teacher is None:
             return self.base(outputs, targets)
-        if isinstance(outputs, torch.Tensor):  # unpacking it would split the batch
+        if self.on_logits:
+            outputs_dist = outputs
+        elif isinstance(outputs, torch.Tensor):  # unpacking it would split the batch
             raise TypeError("with a teacher the student must return (class logits, distillation logits) in training")
-        outputs, outputs_dist = outputs
+        else:
+            outputs, outputs_dist = outputs
         with torch.no_grad():
             teacher_logits = self.teacher(inputs)
         if self.kind == "soft":
-            distill = soft_distillation(outputs_dist, teacher_logits, self.tau)
+            distill = soft_distillation(outputs_dist, teacher_logits, self.tau, "image" if self.on_logits else "logit")
         else:
             distill = hard_distillation(outputs_dist, teacher_logits)
         return (1 - self.alpha) * self.base(outputs, targets) + self.alpha * distill
@@ -139,29 +148,25 @@ def load_teacher(teacher: str, weights: str | None, num_classes: int) -> nn.Modu
     return zoo.load_model(name, teacher)
 
 
-def check_teacher(teacher: nn.Module, spec: str, data: Datasets) -> None:
-    """The teacher must take this run's inputs and predict the data's classes."""
-    example = data.train[0][0][None]
-    try:
-        with torch.no_grad():
-            logits = teacher(example)
-    except (RuntimeError, AssertionError, ValueError) as e:  # timm asserts the input size; shapes raise RuntimeError
-        raise ConfigError(f"teacher {spec} cannot take this run's {tuple(example.shape[1:])} inputs: "
-                          f"{' '.join(str(e).split())}") from e
-    if logits.shape[-1] != data.num_classes:
-        raise ConfigError(f"teacher {spec} predicts {logits.shape[-1]} classes; {data.num_classes} in the data")
-
-
 def distillation_loss(base: nn.Module, cfg: TrainConfig, model: nn.Module, data: Datasets,
-                      device: torch.device) -> DistillationLoss:
-    """The training loss of `model` under `cfg`. With a teacher: the teacher, frozen, on `device`, and `model`
-    switched to returning both heads' logits in training (timm's distilled models need asking; evit's do it)."""
-    check_pairing(cfg, has_distillation_head(model))
-    if cfg.teacher is None:
-        return DistillationLoss(base)
-    teacher = load_teacher(cfg.teacher, cfg.teacher_weights, data.num_classes).requires_grad_(False)
-    check_teacher(teacher, cfg.teacher, data)
-    if hasattr(model, "set_distilled_training"):
+                      device: torch.device, teacher: nn.Module | None = None) -> DistillationLoss:
+    """The training loss of `model` under `cfg`. With a teacher (cfg.teacher, or the module `teacher`, e.g. a
+    pruned model's unpruned form): the teacher, frozen, in eval mode, on `device`, and `model` switched to returning
+    both heads' logits in training (timm's distilled models need asking; evit's do it). A teacher module teaches
+    the distillation head where `model` has one, else its class logits."""
+    from experiments.train import check_fits  # train imports this module
+
+    distilled = has_distillation_head(model)
+    if teacher is None:
+        check_pairing(cfg, distilled)
+        if cfg.teacher is None:
+            return DistillationLoss(base)
+        teacher, spec = load_teacher(cfg.teacher, cfg.teacher_weights, data.num_classes), cfg.teacher
+    else:
+        spec = type(teacher).__name__
+    teacher.requires_grad_(False)
+    check_fits(teacher, f"teacher {spec}", data)  # the teacher must take the student's inputs, predict its classes
+    if distilled and hasattr(model, "set_distilled_training"):
         model.set_distilled_training(True)
     return DistillationLoss(base, teacher.to(device), cfg.distillation_type, cfg.distillation_alpha,
-                            cfg.distillation_tau)
+                            cfg.distillation_tau, on_logits=not distilled)

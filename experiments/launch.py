@@ -108,14 +108,18 @@ def as_run(run: Union[Run, TrainConfig]) -> Run:
 
 
 def recipe(run: Union[Run, TrainConfig]) -> dict[str, Any]:
-    """What determines a run's weights: its TrainConfig less placement, an evit config file by its content, and
-    the builder of a variant by its name and arguments."""
+    """What determines a run's weights: its TrainConfig less placement, an evit config file and an initial weights
+    file by their content, and the builder of a variant by its name and arguments."""
     run = as_run(run)
     recipe = {k: v for k, v in dataclasses.asdict(run.config).items() if k not in PLACEMENT}
     if run.config.teacher is None:  # without a teacher these settings act on nothing (and older keys stay valid)
         recipe = {k: v for k, v in recipe.items() if k not in DISTILLATION_SETTINGS}
     if is_config_file(run.config.model):
         recipe["model"] = Path(run.config.model).read_text()
+    if run.config.weights is None:  # random initialization, as before the field existed: older keys stay valid
+        del recipe["weights"]
+    else:  # by content: a file written again (pruned again) starts another run
+        recipe["weights"] = hashlib.sha256(Path(run.config.weights).read_bytes()).hexdigest()
     if run.build is not None:
         recipe.update(build=f"{run.build.__module__}.{run.build.__qualname__}", build_kwargs=dict(run.build_kwargs))
     return recipe

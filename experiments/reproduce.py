@@ -209,7 +209,8 @@ STEPS = [
     Step("mhsa_ratio", ("mhsa_ratio/{mhsa_first}.csv", "mhsa_ratio/{mhsa_last}.csv"), _mhsa_ratio),
     Step("taylor_prune", ("taylor_prune/{deit}.csv", "taylor_prune/{swin}.csv", "taylor_prune/{evit}.csv"),
          _taylor_prune),
-    # MAC- against latency-targeted pruning of the proxies at equal measured latency (#18): proxy scales only.
+    # Our MAC and latency targets and torch-pruning's Taylor pruning at equal MACs and at equal measured latency:
+    # proxy scales only.
     Step("prune_study", ("prune_study/summary.csv",), _prune_study, ("quick", "standard")),
     Step("family", ("family/family.csv", "family/allocation.csv"), _family),
     Step("benchmark", ("benchmark/{device}.csv",), _benchmark),
@@ -305,14 +306,27 @@ def _render_mhsa_ratio(out: Path, summary: pd.DataFrame) -> str:
             + "\n![mhsa_ratio](mhsa_ratio/mhsa_ratio.png)\n")
 
 
+def _read_prune_study(out: Path) -> Optional[pd.DataFrame]:
+    """The study's summary; None for one written before its two operating points (rerun the step)."""
+    summary = _read_csv(out / "prune_study" / "summary.csv")
+    return summary if summary is not None and "point" in summary else None
+
+
 def _render_prune_study(out: Path, summary: pd.DataFrame) -> str:
-    cols = ["model", "method", "acc_mean", "acc_std", "seeds", "acc_pruned", "acc_unpruned", "latency_kept",
-            "latency_vs_latency_target", "macs_kept"]
-    return ("## MAC against latency targets at equal measured latency\n\nEach proxy pruned to "
-            f"{summary.target_latency.iat[0]:.2f} of its measured latency (units ranked by importance per ms saved), "
-            "and to the MAC target at which it runs as fast (bisected); both fine-tuned with the same budget per "
-            "seed. Latencies timed on this run's device against the unpruned model, in both call orders.\n\n"
-            + markdown_table(summary[cols], ".3f") + _claims_text(prune_study.claims(summary))
+    cols = ["model", "point", "method", "acc_mean", "acc_std", "seeds", "acc_pruned", "acc_unpruned", "macs_kept",
+            "macs_vs_anchor", "latency_kept", "latency_vs_anchor", "pruning_ratio"]
+    anchor = {point: summary[(summary.point == point) & (summary.method == method)].iloc[0]
+              for point, method in prune_study.ANCHORS.items()}
+    return ("## Taylor pruning side by side: ours and torch-pruning's, at equal MACs and at equal latency\n\n"
+            "Each proxy pruned from the same weights and gradient batches by our MAC target (`macs`), our latency "
+            "target (`latency`) and torch-pruning 1.6's BasePruner with GroupTaylorImportance, global (`tp_global`) "
+            "and isomorphic (`tp_isomorphic`), at two points: equal MACs (our MAC target to "
+            f"{anchor['equal_macs'].target_macs:.2f} of the MACs, the others bisected to its MACs) and equal latency "
+            f"(our latency target to {anchor['equal_latency'].target_latency:.2f} of the measured latency, the "
+            "others bisected to it, each probe timed against it); every model fine-tuned with the same budget per "
+            "seed. MACs are counted alike for every model (attention matmuls included); latencies are timed on this "
+            "run's device against the unpruned model in both call orders, and against the point's anchor "
+            "(`*_vs_anchor`).\n\n" + markdown_table(summary[cols], ".3f") + _claims_text(prune_study.claims(summary))
             + "\n![prune_study](prune_study/prune_study.png)\n")
 
 
@@ -413,8 +427,7 @@ SECTIONS = (
     Section("taylor_prune", _read_taylor_prune, pruning_claims.claims, _render_taylor_prune),
     Section("mhsa_ratio", lambda out: _read_csv(out / "mhsa_ratio" / "summary.csv"), mhsa_ratio.claims,
             _render_mhsa_ratio),
-    Section("prune_study", lambda out: _read_csv(out / "prune_study" / "summary.csv"), prune_study.claims,
-            _render_prune_study),
+    Section("prune_study", _read_prune_study, prune_study.claims, _render_prune_study),
     Section("family", lambda out: _read_csv(out / "family" / "family.csv"), family.claims, _render_family),
     Section("allocation", lambda out: _read_csv(out / "family" / "allocation.csv"), family.allocation_claims,
             _render_allocation),

@@ -2,6 +2,7 @@
 
     python -m experiments.train --model evit_m0 --data fashion_mnist --img-size 64 --epochs 5 --out runs/m0
     python -m experiments.train --config experiments/configs/imagenet_official.yaml --data imagefolder:/data/in1k
+    python -m experiments.train --model deit_proxy --weights pruned.pth --epochs 3 --out runs/ft   # fine-tune
     torchrun --nproc_per_node 8 -m experiments.train --config ...      # DDP: NCCL on GPUs, gloo on CPU
 
 timm does the parts (AdamW, cosine schedule with warm-up, label smoothing, Mixup/CutMix, EMA); this file wires
@@ -42,7 +43,7 @@ from experiments.cli import option, run_cli, settings_parser
 from experiments.data import DataError, Datasets, build_datasets, check_data, default_img_size, subset
 from experiments.distillation import (DISTILLATION_TYPES, TEACHER_HELP, TEACHER_WEIGHTS_HELP, check_distillation,
                                       distillation_loss)
-from experiments.models import check_model, create_model
+from experiments.models import check_model, create_model, model_img_size
 
 CHECKPOINT = "last.pth"
 FINAL = "model.pth"
@@ -54,6 +55,9 @@ class TrainConfig:
 
     model: str = option("evit_m0", "evit preset, proxy, evit config file or timm name")
     model_kwargs: dict = option({}, "extra kwargs for timm.create_model (JSON on the command line)")
+    weights: Union[str, None] = option(None, "initial weights: a checkpoint file (a model.pth of experiments.train, "
+                                       "or a pruned model of analysis.taylor_prune --save-model, rebuilt at its "
+                                       "widths) of --model (None: random initialization)")
     data: str = option("fashion_mnist", "fashion_mnist, digits or imagefolder:PATH")
     data_dir: Union[str, None] = option(None, "data root (Fashion-MNIST IDX files or image folder)")
     img_size: Union[int, None] = option(None, "input size (None: the data's native size)")
@@ -132,11 +136,19 @@ def resolve_img_size(cfg: TrainConfig) -> TrainConfig:
 
 
 def check_inputs(cfg: TrainConfig) -> None:
-    """Fail at once, loading no data or weights, on missing data, an unknown data spec or model name, a bad evit
-    config file or distillation setting: a bad run stops in its first second, not after its data loads."""
+    """Fail at once, loading no data, on missing data, an unknown data spec or model name, a bad evit config file,
+    distillation setting or weights file (missing, unreadable, or a pruned model of another architecture): a bad
+    run stops in its first second, not after its data loads."""
+    from experiments.zoo import KEYWORDS, check_weights  # zoo imports this module
+
     check_data(cfg.data, cfg.data_dir)
     check_model(cfg.model)
     check_distillation(cfg)
+    if cfg.weights is not None:
+        if cfg.weights in KEYWORDS:
+            raise CheckpointError(f"--weights of a training is a checkpoint file (a model.pth, a pruned model), not "
+                                  f"{cfg.weights!r}")
+        check_weights(cfg.model, cfg.weights)
 
 
 def load_data(cfg: TrainConfig) -> Datasets:
@@ -393,14 +405,21 @@ def final_metrics(history: list[dict[str, Any]]) -> dict[str, Any]:
     return {**history[-1], "best_val_acc": max(row[best_key] for row in history)}
 
 
-def train(model: nn.Module, cfg: TrainConfig | Mapping[str, Any], data: Datasets | None = None) -> dict[str, Any]:
+def train(model: nn.Module, cfg: TrainConfig | Mapping[str, Any], data: Datasets | None = None,
+          teacher: nn.Module | None = None) -> dict[str, Any]:
     """Train `model` in place with `cfg`; returns the final epoch's metrics (plus best_val_acc).
 
     `data` defaults to the datasets `cfg` names. Works alone or inside a torchrun/DDP process group (joined
     beforehand, see `init_distributed`); only rank 0 writes files. With `cfg.out` set, every epoch is
-    checkpointed and `cfg.resume` continues a run. Seeds the global RNGs (and sets torch's threads if asked).
+    checkpointed and `cfg.resume` continues a run, and the final model.pth carries the structure of `cfg.weights`
+    (the file `model` was loaded from) when that is a structured checkpoint (a pruned model), so it rebuilds too.
+    `teacher`: a module to distill from instead of cfg.teacher (see distillation_loss). Seeds the global RNGs (and
+    sets torch's threads if asked).
     """
+    from experiments.zoo import read_weights, structure_record  # zoo imports this module
+
     cfg = resolve_img_size(as_config(cfg))
+    structure = structure_record(read_weights(cfg.weights)) if cfg.weights else {}
     data = data or load_data(cfg)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -429,7 +448,7 @@ def train(model: nn.Module, cfg: TrainConfig | Mapping[str, Any], data: Datasets
         mixup = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, label_smoothing=cfg.smoothing,
                       num_classes=data.num_classes)
     loss_fn = SoftTargetCrossEntropy() if mixup else LabelSmoothingCrossEntropy(cfg.smoothing)
-    loss_fn = distillation_loss(loss_fn, cfg, model, data, proc.device)
+    loss_fn = distillation_loss(loss_fn, cfg, model, data, proc.device, teacher)
 
     while state.epoch < cfg.epochs:
         start = time.perf_counter()
@@ -450,7 +469,7 @@ def train(model: nn.Module, cfg: TrainConfig | Mapping[str, Any], data: Datasets
 
     final = final_metrics(state.history)
     if cfg.out and proc.is_main:
-        torch_save({"model": cfg.model, "model_kwargs": cfg.model_kwargs, "img_size": cfg.img_size,
+        torch_save({**structure, "model": cfg.model, "model_kwargs": cfg.model_kwargs, "img_size": cfg.img_size,
                     "num_classes": data.num_classes, "state_dict": state.eval_model().state_dict(), "metrics": final,
                     "config": dataclasses.asdict(cfg)}, Path(cfg.out) / FINAL)
     return final
@@ -473,12 +492,36 @@ def parse_config(argv: Sequence[str] | None = None) -> TrainConfig:
 
 
 def fit(cfg: TrainConfig | Mapping[str, Any]) -> dict[str, Any]:
-    """Load the data and build the model `cfg` names, then train it; returns the final metrics."""
-    cfg = resolve_img_size(as_config(cfg))
-    data = load_data(cfg)
-    seed_everything(cfg.seed)  # the same initial weights on every rank and every resume
-    model = create_model(cfg.model, cfg.img_size, num_classes=data.num_classes, **cfg.model_kwargs)
+    """Load the data and build the model `cfg` names (with `cfg.weights` if given: then its input size is the
+    model's own unless `cfg.img_size` says otherwise), then train it; returns the final metrics."""
+    from experiments.zoo import load_model  # zoo imports this module
+
+    cfg = as_config(cfg)
+    if cfg.weights is None:
+        cfg = resolve_img_size(cfg)
+        data = load_data(cfg)
+        seed_everything(cfg.seed)  # the same initial weights on every rank and every resume
+        model = create_model(cfg.model, cfg.img_size, num_classes=data.num_classes, **cfg.model_kwargs)
+    else:
+        model = load_model(cfg.model, cfg.weights, **cfg.model_kwargs)
+        cfg = dataclasses.replace(cfg, img_size=cfg.img_size or model_img_size(model))
+        data = load_data(cfg)
+        check_fits(model, f"the model of {cfg.weights}", data)
     return train(model, cfg, data)
+
+
+def check_fits(model: nn.Module, label: str, data: Datasets) -> None:
+    """A one-line ConfigError naming `label` unless `model` (put in eval mode) takes the data's inputs and predicts
+    its classes: a model whose size or classes are fixed by its weights (a teacher, a loaded checkpoint)."""
+    example = data.train[0][0][None]
+    try:
+        with torch.no_grad():
+            logits = model.eval()(example)
+    except (RuntimeError, AssertionError, ValueError) as e:  # timm asserts the input size; shapes raise RuntimeError
+        raise ConfigError(f"{label} cannot take this run's {tuple(example.shape[1:])} inputs: "
+                          f"{' '.join(str(e).split())}") from e
+    if logits.shape[-1] != data.num_classes:
+        raise ConfigError(f"{label} predicts {logits.shape[-1]} classes; {data.num_classes} in the data")
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:

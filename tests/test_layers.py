@@ -13,8 +13,8 @@ LAYERS = (
                    "experiments.launch", "experiments.models", "experiments.paths", "experiments.timing",
                    "experiments.train", "experiments.zoo")),
     ("analyses", ("analysis",)),
-    ("orchestration", ("experiments.benchmark", "experiments.family", "experiments.prune_study",
-                       "experiments.reproduce", "experiments.support_matrix")),
+    ("orchestration", ("experiments.benchmark", "experiments.family", "experiments.peer_pruning",
+                       "experiments.prune_study", "experiments.reproduce", "experiments.support_matrix")),
 )
 PACKAGES = ("evit", "experiments", "analysis")
 

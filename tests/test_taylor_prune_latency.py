@@ -45,8 +45,8 @@ def quick(**kwargs):
 
 @pytest.mark.timing
 def test_a_slow_group_loses_more_under_a_latency_target_than_under_a_mac_target():
-    """To 0.8 of the latency, ranking by importance per ms saved takes only the slow FFN's channels; ranking by
-    importance alone, removing the same MACs, takes fewer of them. The result lands near its target (within 20%
+    """To 0.8 of the latency, choosing by the loss added per ms saved takes the slow FFN's channels and none of the
+    fast one's; ranking by importance alone, removing the same MACs, does not tell the two apart. The result lands near its target (within 20%
     here: one measured ratio moves by 4-9% on a loaded 2-core machine)."""
     torch.set_num_threads(1)
     by_latency = tpr.taylor_prune(with_a_slow_ffn(), batches(), steps=1, prune_width=False, target_latency=0.8,
@@ -55,8 +55,12 @@ def test_a_slow_group_loses_more_under_a_latency_target_than_under_a_mac_target(
     by_macs = tpr.taylor_prune(with_a_slow_ffn(), batches(), target_macs=s["macs_kept"], steps=1, prune_width=False)
     macs, timed = by_macs.blocks, by_latency.blocks
     assert macs.macs_before_m[0] == macs.macs_before_m[1]  # the premise: the two FFNs cost the same MACs
-    assert timed.ffn_kept[0] < 1 and (timed[["qk_kept", "v_kept"]] == 1).all().all() and timed.ffn_kept[1] == 1
-    assert timed.ffn_kept[0] < macs.ffn_kept[0]
+    # Q/K channels may go too: at random initialization the attention is near uniform, so their removal adds
+    # almost no loss, whatever little it saves. The fast FFN costs loss and saves next to nothing (its curve is
+    # noise): it keeps nearly all its channels.
+    assert timed.ffn_kept[0] < 1 and timed.ffn_kept[1] >= 0.9 > timed.ffn_kept[0]
+    # The latency target tells the slow FFN from the fast one, which the MAC target (equal MACs) cannot.
+    assert timed.ffn_kept[1] - timed.ffn_kept[0] > macs.ffn_kept[1] - macs.ffn_kept[0], (timed.ffn_kept, macs.ffn_kept)
     # The table measured the planted cost: block 0's FFN rows above its narrowest width (1 row) are most of the
     # unpruned model's latency (23 x 0.3 ms of ~8.5 ms when idle; compute stretches more under load), block 1's ~0.
     unpruned_ms = s["latency_before_ms"] * s["latency_rewritten_kept"]

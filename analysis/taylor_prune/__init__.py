@@ -14,8 +14,9 @@ bare parameters (class token, position embedding, LayerScale) count too.
 
 Groups (pruned separately): per block Q/K, V and FFN hidden, and the residual-stream width (one for a ViT, one per
 stage where the widths differ per stage). torch-pruning's dependency graph cannot give these groups (it treats
-q @ k^T like an element-wise op and ties Q/K to V, see docs/pruning.md), so one builder per family lists them and
-torch-pruning's layer pruners do the surgery. A fused qkv is split into q, k, v Linears first (the same function,
+q @ k^T like an element-wise op and ties Q/K to V, see docs/pruning.md), so a builder per known family lists them,
+any other softmax-attention model has them discovered from its own forward (`builders.discovery`,
+docs/pruning_discovery.md), and torch-pruning's layer pruners do the surgery. A fused qkv is split into q, k, v Linears first (the same function,
 checked per family); q @ k^T keeps the model's original softmax scale, so removing channels that carry nothing
 leaves the output unchanged. A unit of a Q/K or V group is one dim of every head (heads stay equal; an EVA rotary
 pair for RoPE models); of an FFN or width group, one channel (of every chunk, for an evit CGA stage). Each step
@@ -31,9 +32,13 @@ widths relative to the block's input width, before and after, with MACs and para
 throughput (--match) (`python -m experiments.family --models evit_m0,<that yaml>` trains and times both).
 
 The package: `groups` (Slice, Group), `attention` (PrunedAttention, the base of the split attentions), `builders`
-(a registry of group builders, one module per family, and `builders.common`), `macs` (the MAC counter),
-`importance` (TaylorImportance, a callable; pass another to `taylor_prune`), `latency` (LatencyModel: per-group
-latency curves timed on the device and cached, for `--target-latency`), `prune` (the loop), `tables`,
+(a registry of group builders, one module per family, `builders.common`, and `builders.discovery` for the rest),
+`macs` (the MAC counter),
+`importance` (TaylorImportance and LossChange, callables; pass another to `taylor_prune`), `latency` (LatencyModel:
+per-group latency curves timed on the device and cached, for `--target-latency`, whose units are chosen by the loss
+they add per latency saved, each group's least important first: docs/pruning.md), `estimate_check` (the importance
+estimates against the loss change of real removals), `prune` (the loop), `saved` (a pruned model written to a file
+and rebuilt from it: `--save-model`, docs/pruned_models.md), `tables`,
 `allocation`, `plot`, `cli`, and `claims` (the kept fractions by thirds of the blocks and the paper's claims judged
 on them, for the report).
 """
@@ -45,7 +50,8 @@ from analysis.taylor_prune.builders.vit import SplitAttention
 from analysis.taylor_prune.cli import DEFAULT_OUT, ServedBatches, Settings, load_batches, main, prune_model, run
 from analysis.taylor_prune.groups import Group, Slice
 from experiments.models import UnsupportedModelError
-from analysis.taylor_prune.importance import NORMALIZERS, REDUCTIONS, TaylorImportance, accumulate_gradients
+from analysis.taylor_prune.importance import (NORMALIZERS, REDUCTIONS, LossChange, TaylorImportance,
+                                             accumulate_gradients)
 from analysis.taylor_prune.latency import LatencyModel
 from analysis.taylor_prune.macs import count_macs, measure_positions
 from analysis.taylor_prune.plot import plot
@@ -53,8 +59,8 @@ from analysis.taylor_prune.prune import PruneResult, Unit, candidate_units, prun
 from analysis.taylor_prune.tables import KINDS, block_table, stage_table
 
 __all__ = [
-    "DEFAULT_OUT", "KINDS", "LatencyModel", "NORMALIZERS", "REDUCTIONS", "Group", "PruneResult", "ServedBatches",
-    "Settings", "Slice", "SplitAttention", "TaylorImportance", "Unit", "UnsupportedModelError",
+    "DEFAULT_OUT", "KINDS", "LatencyModel", "LossChange", "NORMALIZERS", "REDUCTIONS", "Group", "PruneResult",
+    "ServedBatches", "Settings", "Slice", "SplitAttention", "TaylorImportance", "Unit", "UnsupportedModelError",
     "accumulate_gradients", "allocate", "allocation_config", "block_table", "candidate_units", "count_macs",
     "load_batches", "main", "measure_positions", "plot", "prepare", "prunable", "prune_channels", "prune_model",
     "register_block", "register_converter", "register_model", "run", "stage_table", "taylor_prune", "top1_accuracy",

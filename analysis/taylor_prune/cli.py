@@ -1,11 +1,12 @@
 """The command line: `python -m analysis.taylor_prune` (see the package docstring)."""
 from __future__ import annotations
 
+import copy
 import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import pandas as pd
 import torch
@@ -13,10 +14,11 @@ from torch.utils.data import Dataset
 
 from analysis.taylor_prune.allocation import MATCHES, DeployThroughput, allocate
 from analysis.taylor_prune.builders import prepare, prunable
-from analysis.taylor_prune.importance import NORMALIZERS, REDUCTIONS, TaylorImportance
+from analysis.taylor_prune.importance import NORMALIZERS, REDUCTIONS, LossChange, TaylorImportance
 from analysis.taylor_prune.latency import LatencyModel
 from analysis.taylor_prune.plot import plot
 from analysis.taylor_prune.prune import PruneResult, taylor_prune
+from analysis.taylor_prune.saved import save_pruned
 from evit import get_preset
 from evit.io import save_figure, write_csv
 from experiments.cli import UserError, option, parse_settings, run_cli
@@ -26,6 +28,8 @@ from experiments.train import TrainConfig, train as train_model
 from experiments.zoo import cache_dir, resolve_model
 
 DEFAULT_OUT = "results/taylor_prune"
+IMPORTANCES = ("auto", "taylor", "loss_change")
+FINETUNE_TEACHERS = ("none", "unpruned")
 
 class ServedBatches(Sequence):
     """Batches of chosen dataset items, served (resized, normalized) each time they are read, so that one batch at
@@ -71,7 +75,7 @@ class Settings:
     img_size: Optional[int] = option(None, "input size (None: the model's own)")
     target_macs: float = option(0.5, "fraction of MACs to keep")
     target_latency: Optional[float] = option(None, "fraction of the unpruned model's latency on --device to keep, "
-                                                   "instead of --target-macs (units ranked by importance per ms "
+                                                   "instead of --target-macs (units chosen by the loss they add per ms "
                                                    "saved; docs/pruning.md)")
     device: str = option("cpu", "where latency is timed (with --target-latency or --match throughput)",
                          choices=("cpu", "cuda"))
@@ -81,13 +85,23 @@ class Settings:
     batch: int = option(32, "images per batch")
     val_images: int = option(256, "validation images for accuracy before/after (256: a quick check; 2000 for a "
                              "firm one)")
-    normalizer: str = option("mean", "importance normalization within a group, torch-pruning's", choices=NORMALIZERS)
+    importance: str = option("auto", "how channels are scored: taylor (|w * dL/dw| reduced and normalized per group "
+                             "as torch-pruning's GroupTaylorImportance: --normalizer, --reduction) | loss_change (the "
+                             "loss a channel's removal adds, comparable across groups) | auto (taylor for a MAC "
+                             "target, loss_change for a latency target)", choices=IMPORTANCES)
+    normalizer: str = option("mean", "taylor's normalization within a group, torch-pruning's", choices=NORMALIZERS)
     reduction: str = option("sum", "how a channel's layers combine, torch-pruning's group_reduction (sum: Molchanov)",
                             choices=REDUCTIONS)
     floor: float = option(0.1, "fraction of each group always kept")
     width: bool = option(True, "prune the residual-stream widths too")
     finetune_epochs: int = option(0, "short fine-tune after pruning (0: none)")
     finetune_images: int = option(20000, "training images of the fine-tune")
+    finetune_teacher: str = option("none", "teacher of the fine-tune: none (labels only) or unpruned (distill from "
+                                   "the unpruned model: soft KD on the class logits, or its distillation head where "
+                                   "the model has one)", choices=FINETUNE_TEACHERS)
+    save_model: Optional[Path] = option(None, "write the pruned (and fine-tuned) model here: it reloads without "
+                                              "pruning, as --weights PATH of the analyses, experiments.train and "
+                                              "experiments.benchmark (docs/pruned_models.md)")
     preset: str = option("m0", "evit preset the allocation is scaled to (see --match)")
     match: str = option("flops", f"what the allocation matches in --preset: {' | '.join(MATCHES)} (flops: BN-folded "
                         "FLOPs at 224 px; throughput: deploy-mode img/s measured on --device at --latency-batch, side "
@@ -107,6 +121,10 @@ class Settings:
             raise UserError(f"--target-macs must lie in (0, 1), got {self.target_macs}")
         if self.target_latency is not None and not 0 < self.target_latency < 1:
             raise UserError(f"--target-latency must lie in (0, 1), got {self.target_latency}")
+        if self.target_latency is not None and self.importance == "taylor" and self.normalizer != "none":
+            raise UserError(f"--target-latency divides importance by absolute savings: --importance taylor with "
+                            f"--normalizer {self.normalizer} scores each group on its own scale; pass --normalizer "
+                            f"none or --importance loss_change")
         if self.match not in MATCHES:
             raise UserError(f"--match must be one of {', '.join(MATCHES)}; got {self.match!r}")
         get_preset(self.preset)  # an unknown name is a ConfigError: one line, before the pruning
@@ -118,6 +136,12 @@ class Settings:
             raise UserError("--steps, --batches, --batch, --val-images and --latency-batch must be >= 1 and --floor in "
                             "(0, 1]")
         attention_share(self.attention_share)
+        if self.finetune_teacher not in FINETUNE_TEACHERS:
+            raise UserError(f"--finetune-teacher must be one of {', '.join(FINETUNE_TEACHERS)}; got "
+                            f"{self.finetune_teacher!r}")
+        if self.finetune_teacher != "none" and not self.finetune_epochs:
+            raise UserError(f"--finetune-teacher {self.finetune_teacher} teaches the fine-tune: add --finetune-epochs "
+                            f"N")
 
 
 def attention_share(value: Optional[str]) -> Optional[float]:
@@ -139,6 +163,13 @@ def attention_share(value: Optional[str]) -> Optional[float]:
     if not 0 <= share <= 1:
         raise UserError(f"--attention-share must lie in [0, 1], got {share}")
     return share
+
+
+def importance_of(settings: Settings) -> Union[TaylorImportance, LossChange]:
+    """The scorer --importance names (auto: by the target)."""
+    if settings.importance == "loss_change" or (settings.importance == "auto" and settings.target_latency is not None):
+        return LossChange()
+    return TaylorImportance(settings.normalizer, settings.reduction)
 
 
 def check_inputs(settings: Settings) -> None:
@@ -163,7 +194,9 @@ def prune_model(settings: Settings) -> PruneResult:
     if outputs != num_classes:
         print(f"note: the model has {outputs} outputs but {settings.data} has {num_classes} classes: gradients and "
               f"accuracy use its own head (pass the data it was trained on)", file=sys.stderr)
-    importance = TaylorImportance(settings.normalizer, settings.reduction)
+    importance = importance_of(settings)
+    # the pruning works in place: the teacher is the model as loaded
+    teacher = copy.deepcopy(model) if settings.finetune_teacher == "unpruned" else None
     # Latency tables are kept beside the trained proxies: they depend on the model and the machine, not the run.
     latency = (LatencyModel(settings.device, settings.latency_batch, cache_dir=cache_dir() / "latency")
                if settings.target_latency is not None else None)
@@ -174,9 +207,10 @@ def prune_model(settings: Settings) -> PruneResult:
         cfg = TrainConfig(model=settings.model, data=settings.data, img_size=img_size,
                           epochs=settings.finetune_epochs, warmup_epochs=0, lr=2e-4,
                           limit_train=settings.finetune_images, limit_val=settings.val_images,
-                          threads=settings.threads)
-        metrics = train_model(result.model, cfg, build_datasets(settings.data, img_size, settings.data_dir))
-        result.summary.update(acc_finetuned=metrics["val_acc"], finetune_epochs=settings.finetune_epochs)
+                          threads=settings.threads, distillation_type="soft")
+        metrics = train_model(result.model, cfg, build_datasets(settings.data, img_size, settings.data_dir), teacher)
+        result.summary.update(acc_finetuned=metrics["val_acc"], finetune_epochs=settings.finetune_epochs,
+                              finetune_teacher=settings.finetune_teacher)
         result.model.eval()
     return result
 
@@ -187,6 +221,8 @@ def run(settings: Settings) -> PruneResult:
     torch.set_num_threads(settings.threads)
     result = prune_model(settings)
     out, stem, s = Path(settings.out), Path(settings.model).stem, result.summary
+    if settings.save_model:  # first: the pruning is the long part, and what follows could still fail
+        print(f"pruned model -> {save_pruned(result.model, settings.save_model, settings.model, s['weights'], s)}")
     blocks_csv = write_csv(result.blocks.round(5), out / f"{stem}.csv")
     write_csv(result.stages.round(5), out / f"{stem}_stages.csv")
     measure = DeployThroughput(settings.device, settings.latency_batch)
@@ -205,7 +241,7 @@ def run(settings: Settings) -> PruneResult:
     save_figure(plot(result.blocks, title), out / f"{stem}.png")
     print(result.blocks[["block", "stage", "in_dim_before", "in_dim", "qk_ratio", "v_ratio", "ffn_ratio"]].to_string(
         index=False, float_format=lambda v: f"{v:.3f}"))
-    print(f"{title} (normalizer {s['normalizer']}, reduction {s['reduction']})\n-> {blocks_csv}\n"
+    print(f"{title} (importance {s['importance']}, normalizer {s['normalizer']}, reduction {s['reduction']})\n-> {blocks_csv}\n"
           f"allocation ({_matched(settings, s)}, {settings.mixer}) -> {config_path}: embed_dims "
           f"{config.embed_dims}, key_dims {config.key_dims}, v_ratio {config.v_ratio}, mlp_ratio {config.mlp_ratio}, "
           f"mixers {config.mixers}")

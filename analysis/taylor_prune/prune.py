@@ -1,6 +1,7 @@
 """The pruning loop: remove channels group by group (torch-pruning's layer pruners), ranking units globally by
-importance until each step's MAC goal is met, or by importance per latency saved (`latency`) until each step's
-goal is met on the device."""
+importance until each step's MAC goal is met, or, for a latency target, choosing each group's least important units
+by the loss they add per latency they save (`latency` curves, re-timed every step) until each step's goal is met on
+the device."""
 from __future__ import annotations
 
 import copy
@@ -17,7 +18,7 @@ import torch_pruning as tp
 
 from analysis.taylor_prune.builders import prepare, prunable
 from analysis.taylor_prune.groups import Group
-from analysis.taylor_prune.importance import Batches, TaylorImportance, accumulate_gradients
+from analysis.taylor_prune.importance import Batches, LossChange, TaylorImportance, accumulate_gradients, observing
 from analysis.taylor_prune.latency import Curve, LatencyModel
 from analysis.taylor_prune.macs import count_macs, measure_positions
 from analysis.taylor_prune.tables import block_table, stage_table
@@ -125,7 +126,7 @@ def _prune_to_macs(model: nn.Module, groups: Sequence[Group], batches: Batches, 
             excess = sum(count_macs(model, example).values()) - goal
             if excess <= 0.002 * total_before or at_floor:
                 break
-            accumulate_gradients(model, batches)
+            accumulate_gradients(model, batches, observing(importance, groups))
             units = sorted((u for g in groups if g.prunable
                             for u in candidate_units(g, importance(g), floor)),
                            key=lambda u: u.importance)
@@ -147,63 +148,121 @@ LATENCY_TOLERANCE = 0.03  # a step's goal counts as met within this share of the
                           # spread of a measured ratio on a loaded 2-core machine, so noise alone rarely tops up
 
 
-def latency_units(groups: Sequence[Group], curves: Sequence[Optional[Curve]],
-                  importance: Callable[[Group], torch.Tensor], floor: float) -> list[tuple[Unit, float]]:
-    """(unit, share of the model's latency its removal saves by its group's curve) for every removable unit that
-    saves time, lowest importance per latency saved first. A group's k-th unit is costed at the width it leaves."""
-    units = []
-    for group, curve in zip(groups, curves):
-        if group.prunable and curve is not None:
-            for k, unit in enumerate(candidate_units(group, importance(group), floor)):
-                saving = curve.saving(group.channels - k * len(unit.channels), len(unit.channels))
-                if saving > 0:
-                    units.append((unit, saving))
-    return sorted(units, key=lambda u: u[0].importance / u[1])
+@dataclass
+class Segment:
+    """Consecutive units of a group's removal order, from its `start`-th on: an edge of the lower convex hull of
+    the group's (cumulative saving, cumulative importance), losing `importance` for `saving`."""
+    group: Group
+    start: int
+    units: list[tuple[Unit, float]]   # (unit, the saving it adds, read at the width the units before it leave)
+    importance: float
+    saving: float
+
+    @property
+    def slope(self) -> float:
+        return self.importance / self.saving
+
+
+def hull_segments(group: Group, units: Sequence[Unit], curve: Curve) -> list[Segment]:
+    """The group's removal order (`units`, least important first) cut into the edges of the lower convex hull of
+    its points (cumulative latency share saved, cumulative importance removed), from nothing removed: the edges'
+    slopes (importance lost per latency saved) rise, so taking edges cheapest first takes every group's units as a
+    prefix of its own order. The k-th unit's saving is read off the curve at the width the k-1 before it leave.
+    The hull ends where an edge would save nothing: no unit is removed for no saving."""
+    width, step = group.channels, len(units[0].channels) if units else 0
+    points = [(0.0, 0.0)]
+    for k, unit in enumerate(units):
+        points.append((curve.at(width) - curve.at(width - (k + 1) * step),
+                       points[-1][1] + unit.importance * len(unit.channels)))
+    hull = [0]
+    for k in range(1, len(points)):
+        # Drop the last hull point while it lies on or above the line from the one before it to point k.
+        while len(hull) > 1:
+            (x0, y0), (x1, y1), (x2, y2) = points[hull[-2]], points[hull[-1]], points[k]
+            if (x1 - x0) * (y2 - y0) - (y1 - y0) * (x2 - x0) > 0:
+                break
+            hull.pop()
+        hull.append(k)
+    segments = []
+    for a, b in zip(hull, hull[1:]):
+        saving, importance = points[b][0] - points[a][0], points[b][1] - points[a][1]
+        if saving <= 0:
+            break  # every later edge needs this one's units first
+        adds = [(units[k], points[k + 1][0] - points[k][0]) for k in range(a, b)]
+        segments.append(Segment(group, a, adds, importance, saving))
+    return segments
+
+
+def choose_by_latency(groups: Sequence[Group], curves: Sequence[Optional[Curve]],
+                      importance: Callable[[Group], torch.Tensor], floor: float, excess: float
+                      ) -> tuple[dict[int, list[int]], bool]:
+    """The channels to remove ({id(group): channels}) that save at least `excess` of the latency by the curves
+    while losing the least importance: the greedy over every group's hull edges, lowest importance per latency
+    saved first (optimal for the convex hull of the choice, as the knapsack's greedy is), the last edge taken unit
+    by unit until the excess is met. Returns also whether every edge that saves time was taken."""
+    segments = sorted((seg for group, curve in zip(groups, curves) if group.prunable and curve is not None
+                       for seg in hull_segments(group, candidate_units(group, importance(group), floor), curve)),
+                      key=lambda seg: seg.slope)  # stable: a group's edges keep their order
+    chosen: dict[int, list[int]] = defaultdict(list)
+    for segment in segments:
+        for unit, saving in segment.units:
+            if excess <= 0:
+                return chosen, False
+            chosen[id(unit.group)] += unit.channels
+            excess -= saving
+    return chosen, True
+
+
+@dataclass
+class TimedCurves:
+    """The groups' latency curves timed on one state of the model, whose latency over the unpruned one was `kept`:
+    the curves' shares are of that model's latency."""
+    curves: list[Optional[Curve]]
+    kept: float
+    cached: bool       # every curve read from the cache
 
 
 def _latency_steps(model: nn.Module, reference: nn.Module, groups: Sequence[Group], batches: Batches,
                    importance: Callable[[Group], torch.Tensor], floor: float, target: float, steps: int,
-                   latency: LatencyModel, curves: Sequence[Optional[Curve]], images: torch.Tensor
-                   ) -> tuple[bool, float]:
-    """Each step removes units by importance per latency saved until the curves say the step's goal is met, then
-    times the whole model against `reference` and tops up while it is not. Returns whether every unit that saves
-    time was taken, and the rewritten model's latency before pruning over the reference's."""
-    _, _, rewritten = latency.measure(reference, model, images)
-    kept = rewritten
+                   latency: LatencyModel, images: torch.Tensor) -> tuple[bool, list[TimedCurves]]:
+    """Each step times the groups' curves at the current widths (a structure timed before is read from the cache),
+    removes the channels that lose the least importance for what the curves say the step's goal needs
+    (`choose_by_latency`), then times the whole model against `reference` and tops up while the goal is not met;
+    after the last step the target is checked once more on a fresh timing. Returns whether every unit that saves
+    time was taken, and the curves of every step (the first: on the unpruned, rewritten model)."""
+    kept = latency.measure(reference, model, images)[2]
     at_floor = False
-    for step in range(1, steps + 1):
-        goal = 1 - (1 - target) * step / steps
+    timed: list[TimedCurves] = []
+    goals = [1 - (1 - target) * step / steps for step in range(1, steps + 1)]
+    for step, goal in enumerate([*goals, target]):
+        if step == steps:  # the target again, timed afresh: one reading low by noise must not end the pruning
+            kept = latency.measure(reference, model, images)[2]
+        if timed and (kept - goal <= LATENCY_TOLERANCE or at_floor):
+            continue
+        curves, cached = latency.curves(model, groups, images)
+        timed.append(TimedCurves(curves, kept, cached))
         for _ in range(4):
             if kept - goal <= LATENCY_TOLERANCE or at_floor:
                 break
-            excess = (kept - goal) / rewritten  # the curves' shares are of the rewritten model's latency
-            accumulate_gradients(model, batches)
-            units = latency_units(groups, curves, importance, floor)
-            chosen: dict[int, list[int]] = defaultdict(list)
-            taken = 0
-            for unit, saving in units:
-                if excess <= 0:
-                    break
-                chosen[id(unit.group)] += unit.channels
-                excess -= saving
-                taken += 1
-            at_floor = taken == len(units)
+            excess = (kept - goal) / timed[-1].kept  # in shares of the latency the curves were timed against
+            accumulate_gradients(model, batches, observing(importance, groups))
+            chosen, at_floor = choose_by_latency(groups, timed[-1].curves, importance, floor, excess)
             _prune_chosen(groups, chosen)
             model.zero_grad(set_to_none=True)
-            _, _, kept = latency.measure(reference, model, images)
-    return at_floor, rewritten
+            kept = latency.measure(reference, model, images)[2]
+    return at_floor, timed
 
 
 def _prune_to_latency(model: nn.Module, reference: nn.Module, groups: Sequence[Group], batches: Batches,
                       importance: Callable[[Group], torch.Tensor], floor: float, target: float, steps: int,
                       latency: LatencyModel) -> tuple[bool, dict, dict[int, tuple[float, float]]]:
-    """The latency procedure: curves (cached), steps, then the pruned model timed against the unpruned one afresh,
-    with a note when it misses the target by more than 10%. Returns whether every unit that saves time was taken,
-    the summary's latency fields, and id(group) -> ms its channels cost before and after (by its curve)."""
+    """The latency procedure: steps with their curves (cached), then the pruned model timed against the unpruned one
+    afresh, with a note when it misses the target by more than 10%. Returns whether every unit that saves time was
+    taken, the summary's latency fields, and id(group) -> ms its channels cost before (by the first step's curves)
+    and after (by the last step's)."""
     images = latency.images(batches)
-    curves, cached = latency.curves(model, groups, images)
-    at_floor, rewritten = _latency_steps(model, reference, groups, batches, importance, floor, target, steps,
-                                         latency, curves, images)
+    at_floor, timed = _latency_steps(model, reference, groups, batches, importance, floor, target, steps, latency,
+                                     images)
     before_ms, after_ms, kept = latency.measure(reference, model, images)
     if abs(kept / target - 1) > 0.1:
         reason = ((f"every unit whose removal saves time by the latency table is taken (groups at their floor "
@@ -212,27 +271,31 @@ def _prune_to_latency(model: nn.Module, reference: nn.Module, groups: Sequence[G
                   "the last step saved more than the latency table predicted (it times each group's module alone)")
         print(f"note: latency target {target:.2f} missed by more than 10% ({kept:.3f} kept on {latency.device}, "
               f"batch {latency.batch}): {reason}", file=sys.stderr)
-    unpruned_ms = before_ms * rewritten  # the rewritten model's latency, which the curves' shares are of
-    group_ms = {id(g): (c.group_share(g.original) * unpruned_ms, c.group_share(g.channels) * unpruned_ms)
-                for g, c in zip(groups, curves) if c is not None}
+    first, last = timed[0], timed[-1]
+    group_ms = {id(g): (c0.group_share(g.original) * before_ms * first.kept,
+                        c1.group_share(g.channels) * before_ms * last.kept)
+                for g, c0, c1 in zip(groups, first.curves, last.curves) if c0 is not None and c1 is not None}
     widths = [group_ms[id(g)] for g in groups if g.kind == "width" and id(g) in group_ms]
     summary = dict(target_latency=target, latency_before_ms=before_ms, latency_after_ms=after_ms, latency_kept=kept,
-                   latency_rewritten_kept=rewritten, latency_device=latency.device,
+                   latency_rewritten_kept=first.kept, latency_device=latency.device,
                    latency_hardware=latency.describe(), latency_batch=latency.batch,
-                   latency_threads=torch.get_num_threads(), latency_table="cached" if cached else "measured",
+                   latency_threads=torch.get_num_threads(),
+                   latency_table="cached" if all(t.cached for t in timed) else "measured",
+                   latency_tables=len(timed),
                    width_ms_before=sum(b for b, _ in widths), width_ms_after=sum(a for _, a in widths))
     return at_floor, summary, group_ms
 
 
 def taylor_prune(model: nn.Module, batches: Batches, target_macs: float = 0.5, steps: int = 5,
-                 importance: Callable[[Group], torch.Tensor] = TaylorImportance(), floor: float = 0.1,
+                 importance: Optional[Callable[[Group], torch.Tensor]] = None, floor: float = 0.1,
                  val_batches: Batches = (), prune_width: bool = True, target_latency: Optional[float] = None,
                  latency: Optional[LatencyModel] = None) -> PruneResult:
     """Prune `model` (in place, eval mode; a converted copy where a converter is registered, see `prunable`: the
     result's `model` is the one pruned) to `target_macs` of its MACs in `steps` Taylor steps; report per block.
 
     batches: (images, labels) used for the gradients (all of them, every step). importance: a group's channel
-    scores from those gradients (TaylorImportance by default; any callable Group -> (channels,) tensor).
+    scores from those gradients (any callable Group -> (channels,) tensor; None: TaylorImportance() for a MAC target,
+    LossChange() for a latency target, whose costs are absolute and need scores that compare across groups).
     floor: fraction of each group's channels always kept.
     val_batches: accuracy before and after, when given. prune_width: include the residual-stream width groups.
     target_latency: prune to this fraction of the unpruned model's latency instead (measured by `latency`,
@@ -243,6 +306,12 @@ def taylor_prune(model: nn.Module, batches: Batches, target_macs: float = 0.5, s
         raise ValueError(f"target_macs must lie in (0, 1), got {target_macs}")
     if target_latency is not None and not 0 < target_latency < 1:
         raise ValueError(f"target_latency must lie in (0, 1), got {target_latency}")
+    if importance is None:
+        importance = TaylorImportance() if target_latency is None else LossChange()
+    elif target_latency is not None and getattr(importance, "normalizer", "none") != "none":
+        raise ValueError(f"a latency target divides importance by absolute savings, so scores normalized per group "
+                         f"({importance.normalizer}) do not compare across groups: use normalizer 'none' or "
+                         f"LossChange()")
     reference = copy.deepcopy(model).eval() if target_latency is not None else None  # the latency's 1.0
     model = prunable(model).eval()
     groups = prepare(model)
@@ -275,7 +344,8 @@ def taylor_prune(model: nn.Module, batches: Batches, target_macs: float = 0.5, s
                    macs_kept=total_after / total_before, params_before_m=total_params_before / 1e6,
                    params_after_m=sum(p.numel() for p in model.parameters()) / 1e6,
                    target_macs=target_macs if target_latency is None else None,
-                   steps=steps, normalizer=getattr(importance, "normalizer", None),
+                   steps=steps, importance=getattr(importance, "name", type(importance).__name__),
+                   normalizer=getattr(importance, "normalizer", None),
                    reduction=getattr(importance, "reduction", None), floor=floor,
                    width_pruned=any(g.kind == "width" and g.prunable for g in groups),
                    gradient_images=sum(len(labels) for _, labels in batches),
