@@ -9,8 +9,9 @@ error a user would also get) or `fails: <exception>` (a crash: a bug to fix, not
 analyses are not computed here, only whether and how each one reads the model:
 - op_profile: one profiled forward of one image (work counted, times attributed; peaks fixed, not measured);
 - head_similarity: head similarity over the images (sites and heads read);
-- taylor_prune: the pruning groups found (Q/K, V, FFN hidden, widths), on a model that still computes the
-  same function once the pruner has rewritten its attention, and one pruning step after which it still runs.
+- taylor_prune: who found the pruning groups (the hand-written builders, discovery from the model itself, or
+  both) and how many of each kind (Q/K, V, FFN hidden, widths), on a model that still computes the same function
+  once the pruner has rewritten its attention, and one pruning step after which it still runs.
 """
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ class Family(NamedTuple):
     model: str  # a timm name (or evit's), the family's smallest
     attention: str  # what its attention is, in a few words
     heads: bool = True  # softmax attention with several heads per block: head similarity must read it
+    pruned: bool = True  # Taylor pruning prunes it (by its builders or by discovery); else it refuses, saying why
 
 
 FAMILIES = (
@@ -43,7 +45,7 @@ FAMILIES = (
     Family("CaiT", "cait_xxs24_224", "talking heads, class attention"),
     Family("EVA-02", "eva02_tiny_patch14_224", "rotary MHSA, SwiGLU FFN"),
     Family("BEiT", "beit_base_patch16_224", "MHSA with relative position bias"),
-    Family("XCiT", "xcit_nano_12_p16_224", "cross-covariance (channel) attention, class attention"),
+    Family("XCiT", "xcit_nano_12_p16_224", "cross-covariance (channel) attention, class attention", pruned=False),
     Family("Swin v1", "swin_tiny_patch4_window7_224", "shifted-window MHSA, relative bias"),
     Family("Swin v2", "swinv2_tiny_window8_256", "shifted-window cosine attention, continuous bias"),
     Family("Swin v2 (cr)", "swinv2_cr_tiny_ns_224", "shifted-window cosine attention (second implementation)"),
@@ -52,13 +54,35 @@ FAMILIES = (
     Family("Twins-SVT", "twins_svt_small", "locally grouped + sub-sampled global attention"),
     Family("Twins-PCPVT", "twins_pcpvt_small", "spatial-reduction attention"),
     Family("MobileViT", "mobilevit_xxs", "MHSA over unfolded patches"),
-    Family("EfficientFormer-v2", "efficientformerv2_s0", "talking-head attention with biases, stride-2 attention"),
+    Family("EfficientFormer-v2", "efficientformerv2_s0", "talking-head attention with biases, stride-2 attention",
+           pruned=False),
     Family("EfficientViT (MSRA, timm)", "efficientvit_m0", "cascaded group attention (the paper's model)"),
     Family("EfficientViT (evit)", "evit_m0", "cascaded group attention (this project's builder)"),
-    Family("MobileViT-v2", "mobilevitv2_050", "separable (linear) attention", heads=False),
-    Family("EfficientViT (MIT)", "efficientvit_b0", "ReLU linear attention", heads=False),
-    Family("ConvNeXt", "convnext_atto", "none (convolutions)", heads=False),
-    Family("ResNet", "resnet18", "none (convolutions)", heads=False),
+    Family("CrossViT", "crossvit_tiny_240", "two-branch MHSA, cross-attention of the class tokens"),
+    Family("PiT", "pit_ti_224", "MHSA between pooling convs"),
+    Family("TNT", "tnt_s_patch16_224", "inner (pixel) and outer (patch) MHSA"),
+    Family("NesT", "nest_tiny", "MHSA in nested local blocks"),
+    Family("ViT relpos", "vit_relpos_small_patch16_224", "MHSA with a relative-position MLP bias"),
+    Family("Visformer", "visformer_tiny", "conv-stage MHSA with 1x1-conv qkv"),
+    Family("MaxViT", "maxvit_nano_rw_256", "block and grid attention with relative bias, MBConv"),
+    Family("CoAtNet", "coatnet_nano_rw_224", "MBConv stages, then 2-D relative attention"),
+    Family("TinyViT", "tiny_vit_5m_224", "window attention with attention biases, MBConv stage"),
+    Family("EfficientFormer", "efficientformer_l1", "pooling mixers, MHSA with attention biases at the end"),
+    Family("FastViT", "fastvit_sa12", "RepMixer stages, MHSA at the end"),
+    Family("Next-ViT", "nextvit_small", "conv blocks and MHSA with spatial reduction"),
+    Family("ViTamin", "vitamin_small_224", "MBConv stages, then MHSA"),
+    Family("CAFormer", "caformer_s18", "MetaFormer: separable-conv stages, then MHSA"),
+    Family("ConViT", "convit_tiny", "gated positional self-attention", pruned=False),
+    Family("GC ViT", "gcvit_xxtiny", "window attention with global queries", pruned=False),
+    Family("DaViT", "davit_tiny", "window attention and channel attention", pruned=False),
+    Family("MViTv2", "mvitv2_tiny", "pooling attention (pooled q, k, v)", pruned=False),
+    Family("Hiera", "hiera_tiny_224", "mask-unit attention with pooled queries", pruned=False),
+    Family("VOLO", "volo_d1_224", "outlook attention, then MHSA and class attention", pruned=False),
+    Family("EdgeNeXt", "edgenext_xx_small", "transposed (channel) attention", pruned=False),
+    Family("MobileViT-v2", "mobilevitv2_050", "separable (linear) attention", heads=False, pruned=False),
+    Family("EfficientViT (MIT)", "efficientvit_b0", "ReLU linear attention", heads=False, pruned=False),
+    Family("ConvNeXt", "convnext_atto", "none (convolutions)", heads=False, pruned=False),
+    Family("ResNet", "resnet18", "none (convolutions)", heads=False, pruned=False),
 )
 ANALYSES = ("op_profile", "head_similarity", "taylor_prune")
 NUM_IMAGES = 2
@@ -84,10 +108,12 @@ def _head_similarity(model: nn.Module, images: torch.Tensor) -> str:
 
 
 def _taylor_prune(model: nn.Module, images: torch.Tensor) -> str:
-    """The groups found, once the model the pruner rewrote (attention projections split in place) is shown to
-    compute what it computed before (a rewrite that drops a bias or a position term would prune another model),
-    and one pruning step to half the MACs after which the model still runs."""
+    """Who found the groups (the hand-written builders, discovery from the model itself, or both) and how many of
+    each kind, once the model the pruner rewrote (attention projections split in place) is shown to compute what
+    it computed before (a rewrite that drops a bias or a position term would prune another model), and one pruning
+    step to half the MACs after which the model still runs."""
     from analysis.taylor_prune import prepare, prunable, taylor_prune
+    from analysis.taylor_prune.builders.traced_attention import TracedAttention
 
     with torch.no_grad():
         before = model(images)
@@ -96,11 +122,16 @@ def _taylor_prune(model: nn.Module, images: torch.Tensor) -> str:
         diff = float((model(images) - before).abs().max())
     if not diff <= 1e-4 * max(1.0, float(before.abs().max())):
         raise AssertionError(f"the model prepared for pruning computes another function (max diff {diff:.3g})")
+    traced = {id(m) for m in model.modules() if isinstance(m, TracedAttention)}
+    built = any(g.attention is not None and id(g.attention) not in traced for g in groups)
+    found = "builders + discovered" if traced and built else "discovered" if traced else "builders"
+    counts = ", ".join(f"{sum(g.kind == kind for g in groups)} {name}"
+                       for kind, name in (("qk", "Q/K"), ("v", "V"), ("ffn", "FFN"), ("width", "width")))
     labels = torch.zeros(len(images), dtype=torch.long)  # any labels: the step is a smoke test, not a result
     kept = taylor_prune(model, [(images, labels)], target_macs=0.5, steps=1).summary["macs_kept"]
     with torch.no_grad():
         model(images)
-    return f"{len(groups)} groups, one step to {kept:.2f} of the MACs"
+    return f"{found}: {counts}; one step to {kept:.2f} of the MACs"
 
 
 CHECKS: dict[str, Callable[[nn.Module, torch.Tensor], str]] = {
@@ -155,11 +186,12 @@ def support_matrix(families: Sequence[Family] = FAMILIES, analyses: Sequence[str
     return pd.DataFrame(rows)
 
 
-def short_cell(cell: str, limit: int = 100) -> str:
-    """A cell for the markdown table: a refusal's first clause, pipes escaped, cut at `limit` characters."""
+def short_cell(cell: str, limit: int = 130) -> str:
+    """A cell for the markdown table: a refusal's module and reason (the detail after them dropped), pipes escaped,
+    cut at `limit` characters."""
     verdict, _, message = cell.partition(": ")
     if verdict == "no":
-        message = re.split(r"; |: ", message)[0]
+        message = ": ".join(message.split("; ")[0].split(": ")[:2])
     cell = f"{verdict}: {message}".strip()
     cell = cell if len(cell) <= limit else cell[:limit - 1].rstrip() + "…"
     return cell.replace("|", "\\|")

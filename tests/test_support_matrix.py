@@ -1,5 +1,7 @@
 """The support matrix: head similarity reads every softmax-attention family timm ships and refuses the others in
+one line; Taylor pruning prunes the families it claims (by their builders or by discovery) and refuses the others in
 one line; the README's table says what the analyses really do."""
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -12,14 +14,23 @@ from experiments.support_matrix import (FAMILIES, README_BEGIN, README_END, main
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
-@pytest.fixture(scope="module")
-def head_similarity_column() -> pd.DataFrame:
+def _computed(analysis: str) -> pd.DataFrame:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return support_matrix(analyses=("head_similarity",)).set_index("model")
+        return support_matrix(analyses=(analysis,)).set_index("model")
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def head_similarity_column() -> pd.DataFrame:
+    return _computed("head_similarity")
+
+
+@pytest.fixture(scope="module")
+def taylor_prune_column() -> pd.DataFrame:
+    return _computed("taylor_prune")
 
 
 @pytest.mark.parametrize("family", FAMILIES, ids=[f.model for f in FAMILIES])
@@ -32,6 +43,20 @@ def test_head_similarity_reads_every_softmax_attention_family(family, head_simil
         assert "no softmax attention" in cell or "single head" in cell
 
 
+@pytest.mark.parametrize("family", FAMILIES, ids=[f.model for f in FAMILIES])
+def test_taylor_prune_prunes_every_family_it_claims_and_refuses_the_others_in_one_line(family, taylor_prune_column):
+    """A pruned family: its groups found by the builders, by discovery or both, with Q/K, V and FFN groups, and
+    one step to half the MACs; any other: a refusal naming what it cannot split, never a crash."""
+    cell = taylor_prune_column.at[family.model, "taylor_prune"]
+    if family.pruned:
+        found = re.fullmatch(r"yes: (builders|discovered|builders \+ discovered): (\d+) Q/K, (\d+) V, (\d+) FFN, "
+                             r"(\d+) width; one step to (0\.\d\d) of the MACs", cell)
+        assert found and int(found[2]) == int(found[3]) > 0 and int(found[4]) > 0, cell
+        assert float(found[6]) <= 0.55, cell
+    else:
+        assert cell.startswith("no: ") and "\n" not in cell, cell
+
+
 def _column(table: str, name: str) -> dict[str, str]:
     rows = [[c.strip() for c in line.strip().strip("|").split("|")] for line in table.splitlines()]
     header = rows[0]
@@ -41,6 +66,13 @@ def _column(table: str, name: str) -> dict[str, str]:
 def test_readme_table_says_what_head_similarity_does(head_similarity_column):
     readme = _column(readme_table(README), "head_similarity")
     computed = {f"{f.name} (`{f.model}`)": short_cell(head_similarity_column.at[f.model, "head_similarity"])
+                for f in FAMILIES}
+    assert readme == computed
+
+
+def test_readme_table_says_what_taylor_prune_does(taylor_prune_column):
+    readme = _column(readme_table(README), "taylor_prune")
+    computed = {f"{f.name} (`{f.model}`)": short_cell(taylor_prune_column.at[f.model, "taylor_prune"])
                 for f in FAMILIES}
     assert readme == computed
 

@@ -405,7 +405,8 @@ def no_long_work(monkeypatch):
     (["--data", "cifar10"], "unknown data 'cifar10': use fashion_mnist, digits or imagefolder:PATH"),
     (["--model", "deit_tinny"], "unknown model 'deit_tinny'. Close matches: deit_tiny"),
     (["--model", "resnet18"], "no prunable blocks; supported: "),
-    (["--model", "xcit_nano_12_p16_224"], "blocks.0 (XCABlock) is a layout no pruning builder knows; supported: "),
+    (["--model", "xcit_nano_12_p16_224"], "blocks.0.attn (XCA): q is normalized (normalize) between its projection "
+                                          "and the attention"),
     (["--model", "nowhere.yaml"], "evit config file not found: nowhere.yaml"),
 ])
 def test_bad_inputs_fail_at_once_before_weights_or_data(capsys, no_long_work, argv, message):

@@ -94,6 +94,11 @@ def test_pruned_model_runs_and_reports_its_own_widths():
     assert model(torch.randn(2, 3, SIZE, SIZE)).shape == (2, 3)
 
 
-def test_swiglu_ffn_is_refused():
-    with pytest.raises(tpr.UnsupportedModelError, match=r"blocks.0.mlp \(SwiGLU\) is not a plain timm Mlp"):
-        tpr.prepare(tiny_beit("per_block", swiglu_mlp=True))
+def test_swiglu_ffn_is_discovered():
+    """The builder refuses a SwiGLU FFN; discovery takes the model: an FFN channel is a row of both halves and a
+    column of fc2."""
+    model = tiny_beit("per_block", swiglu_mlp=True)
+    groups = prepare_keeping_the_function(model, torch.randn(2, 3, SIZE, SIZE))
+    mlp = model.blocks[0].mlp
+    ffn = next(g for g in groups if g.block == "blocks.0" and g.kind == "ffn")
+    assert {(s.layer, s.axis) for s in ffn.layout()} == {(mlp.fc1_g, "out"), (mlp.fc1_x, "out"), (mlp.fc2, "in")}

@@ -191,7 +191,6 @@ def test_pruned_model_runs_and_reports_its_own_widths(config):
     (dict(qk_norm=True), "blocks.0.attn (EvaAttention) has q/k norms"),
     (dict(attn_type="rope", qkv_fused=False, num_kv_heads=1), "blocks.0.attn (AttentionRope) has grouped-query"),
     (dict(norm_layer=RmsNorm), "blocks.0.norm1 (RmsNorm) is not a LayerNorm"),
-    (dict(global_pool="map"), "attn_pool (AttentionPoolLatent) is a layout no pruning builder knows"),
     ("gate", "blocks.1.attn (EvaAttention) has a sigmoid output gate"),
 ])
 def test_variants_the_pruner_cannot_carry_are_refused_in_one_line(kwargs, message):

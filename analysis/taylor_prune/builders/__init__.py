@@ -9,7 +9,8 @@
   (query rows over the whole input, keys per query, Q/K + V channels over all heads), which the MAC counter and the
   MACs per channel need. Builders that put an `attention.PrunedAttention` in place need none: it records its own.
 
-Adding a family is adding a module that registers its builders, and importing it below.
+Adding a family is adding a module that registers its builders, and importing it below. A model some block or
+attention of which no builder knows is read by `discovery` instead: its groups found from the model itself.
 """
 from __future__ import annotations
 
@@ -86,26 +87,56 @@ def _looks_like_attention(module: nn.Module) -> bool:
         re.search(r"Attention|Attn|MHSA|MLA", type(module).__name__))
 
 
-def prepare(model: nn.Module) -> list[Group]:
-    """The model's groups: every block's (blocks rewritten in place where a builder needs it), then the
-    residual-stream widths. UnsupportedModelError naming the first block or attention no builder knows, or when
-    the model has no block at all."""
-    supported = f"supported: {', '.join(FAMILIES)}; see the README's support table"
-    groups: list[Group] = []
-    built: list[str] = []  # blocks a builder took: their modules are theirs
-    for name, module in list(model.named_modules()):
-        if any(name.startswith(b + ".") for b in built):
+def _blocks(model: nn.Module) -> tuple[list[str], bool]:
+    """The blocks a builder takes (outermost first) and whether some block or attention is one none knows."""
+    taken: list[str] = []
+    unknown = False
+    for name, module in model.named_modules():
+        if any(name.startswith(b + ".") for b in taken):
             continue
-        builder = next((b for match, b in BLOCK_BUILDERS if _matches(match, module)), None)
-        if builder is not None:
-            groups += builder(name, module)
-            built.append(name)
+        if any(_matches(match, module) for match, _ in BLOCK_BUILDERS):
+            taken.append(name)
         elif _looks_like_attention(module):
-            raise UnsupportedModelError(f"{name} ({type(module).__name__}) is a layout no pruning builder knows; "
-                                        f"{supported}")
-    groups += [g for match, builder in MODEL_BUILDERS if _matches(match, model) for g in builder(model)]
-    if not groups:
-        raise UnsupportedModelError(f"{type(model).__name__} has no prunable blocks; {supported}")
+            unknown = True
+    return taken, unknown
+
+
+def _build(model: nn.Module, names: list[str]) -> tuple[list[Group], UnsupportedModelError | None]:
+    """The builders' groups of blocks `names`, and the first refusal of a builder (that block is left to
+    discovery)."""
+    groups: list[Group] = []
+    refusal = None
+    for name in names:
+        block = model.get_submodule(name)
+        try:
+            groups += next(b for match, b in BLOCK_BUILDERS if _matches(match, block))(name, block)
+        except UnsupportedModelError as e:
+            refusal = refusal or e
+    return groups, refusal
+
+
+def prepare(model: nn.Module, builders: bool = True) -> list[Group]:
+    """The model's groups: every block's (blocks rewritten in place where needed), then the residual-stream widths.
+    From the hand-written builders where they know every block and attention of the model; where they know only
+    some (or refuse a variant of a block they match), theirs for the blocks they take and the rest discovered from
+    the model itself (`discovery.discover`, which also finds the widths); with builders=False all discovered.
+    UnsupportedModelError naming the first module neither can split and why (a builder's refusal, where there is
+    one, else discovery's), or when the model runs no softmax attention."""
+    taken, unknown = _blocks(model) if builders else ([], True)
+    groups, refusal = _build(model, taken)
+    if not unknown and refusal is None:
+        groups += [g for match, builder in MODEL_BUILDERS if _matches(match, model) for g in builder(model)]
+    if unknown or refusal is not None or not groups:
+        try:
+            groups = discovery.discover(model, known=groups)
+        except discovery.NoAttention:
+            raise UnsupportedModelError(f"{type(model).__name__} has no prunable blocks; supported: "
+                                        f"{', '.join(FAMILIES)} and, discovered from the model, any softmax "
+                                        f"attention; see the README's support table") from None
+        except UnsupportedModelError:
+            if refusal is not None:
+                raise refusal from None
+            raise
     for group in groups:
         group.original, group.in_dim_before = group.channels, group.width()
     return groups
@@ -113,5 +144,5 @@ def prepare(model: nn.Module) -> list[Group]:
 
 # The families (each matches its own block and attention types).
 # They register themselves on import.
-from analysis.taylor_prune.builders import (beit, cait, eva, evit, levit, pvt, swin, swinv2, twins,  # noqa: E402,F401
-                                            vit)
+from analysis.taylor_prune.builders import (beit, cait, discovery, eva, evit, levit, pvt, swin,  # noqa: E402,F401
+                                            swinv2, twins, vit)
