@@ -37,7 +37,7 @@ from experiments.zoo import resolve_model
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-DEFAULT_OUT = "results/head_similarity"
+DEFAULT_OUT = "runs/head_similarity"
 METRICS = ("max_cos_raw", "max_cos_centred")
 
 

@@ -214,7 +214,7 @@ def variant_model(base: dict, share: float, mixer: str, num_classes: int) -> nn.
 def run_study(base: Base, shares: Sequence[float] = SHARES, seeds: Sequence[int] = (0, 1, 2), epochs: int = 2,
               limit_train: Optional[int] = 10000, limit_val: Optional[int] = 2000, mixer: str = "cga",
               data: str = "fashion_mnist", data_dir: Optional[str] = None, batch_size: int = 128,
-              runs_dir: Path = Path("results/mhsa_ratio/runs"), launcher: Optional[Launcher] = None) -> pd.DataFrame:
+              runs_dir: Path = Path("runs/mhsa_ratio/runs"), launcher: Optional[Launcher] = None) -> pd.DataFrame:
     """One row per (share, seed) of the variants cut from `base` that finished training (each a run of
     `launcher` in its folder under `runs_dir`; finished runs are kept and the others named on stderr): accuracy
     after the fixed budget, params, throughput, memory-bound share."""
@@ -336,7 +336,7 @@ class Settings(Launcher):
     data_dir: Optional[str] = option(None, "folder holding the data (None: the default location)")
     speed_only: bool = option(False, "keep the trained accuracies in --out, measure throughput and memory-bound "
                               "share again")
-    out: Path = option(Path("results/mhsa_ratio"), "output folder")
+    out: Path = option(Path("runs/mhsa_ratio"), "output folder")
 
     def check(self) -> None:
         super().check()

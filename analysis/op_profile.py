@@ -528,7 +528,7 @@ class Settings:
     peak_gflops: Optional[float] = option(None, "device peak GFLOP/s (None: measured)")
     peak_gbs: Optional[float] = option(None, "device bandwidth GB/s (None: measured)")
     trace: bool = option(False, "also write a Chrome trace per model (.json)")
-    out: Path = option(Path("results/op_profile"), "output folder")
+    out: Path = option(Path("runs/op_profile"), "output folder")
 
     def check(self) -> None:
         if not self.models:

@@ -379,7 +379,7 @@ class Settings:
                                           "analysis.taylor_prune --save-model: timed beside that model unpruned "
                                           "(random weights, the recorded creation kwargs), every backend of the "
                                           "table (ONNX export included)")
-    out: Path = option(Path("results/benchmark"), "output folder")
+    out: Path = option(Path("runs/benchmark"), "output folder")
 
     def check(self) -> None:
         if self.levers and self.device != "cpu":

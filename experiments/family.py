@@ -52,7 +52,7 @@ def over_seeds(trained: pd.DataFrame) -> pd.DataFrame:
         train_time_s=("train_time_s", "mean"))
 
 
-def train_and_time(models: Sequence[str], runs_dir: Path = Path("results/family/runs"), quick_timing: bool = True,
+def train_and_time(models: Sequence[str], runs_dir: Path = Path("runs/family/runs"), quick_timing: bool = True,
                    launcher: Optional[Launcher] = None, seeds: Sequence[int] = (0,), device: str = "cpu",
                    **budget: Any) -> pd.DataFrame:
     """One row per model that trained: proxy accuracy after the budget (mean and std over `seeds`), params, FLOPs,
@@ -242,7 +242,7 @@ class Settings(Launcher):
                                 f"{MAIN_BATCH['cuda']}, AMP)", choices=("cpu", "cuda"))
     full_timing: bool = option(False, "the benchmark's full timing (~35 s a model)")
     name: str = option("family", "stem of the CSV and figure")
-    out: Path = option(Path("results/family"), "output folder (the training runs in its runs/)")
+    out: Path = option(Path("runs/family"), "output folder (the training runs in its runs/)")
 
     def check(self) -> None:
         super().check()

@@ -25,7 +25,7 @@ Every pruned model is then timed against the unpruned one interleaved, in both o
 the tables), and against its point's anchor (equal latency is judged on this ratio), evaluated on the fine-tune's
 validation images before fine-tuning, and fine-tuned with the same budget once per seed.
 
-Outputs (--out, default results/prune_study): runs.csv (one row per model, point, method and seed), summary.csv
+Outputs (--out, default runs/prune_study): runs.csv (one row per model, point, method and seed), summary.csv
 (per model, point and method: accuracy mean and std over seeds, before fine-tuning, MACs and latency kept, each
 against the anchor) and prune_study.png. The pruned models sit in OUT/pruned/<model>-<key>/ (key: the weights, the
 pruning settings and the machine), one file and record per point and method, and the fine-tunes in OUT/runs (keyed
@@ -105,7 +105,7 @@ class Settings(Launcher):
     batch_size: int = option(128, "fine-tuning batch")
     lr: float = option(5e-4, "fine-tuning learning rate (cosine to 1e-5, no warm-up)")
     threads: int = option(1, "torch CPU threads (pruning, timing and fine-tunes)")
-    out: Path = option(Path("results/prune_study"), "output folder (pruned models in its pruned/, fine-tunes in runs/)")
+    out: Path = option(Path("runs/prune_study"), "output folder (pruned models in its pruned/, fine-tunes in runs/)")
 
     def check(self) -> None:
         super().check()

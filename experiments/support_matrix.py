@@ -86,7 +86,7 @@ FAMILIES = (
 )
 ANALYSES = ("op_profile", "head_similarity", "taylor_prune")
 NUM_IMAGES = 2
-DEFAULT_OUT = "results/support"
+DEFAULT_OUT = "runs/support"
 README_BEGIN, README_END = "<!-- support matrix: begin -->", "<!-- support matrix: end -->"
 
 

@@ -170,3 +170,42 @@ def test_readme_command_exists_and_takes_its_flags(words):
     known = {flag for p in run.parsers for flag in p._option_string_actions}
     assert not set(flags(argv)) - known, f"python -m {' '.join(words)}: abbreviated or unknown flags " \
                                          f"{sorted(set(flags(argv)) - known)}"
+
+
+def default_outs(module: str) -> list[Path]:
+    """Where a command writes when no --out is given: its Settings' `out` default, else its DEFAULT_OUT (one
+    folder, or one per scale); none for commands whose output is not a folder of results (zoo, train)."""
+    import dataclasses
+    import importlib
+
+    imported = importlib.import_module(module)
+    settings = getattr(imported, "Settings", None)
+    if settings is not None and dataclasses.is_dataclass(settings):
+        out = next((f.default for f in dataclasses.fields(settings) if f.name == "out"), None)
+        if out is not None:
+            return [Path(out)]
+    default = getattr(imported, "DEFAULT_OUT", None)
+    if isinstance(default, dict):
+        return [Path(p) for p in default.values()]
+    return [] if default is None else [Path(default)]
+
+
+def ignored_by_git(path: Path) -> bool:
+    import subprocess
+
+    return subprocess.run(["git", "check-ignore", "-q", str(path / "anything.csv")], cwd=ROOT).returncode == 0
+
+
+@pytest.mark.parametrize("words", [w for w in README_COMMANDS if "--out" not in flags(w)], ids=" ".join)
+def test_readme_command_without_out_leaves_the_committed_results_alone(words):
+    """A README command that names no --out writes into a folder git ignores (runs/...), never into results/:
+    only the documented regenerate commands, with an explicit --out results..., write the reference."""
+    for out in default_outs(words[0]):
+        assert not out.is_absolute() and ignored_by_git(out), \
+            f"python -m {' '.join(words)} writes into {out}, which git tracks"
+
+
+def test_default_outs_are_read():
+    assert default_outs("analysis.taylor_prune") == [Path("runs/taylor_prune")]
+    assert Path("runs/quick") in default_outs("experiments.reproduce")
+    assert not ignored_by_git(Path("results/taylor_prune"))  # the check can fail

@@ -25,7 +25,7 @@ until the step's MAC goal is met (MACs per unit measured at the layers' real tok
 per group. The MAC counter adds q @ k^T and attn @ v at their pruned widths to the Linear/Conv MACs; it agrees
 with fvcore on every family (tested). The families, their couplings and what each refuses: docs/pruning.md.
 
-Outputs (folder --out, default results/taylor_prune): <model>.csv (one row per block: Q/K, V and FFN-hidden
+Outputs (folder --out, default runs/taylor_prune; the committed reference is written by experiments.reproduce): <model>.csv (one row per block: Q/K, V and FFN-hidden
 widths relative to the block's input width, before and after, with MACs and params), <model>_stages.csv,
 <model>_summary.csv (MACs, params, accuracy before/after, normalizer, reduction), <model>.png (Fig. 5 style) and
 <model>_allocation.yaml, an EfficientViT config built from the kept ratios at a preset's FLOPs or measured

@@ -27,7 +27,7 @@ from experiments.models import check_model, model_img_size, skeleton
 from experiments.train import TrainConfig, train as train_model
 from experiments.zoo import cache_dir, resolve_model
 
-DEFAULT_OUT = "results/taylor_prune"
+DEFAULT_OUT = "runs/taylor_prune"
 IMPORTANCES = ("auto", "taylor", "loss_change")
 FINETUNE_TEACHERS = ("none", "unpruned")
 
