@@ -13,7 +13,6 @@ runs that finished.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import shutil
 import traceback
@@ -25,6 +24,7 @@ import submitit
 import torch.distributed as dist
 import torch.nn as nn
 
+from experiments.cache_keys import file_key, key_of
 from experiments.cli import UserError, option
 from experiments.distillation import DISTILLATION_SETTINGS
 from experiments.models import is_config_file
@@ -119,7 +119,7 @@ def recipe(run: Union[Run, TrainConfig]) -> dict[str, Any]:
     if run.config.weights is None:  # random initialization, as before the field existed: older keys stay valid
         del recipe["weights"]
     else:  # by content: a file written again (pruned again) starts another run
-        recipe["weights"] = hashlib.sha256(Path(run.config.weights).read_bytes()).hexdigest()
+        recipe["weights"] = file_key(run.config.weights)
     if run.build is not None:
         recipe.update(build=f"{run.build.__module__}.{run.build.__qualname__}", build_kwargs=dict(run.build_kwargs))
     return recipe
@@ -128,8 +128,7 @@ def recipe(run: Union[Run, TrainConfig]) -> dict[str, Any]:
 def run_dir(root: Path, run: Union[Run, TrainConfig]) -> Path:
     """The run's folder under `root`: the model's name and a hash of its `recipe`."""
     run = as_run(run)
-    key = hashlib.sha256(json.dumps(recipe(run), sort_keys=True, default=str).encode()).hexdigest()[:12]
-    return Path(root) / f"{Path(run.config.model).stem}-{key}"
+    return Path(root) / f"{Path(run.config.model).stem}-{key_of(recipe(run))}"
 
 
 def finished(folder: Path) -> bool:

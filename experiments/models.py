@@ -103,8 +103,9 @@ def create_model(name: str, img_size: Optional[int] = None, **kwargs: Any) -> nn
     if img_size is not None:
         try:
             return _create(name, img_size=img_size, **kwargs)
-        except TypeError:  # size-agnostic models (most CNNs) reject an img_size argument
-            pass
+        except TypeError as e:  # size-agnostic models (most CNNs) reject the argument, naming it; nothing else
+            if "img_size" not in str(e):
+                raise
     return _create(name, **kwargs)
 
 

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import hashlib
 import json
 import math
 import sys
@@ -54,6 +53,7 @@ from analysis.taylor_prune.importance import Batches
 from analysis.taylor_prune.prune import LATENCY_TOLERANCE
 from evit.io import save_figure, torch_save, write_csv, write_json
 from experiments import launch, peer_pruning
+from experiments.cache_keys import key_of, tensors_key
 from experiments.claims import CONFIRMED, INCONCLUSIVE, REFUTED, Claim
 from experiments.cli import UserError, option, parse_settings, run_cli
 from experiments.data import build_datasets, subset
@@ -204,15 +204,6 @@ def match_latency(prune: Callable[[float], Pruned], anchor: nn.Module, timer: tp
 
 # --- per model: pruned (or read back), timed, evaluated ---------------------------------------------------------
 
-def weights_digest(model: nn.Module) -> str:
-    """A hash of the model's weights: a pruning is keyed by it, so that retrained weights are pruned afresh."""
-    digest = hashlib.sha256()
-    for name, tensor in model.state_dict().items():
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()[:12]
-
-
 def pruned_model(path: str) -> nn.Module:
     """A pruned model saved whole (its layers' shapes are the pruning's; no name rebuilds them): the fine-tunes'
     builder, at module level so that a job can import it."""
@@ -240,11 +231,10 @@ def prune_or_read(name: str, model: nn.Module, settings: Settings, latency: tpr.
     the other methods of a point are matched to theirs. A file is named by its point, method and weights (the
     fine-tunes that start from it are keyed by its path, and the latency path prunes differently when its timings
     differ); beside it <point>-<method>.csv, the block table."""
-    key_parts = dict(model=name, weights=weights_digest(model), data=settings.data, machine=latency.describe(),
+    key_parts = dict(model=name, weights=tensors_key(model.state_dict()), data=settings.data, machine=latency.describe(),
                      **{k: getattr(settings, k) for k in ("target_macs", "target_latency", "device", "latency_batch",
                                                           "probes", "steps", "batches", "batch")})
-    key = hashlib.sha256(json.dumps(key_parts, sort_keys=True).encode()).hexdigest()[:12]
-    folder = out / "pruned" / f"{Path(name).stem}-{key}"
+    folder = out / "pruned" / f"{Path(name).stem}-{key_of(key_parts)}"
     loaded: dict[str, Any] = {}
 
     def batches() -> Batches:  # read only when something is pruned
@@ -259,7 +249,7 @@ def prune_or_read(name: str, model: nn.Module, settings: Settings, latency: tpr.
         if not path.is_file():
             print(f"{name}: {LABELS[method]} at {point.replace('_', ' ')} -> {folder}")
             found = make()
-            file = f"{point}-{method}-{weights_digest(found.result.model)}.pth"
+            file = f"{point}-{method}-{tensors_key(found.result.model.state_dict())}.pth"
             torch_save(found.result.model, folder / file)
             write_csv(found.result.blocks.round(5), folder / f"{point}-{method}.csv")
             macs = model_macs(found.result.model, batches()[0][0])

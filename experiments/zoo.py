@@ -25,16 +25,15 @@ zoo imports it by the name the file records the first time it reads that format 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
-import hashlib
 import importlib
 import json
 import os
 import socket
 import sys
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
-from unittest import mock
+from typing import Any, Callable, Iterator, Optional, Sequence
 from urllib.parse import urlparse
 
 import torch
@@ -44,6 +43,7 @@ import evit
 from evit.convert import unwrap
 from evit.io import CheckpointError, read_checkpoint
 from experiments import launch
+from experiments.cache_keys import key_of
 from experiments.cli import UserError, run_cli
 from experiments.models import PROXY_MODELS, PROXY_NUM_CLASSES, create_model, is_config_file, read_config, \
     resolve_model_name
@@ -86,8 +86,7 @@ def proxy_config(name: str, budget: str = "proxy") -> TrainConfig:
 def proxy_key(cfg: TrainConfig) -> str:
     """Hash of what determines the trained weights: architecture, parameter shapes and recipe (not paths)."""
     shapes = {k: tuple(v.shape) for k, v in create_model(cfg.model).state_dict().items()}
-    blob = json.dumps([PROXY_MODELS[cfg.model], shapes, launch.recipe(cfg)], sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+    return key_of([PROXY_MODELS[cfg.model], shapes, launch.recipe(cfg)])
 
 
 def proxy_dir(name: str, budget: str = "proxy") -> Path:
@@ -119,10 +118,8 @@ def hub_reachable(timeout: float = 3.0) -> bool:
 
 def pretrained_model(name: str, **kwargs: Any) -> nn.Module:
     """A timm model with hub weights, from the local HF cache when offline; one-line error when unavailable."""
-    from huggingface_hub import constants
-
     # Without a network huggingface_hub retries for ~45 s; in offline mode it reads its cache or fails at once.
-    with mock.patch.object(constants, "HF_HUB_OFFLINE", not hub_reachable()):
+    with hub_offline(not hub_reachable()):
         try:
             return create_model(name, pretrained=True, **kwargs)
         except (OSError, RuntimeError) as e:
@@ -130,6 +127,20 @@ def pretrained_model(name: str, **kwargs: Any) -> nn.Module:
                 f"pretrained weights for '{name}' are unreachable (no connection to the Hugging Face hub and not in "
                 f"its local cache: {type(e).__name__}); download them where there is internet and pass the file, "
                 f"load_model('{name}', weights='/path/to/weights.pth')") from e
+
+
+@contextlib.contextmanager
+def hub_offline(offline: bool) -> Iterator[None]:
+    """huggingface_hub's offline switch set for the block and restored after it (the library reads
+    constants.HF_HUB_OFFLINE at each download)."""
+    from huggingface_hub import constants
+
+    before = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = offline
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = before
 
 
 # --- structured checkpoints (see the module docstring) ------------------------------------------------------------

@@ -9,7 +9,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # (layer, its modules by name prefix), bottom first.
 LAYERS = (
     ("builder", ("evit",)),
-    ("substrate", ("experiments.claims", "experiments.cli", "experiments.data", "experiments.distillation",
+    ("substrate", ("experiments.cache_keys", "experiments.claims", "experiments.cli", "experiments.data", "experiments.distillation",
                    "experiments.launch", "experiments.models", "experiments.paths", "experiments.timing",
                    "experiments.train", "experiments.zoo")),
     ("analyses", ("analysis",)),

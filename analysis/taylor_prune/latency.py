@@ -17,7 +17,6 @@ model against the unpruned one (`LatencyModel.measure`).
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import sys
 from dataclasses import dataclass
@@ -33,6 +32,7 @@ from analysis.taylor_prune.builders import prepare
 from analysis.taylor_prune.groups import Group
 from analysis.taylor_prune.importance import Batches
 from evit.io import write_json
+from experiments.cache_keys import key_of
 from experiments.timing import Timing, describe_machine, synchronizer, time_interleaved
 
 
@@ -73,10 +73,6 @@ def _structure(module: nn.Module) -> str:
     """The module's layers and the shapes of its parameters and buffers: equal for blocks that time alike."""
     tensors = [(n, tuple(t.shape)) for n, t in (*module.named_parameters(), *module.named_buffers())]
     return repr(module) + repr(tensors)
-
-
-def _digest(*parts: object) -> str:
-    return hashlib.sha1(json.dumps(parts, default=str).encode()).hexdigest()[:16]
 
 
 def _map_tensors(obj: object, fn: Callable[[torch.Tensor], torch.Tensor]) -> object:
@@ -219,10 +215,10 @@ class LatencyModel:
         for i, (group, scope) in enumerate(zip(groups, names)):
             module = model.get_submodule(scope)
             place = sum(g.kind == group.kind and s == scope for g, s in zip(groups[:i], names[:i]))
-            keys.append(_digest(group.kind, place, group.channels, group.heads, _structure(module),
-                                _shapes(inputs[module])) if group.prunable else None)
+            keys.append(key_of([group.kind, place, group.channels, group.heads, _structure(module),
+                                _shapes(inputs[module])]) if group.prunable else None)
         device = self.describe()
-        path = self.cache_dir and Path(self.cache_dir) / f"{_digest(_structure(model), _shapes(images))}.json"
+        path = self.cache_dir and Path(self.cache_dir) / f"{key_of([_structure(model), _shapes(images)])}.json"
         table: dict[str, dict] = {}
         if path and path.exists():
             cached = json.loads(path.read_text())
