@@ -31,7 +31,7 @@ widths relative to the block's input width, before and after, with MACs and para
 <model>_allocation.yaml, an EfficientViT config built from the kept ratios at a preset's FLOPs or measured
 throughput (--match) (`python -m experiments.family --models evit_m0,<that yaml>` trains and times both).
 
-The package: `groups` (Slice, Group), `attention` (PrunedAttention, the base of the split attentions), `builders`
+The package: `groups` (Slice, Group, prune_channels), `attention` (PrunedAttention, the base of the split attentions), `builders`
 (a registry of group builders, one module per family, `builders.common`, and `builders.discovery` for the rest),
 `macs` (the MAC counter),
 `importance` (TaylorImportance and LossChange, callables; pass another to `taylor_prune`), `latency` (LatencyModel:
@@ -48,14 +48,14 @@ from analysis.taylor_prune.allocation import allocate, allocation_config
 from analysis.taylor_prune.builders import prepare, prunable, register_block, register_converter, register_model
 from analysis.taylor_prune.builders.vit import SplitAttention
 from analysis.taylor_prune.cli import DEFAULT_OUT, ServedBatches, Settings, load_batches, main, prune_model, run
-from analysis.taylor_prune.groups import Group, Slice
+from analysis.taylor_prune.groups import Group, Slice, prune_channels
 from experiments.models import UnsupportedModelError
 from analysis.taylor_prune.importance import (NORMALIZERS, REDUCTIONS, LossChange, TaylorImportance,
                                              accumulate_gradients)
 from analysis.taylor_prune.latency import LatencyModel
 from analysis.taylor_prune.macs import count_macs, measure_positions
 from analysis.taylor_prune.plot import plot
-from analysis.taylor_prune.prune import PruneResult, Unit, candidate_units, prune_channels, taylor_prune, top1_accuracy
+from analysis.taylor_prune.prune import PruneResult, Unit, candidate_units, taylor_prune, top1_accuracy
 from analysis.taylor_prune.tables import KINDS, block_table, stage_table
 
 __all__ = [

@@ -28,10 +28,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from scipy.stats import spearmanr
 
-from analysis.taylor_prune.builders import prepare, prunable
 from analysis.taylor_prune import cli as prune_cli
+from analysis.taylor_prune.builders import prepare, prunable
+from analysis.taylor_prune.groups import prune_channels
 from analysis.taylor_prune.importance import Batches, LossChange, TaylorImportance, accumulate_gradients
-from analysis.taylor_prune.prune import prune_channels
 from evit.io import write_csv
 from experiments.cli import UserError, option, parse_settings, run_cli
 from experiments.models import model_img_size

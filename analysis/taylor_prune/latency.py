@@ -29,7 +29,7 @@ import torch.nn as nn
 from sklearn.isotonic import IsotonicRegression
 
 from analysis.taylor_prune.builders import prepare
-from analysis.taylor_prune.groups import Group
+from analysis.taylor_prune.groups import Group, prune_channels
 from analysis.taylor_prune.importance import Batches
 from evit.io import write_json
 from experiments.cache_keys import key_of
@@ -189,7 +189,6 @@ class LatencyModel:
         """Time group `index` of `model` (a prepared model) at `points` widths from full to one channel per head,
         on a copy pruned step by step, against the whole model on `images`; `scope` is the module timed ('' the
         whole model) and `inputs` its inputs."""
-        from analysis.taylor_prune.prune import prune_channels  # the loop imports this module
 
         twin = copy.deepcopy(model)
         group = prepare(twin)[index]

@@ -14,53 +14,13 @@ from typing import Callable, Iterable, Optional, Sequence
 import pandas as pd
 import torch
 import torch.nn as nn
-import torch_pruning as tp
 
 from analysis.taylor_prune.builders import prepare, prunable
-from analysis.taylor_prune.groups import Group
+from analysis.taylor_prune.groups import Group, prune_channels
 from analysis.taylor_prune.importance import Batches, LossChange, TaylorImportance, accumulate_gradients, observing
 from analysis.taylor_prune.latency import Curve, LatencyModel
 from analysis.taylor_prune.macs import count_macs, measure_positions
 from analysis.taylor_prune.tables import block_table, stage_table
-
-
-def _cut_last(layer: nn.Module, names: Sequence[str], drop: Sequence[int]) -> None:
-    """Remove indices `drop` from the last dimension of the parameters or buffers `names` of `layer` (those
-    present); a buffer stays a buffer."""
-    for name in names:
-        old = getattr(layer, name, None)
-        if old is not None:
-            kept = old.data[..., [i for i in range(old.shape[-1]) if i not in set(drop)]].clone()
-            if name in layer._buffers:
-                layer._buffers[name] = kept
-            else:
-                setattr(layer, name, nn.Parameter(kept, requires_grad=old.requires_grad))
-
-
-def prune_channels(group: Group, idxs: list[int]) -> None:
-    """Remove the group's channels `idxs` from every layer (torch-pruning's layer pruners for Linear, Conv and
-    BatchNorm; norms' and bare parameters' channels cut here: tp 1.6.1's LayerNorm pruner sorts a tensor out of
-    place and so can reorder the channels it keeps)."""
-    rows: dict[tuple[int, str, str], tuple[nn.Module, list[int]]] = {}
-    for s in group.layout():
-        picked = [s.offset + c - s.first for c in idxs if s.first <= c < s.first + s.count]
-        rows.setdefault((id(s.layer), s.axis, s.param), (s.layer, []))[1].extend(picked)
-    for (_, axis, param), (layer, picked) in rows.items():
-        picked = sorted(set(picked))
-        if axis == "last":
-            _cut_last(layer, [param], picked)
-        elif isinstance(layer, nn.LayerNorm):
-            _cut_last(layer, ["weight", "bias"], picked)
-            layer.normalized_shape = (layer.normalized_shape[-1] - len(picked),)
-        elif isinstance(layer, nn.Linear):
-            (tp.prune_linear_out_channels if axis == "out" else tp.prune_linear_in_channels)(layer, picked)
-        elif isinstance(layer, nn.modules.batchnorm._BatchNorm):  # evit's BatchNorm2d, its head's BatchNorm1d
-            tp.prune_batchnorm_out_channels(layer, picked)
-        elif layer.groups == layer.in_channels and layer.groups > 1:  # depthwise: in, out and groups together
-            tp.prune_depthwise_conv_out_channels(layer, picked)
-        else:
-            (tp.prune_conv_out_channels if axis == "out" else tp.prune_conv_in_channels)(layer, picked)
-    group.on_prune(len(idxs) // group.heads)
 
 
 @dataclass

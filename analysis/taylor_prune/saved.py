@@ -24,8 +24,7 @@ from typing import Any, Optional
 import torch.nn as nn
 
 from analysis.taylor_prune.builders import prepare, prunable
-from analysis.taylor_prune.groups import Group
-from analysis.taylor_prune.prune import prune_channels
+from analysis.taylor_prune.groups import Group, prune_channels
 from evit.io import CheckpointError, torch_save
 from experiments.train import load_weights
 from experiments.zoo import architecture, recorded_model, register_structure, weights_kwargs

@@ -35,7 +35,7 @@ from analysis.attention_capture import SDPA_FUNCTIONS, SOFTMAX_FUNCTIONS
 from analysis.taylor_prune.attention import PrunedAttention
 from analysis.taylor_prune.builders.couplings import LEAVES, Couplings, Place, trace_couplings
 from analysis.taylor_prune.builders.traced_attention import TracedAttention, trace_attention
-from analysis.taylor_prune.groups import Group, Slice, whole
+from analysis.taylor_prune.groups import Group, Slice, prune_channels, whole
 from experiments.models import UnsupportedModelError, model_img_size
 
 CONTAINERS = (nn.ModuleList, nn.Sequential, nn.ModuleDict)
@@ -371,7 +371,6 @@ def discover(model: nn.Module, example: Optional[torch.Tensor] = None, known: Se
 
 def _prune_one(groups: list[Group]) -> None:
     """Remove one channel of every head of each group (the trial of `_runnable`)."""
-    from analysis.taylor_prune.prune import prune_channels
 
     for group in groups:
         per_head = group.channels // group.heads
