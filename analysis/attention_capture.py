@@ -126,6 +126,17 @@ def _visible_keys(logits: torch.Tensor) -> Optional[torch.Tensor]:
     return ~hidden if hidden.any() else None
 
 
+def attention_logits(func, args: tuple, kwargs: dict) -> Optional[torch.Tensor]:
+    """The logits of a call that is a softmax over keys (over the last dim of a tensor of three or more dims: an
+    attention map's), else None."""
+    if func not in SOFTMAX_FUNCTIONS:
+        return None
+    logits, dim = args[0], kwargs.get("dim", args[1] if len(args) > 1 else None)
+    if isinstance(logits, torch.Tensor) and logits.dim() >= 3 and dim in (-1, logits.dim() - 1):
+        return logits
+    return None
+
+
 class _Interceptor(TorchFunctionMode):
     """Records softmax / SDPA attention maps under the innermost running module of the capture."""
 
@@ -136,10 +147,9 @@ class _Interceptor(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        if func in SOFTMAX_FUNCTIONS:
-            logits, dim = args[0], kwargs.get("dim", args[1] if len(args) > 1 else None)
-            if isinstance(logits, torch.Tensor) and logits.dim() >= 3 and dim in (-1, logits.dim() - 1):
-                self.capture.record(out, _visible_keys(logits))
+        logits = attention_logits(func, args, kwargs)
+        if logits is not None:
+            self.capture.record(out, _visible_keys(logits))
         elif func in SDPA_FUNCTIONS:
             self.capture.record(*_explicit_sdpa_map(**dict(zip(SDPA_ARGS, args)), **kwargs))
         return out

@@ -31,7 +31,7 @@ import torch
 import torch.nn as nn
 from torch.overrides import TorchFunctionMode
 
-from analysis.attention_capture import SDPA_FUNCTIONS, SOFTMAX_FUNCTIONS
+from analysis.attention_capture import SDPA_FUNCTIONS, attention_logits
 from analysis.taylor_prune.attention import PrunedAttention
 from analysis.taylor_prune.builders.couplings import LEAVES, Couplings, Place, trace_couplings
 from analysis.taylor_prune.builders.traced_attention import TracedAttention, trace_attention
@@ -56,11 +56,7 @@ class _SiteFinder(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        if func in SOFTMAX_FUNCTIONS:
-            logits, dim = args[0], kwargs.get("dim", args[1] if len(args) > 1 else None)
-            if isinstance(logits, torch.Tensor) and logits.dim() >= 3 and dim in (-1, logits.dim() - 1):
-                self.record()
-        elif func in SDPA_FUNCTIONS:
+        if func in SDPA_FUNCTIONS or attention_logits(func, args, kwargs) is not None:
             self.record()
         return out
 

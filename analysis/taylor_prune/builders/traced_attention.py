@@ -38,7 +38,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from analysis.attention_capture import SDPA_ARGS
+from analysis.attention_capture import SDPA_ARGS, SOFTMAX_FUNCTIONS
 from analysis.taylor_prune.attention import PrunedAttention
 from experiments.models import UnsupportedModelError
 
@@ -49,7 +49,6 @@ VIEW_FUNCTIONS = {operator.getitem, torch.reshape, torch.permute, torch.transpos
 SCALE_METHODS, SCALE_FUNCTIONS = {"mul", "div"}, {operator.mul, operator.truediv, torch.mul, torch.div}
 DIVISIONS = {"div", operator.truediv, torch.div}
 MATMUL_METHODS, MATMUL_FUNCTIONS = {"matmul", "bmm", "__matmul__"}, {operator.matmul, torch.matmul, torch.bmm}
-SOFTMAX_FUNCTIONS = {torch.softmax, F.softmax, torch.Tensor.softmax}
 SHAPE_ATTRIBUTES, SHAPE_METHODS = {"shape", "dtype", "device"}, {"size", "dim"}
 PASS_MODULES = (nn.Identity, nn.Dropout)
 
