@@ -36,7 +36,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from experiments.models import UnsupportedModelError
+from evit.models import UnsupportedModelError
 
 SOFTMAX_FUNCTIONS = (torch.softmax, torch.Tensor.softmax, F.softmax)
 SDPA_FUNCTIONS = (F.scaled_dot_product_attention,)

@@ -26,13 +26,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from analysis.attention_capture import CapturedMaps, UnsupportedModelError, capture_attention, find_attention
-from evit.io import save_figure, write_csv
-from experiments.claims import CONFIRMED, INCONCLUSIVE, Claim, names, tally
-from experiments.data import (ArrayDataset, check_data, image_folder, load_digits_split, load_fashion_mnist,
+from evit.builder.io import save_figure, write_csv
+from evit.claims import CONFIRMED, INCONCLUSIVE, Claim, names, tally
+from evit.data import (ArrayDataset, check_data, image_folder, load_digits_split, load_fashion_mnist,
                               parse_spec, subset)
-from experiments.cli import UserError, option, parse_settings, run_cli
-from experiments.models import is_config_file, model_img_size
-from experiments.zoo import resolve_model
+from evit.cli import UserError, option, parse_settings, run_cli
+from evit.models import is_config_file, model_img_size
+from evit.zoo import resolve_model
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure

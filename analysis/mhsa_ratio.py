@@ -22,16 +22,16 @@ import torch
 import torch.nn as nn
 
 import evit
-from evit.io import save_figure, write_csv
-from experiments.claims import CONFIRMED, INCONCLUSIVE, REFUTED, Claim
-from experiments.data import build_datasets, check_data
-from experiments.models import PROXY_MODELS, PROXY_NUM_CLASSES, create_model
-from experiments.cli import UserError, option, parse_settings, run_cli
-from experiments.launch import Launcher, Run, missing_report, run_trainings
-from experiments.train import TrainConfig
+from evit.builder.io import save_figure, write_csv
+from evit.claims import CONFIRMED, INCONCLUSIVE, REFUTED, Claim
+from evit.data import build_datasets, check_data
+from evit.models import PROXY_MODELS, PROXY_NUM_CLASSES, create_model
+from evit.cli import UserError, option, parse_settings, run_cli
+from evit.launch import Launcher, Run, missing_report, run_trainings
+from evit.train import TrainConfig
 
 SHARES = (0.0, 0.25, 0.5, 0.75, 1.0)
-# family -> (proxy name, input size); the proxies are defined in experiments.models.PROXY_MODELS.
+# family -> (proxy name, input size); the proxies are defined in evit.models.PROXY_MODELS.
 FAMILIES = {"deit": ("deit_proxy", 28), "swin": ("swin_proxy", 32), "evit": ("evit_m0_proxy", 64)}
 # The paper's Fig. 3 subnetworks are cut from DeiT-T and Swin-T with their widths scaled down until they run 1.25x
 # or 1.5x faster than the originals (--downscale).
@@ -122,7 +122,7 @@ def build_variant(family: str, share: float, mixer: str = "cga", img_size: Optio
 def throughputs(models: dict[int, nn.Module], img_size: int, device: str = "cpu", batch: int = 16,
                 seconds: float = 0.5) -> dict[int, float]:
     """Images per second of each model on `device` (eval, no grad), timed interleaved so the ratios are fair."""
-    from experiments.timing import synchronizer, time_interleaved
+    from evit.timing import synchronizer, time_interleaved
 
     x = torch.randn(batch, 3, img_size, img_size, device=device)
     runs = {}
@@ -184,7 +184,7 @@ def measure_speed(model: nn.Module, img_size: int, peaks: tuple[float, float], b
     """CPU throughput (eager, one thread) and the memory-bound runtime share from the op profiler, against
     the roofline `peaks` (measured once per study, so every variant is judged by the same ridge point)."""
     from analysis.op_profile import profile_model
-    from experiments.timing import time_callable
+    from evit.timing import time_callable
 
     model = model.eval()
     x = torch.randn(batch, 3, img_size, img_size)

@@ -37,12 +37,12 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import flop_registry
 
-from evit.io import save_figure, write_csv
-from experiments.claims import CONFIRMED, REFUTED, Claim, names
-from experiments.cli import UserError, option, parse_settings, run_cli
-from experiments.models import check_model, create_model, is_config_file, model_img_size, skeleton
-from experiments.timing import synchronizer
-from experiments.zoo import check_weights, resolve_model
+from evit.builder.io import save_figure, write_csv
+from evit.claims import CONFIRMED, REFUTED, Claim, names
+from evit.cli import UserError, option, parse_settings, run_cli
+from evit.models import check_model, create_model, is_config_file, model_img_size, skeleton
+from evit.timing import synchronizer
+from evit.zoo import check_weights, resolve_model
 
 # The one table of operator classes. Each class: (memory-bound in the paper's sense, FLOPs per output element
 # for ops torch.utils.flop_counter does not count, aten op names). Unknown ops land in "other" and are listed.

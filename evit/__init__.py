@@ -1,4 +1,7 @@
-"""evit: a parameterized EfficientViT builder (Liu et al., CVPR 2023).
+"""evit: a parameterized EfficientViT builder (Liu et al., CVPR 2023), and the library the analyses and studies
+stand on: data (`evit.data`), model names and weights (`evit.models`, `evit.zoo`), the training loop with
+distillation (`evit.train`, `evit.distillation`), the launcher (`evit.launch`), timing, and the command plumbing
+(`evit.cli`). The builder itself is `evit.builder`, and imports nothing of the rest.
 
 `import evit` registers `evit_m0` .. `evit_m5` and `evit_custom` with timm:
 
@@ -7,22 +10,7 @@
     deployed = evit.fuse(model)                      # BN folded: same outputs, fewer ops
     fastest = evit.deploy(model, example_batch)      # fused, channels-last, torch.compile (or trace)
 """
-from .config import PAPER, PRESETS, ConfigError, EfficientViTConfig, get_preset
-from .convert import from_official, from_timm, load_checkpoint, to_official, to_timm
-from .fast_path import DEPLOY_BACKENDS, deploy
-from .efficientvit import (
-    CascadedGroupAttention,
-    EfficientViT,
-    EfficientViTBlock,
-    MultiHeadSelfAttention,
-    create_evit,
-    fuse,
-)
+from .builder import *  # noqa: F401,F403  (the builder's API is the package's: evit.fuse, evit.get_preset, ...)
+from .builder import __all__
 
-__all__ = [
-    "PAPER", "PRESETS", "ConfigError", "EfficientViTConfig", "get_preset",
-    "from_official", "from_timm", "load_checkpoint", "to_official", "to_timm",
-    "CascadedGroupAttention", "EfficientViT", "EfficientViTBlock", "MultiHeadSelfAttention",
-    "DEPLOY_BACKENDS", "create_evit", "deploy", "fuse",
-]
 __version__ = "0.1.0"

@@ -28,15 +28,15 @@ import torch
 import torch.nn as nn
 
 import evit
-from evit.config import PAPER
-from evit.fast_path import Compiled, for_inductor, trace
-from evit.io import save_figure, write_csv
-from evit.summary import count_flops, count_params
-from experiments.claims import MET, NOT_MET, Claim
-from experiments.cli import UserError, option, parse_settings, run_cli
-from experiments.models import check_model, create_model, model_img_size
-from experiments.zoo import check_weights, load_model, weights_kwargs
-from experiments.timing import (Timing, describe_machine, peak_memory_mb, synchronizer, time_callable,
+from evit.builder.config import PAPER
+from evit.builder.fast_path import Compiled, for_inductor, trace
+from evit.builder.io import save_figure, write_csv
+from evit.builder.summary import count_flops, count_params
+from evit.claims import MET, NOT_MET, Claim
+from evit.cli import UserError, option, parse_settings, run_cli
+from evit.models import check_model, create_model, model_img_size
+from evit.zoo import check_weights, load_model, weights_kwargs
+from evit.timing import (Timing, describe_machine, peak_memory_mb, synchronizer, time_callable,
                                 time_interleaved)
 
 DEFAULT_MODELS = (

@@ -23,15 +23,15 @@ import numpy as np
 import pandas as pd
 import torch
 
-from evit.config import PAPER
-from evit.io import save_figure, write_csv
-from experiments import launch
+from evit.builder.config import PAPER
+from evit.builder.io import save_figure, write_csv
+from evit import launch
 from experiments.benchmark import MAIN_BATCH, benchmark_model
-from experiments.claims import CONFIRMED, INCONCLUSIVE, REFUTED, Claim, names
-from experiments.cli import UserError, option, parse_settings, run_cli
-from experiments.launch import Launcher
-from experiments.models import check_model
-from experiments.train import TrainConfig
+from evit.claims import CONFIRMED, INCONCLUSIVE, REFUTED, Claim, names
+from evit.cli import UserError, option, parse_settings, run_cli
+from evit.launch import Launcher
+from evit.models import check_model
+from evit.train import TrainConfig
 
 PRESETS = tuple(f"evit_m{i}" for i in range(6))
 # One budget for every model: short enough for M0-M5 to train in about half an hour on one core.
@@ -121,7 +121,7 @@ TRADE_OFF_CORRELATION = -0.6
 
 
 def presets_claims(presets: pd.DataFrame) -> list[Claim]:
-    """The presets have the paper's params and FLOPs (BN folded), judged on evit.summary's preset table."""
+    """The presets have the paper's params and FLOPs (BN folded), judged on evit.builder.summary's preset table."""
     flops_gap = float(presets.flops_fused_vs_paper_pct.abs().max())
     params_gap = float((presets.params_fused_m - presets.paper_params_m).abs().max())
     close = flops_gap <= FLOPS_TOLERANCE_PCT and params_gap <= PARAMS_TOLERANCE_M

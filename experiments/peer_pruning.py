@@ -43,7 +43,7 @@ from timm.models.vision_transformer import VisionTransformer
 
 from analysis.taylor_prune import accumulate_gradients
 from analysis.taylor_prune.importance import Batches
-from experiments.models import UnsupportedModelError
+from evit.models import UnsupportedModelError
 
 SETTINGS = ("global", "isomorphic")  # torch-pruning's global ranking, and global + isomorphic scopes
 ATTENTIONS = (Attention, WindowAttention)

@@ -51,16 +51,17 @@ from analysis import taylor_prune as tpr
 from analysis.taylor_prune.cli import check_inputs as check_pruning
 from analysis.taylor_prune.importance import Batches
 from analysis.taylor_prune.prune import LATENCY_TOLERANCE
-from evit.io import save_figure, torch_save, write_csv, write_json
-from experiments import launch, peer_pruning
-from experiments.cache_keys import key_of, tensors_key
-from experiments.claims import CONFIRMED, INCONCLUSIVE, REFUTED, Claim
-from experiments.cli import UserError, option, parse_settings, run_cli
-from experiments.data import build_datasets, subset
-from experiments.launch import Launcher, Run
-from experiments.models import model_img_size, skeleton
-from experiments.train import TrainConfig
-from experiments.zoo import KEYWORDS, cache_dir, resolve_model
+from evit.builder.io import save_figure, torch_save, write_csv, write_json
+from experiments import peer_pruning
+from evit import launch
+from evit.cache_keys import key_of, tensors_key
+from evit.claims import CONFIRMED, INCONCLUSIVE, REFUTED, Claim
+from evit.cli import UserError, option, parse_settings, run_cli
+from evit.data import ServedBatches, build_datasets, load_batches, subset
+from evit.launch import Launcher, Run
+from evit.models import model_img_size, skeleton
+from evit.train import TrainConfig
+from evit.zoo import KEYWORDS, cache_dir, resolve_model
 
 # Ours to a MAC target, ours to a latency target, torch-pruning's global and isomorphic Taylor pruning.
 METHODS = ("macs", "latency", "tp_global", "tp_isomorphic")
@@ -210,7 +211,7 @@ def pruned_model(path: str) -> nn.Module:
     return torch.load(path, map_location="cpu", weights_only=False)  # our own file: a pickled module
 
 
-def _accuracy(model: nn.Module, val: tpr.ServedBatches) -> float:
+def _accuracy(model: nn.Module, val: ServedBatches) -> float:
     return tpr.top1_accuracy(model.eval(), val)[0]
 
 
@@ -239,7 +240,7 @@ def prune_or_read(name: str, model: nn.Module, settings: Settings, latency: tpr.
 
     def batches() -> Batches:  # read only when something is pruned
         if "batches" not in loaded:
-            loaded["batches"] = tpr.load_batches(settings.data, model_img_size(model), settings.batches,
+            loaded["batches"] = load_batches(settings.data, model_img_size(model), settings.batches,
                                                  settings.batch, 0, settings.data_dir)[0]
             loaded["macs"] = model_macs(model, loaded["batches"][0][0])
         return loaded["batches"]
@@ -317,7 +318,7 @@ def measure_model(name: str, settings: Settings, out: Path) -> list[dict]:
     images = torch.stack([data.train[i][0] for i in range(settings.latency_batch)])
     timer = dataclasses.replace(latency, calls=settings.timing_calls)
     val_set = subset(data.val, settings.val_images)  # the fine-tunes' own validation images (TrainConfig.limit_val)
-    val = tpr.ServedBatches(val_set, list(range(len(val_set))), settings.batch_size)
+    val = ServedBatches(val_set, list(range(len(val_set))), settings.batch_size)
     acc_unpruned = _accuracy(model, val)
     rows = []
     for point in POINTS:

@@ -10,7 +10,7 @@ family, benchmarks, figures, and a REPORT.md that sets each claim's verdict besi
     python -m experiments.reproduce --scale standard --out results   # regenerate the committed reference
 
 Each step writes its own CSVs and figures under the run folder (runs/<scale>, ignored by git) and is skipped when
-they exist; trained proxies and training runs are cached (experiments.zoo), so a re-run only redoes what is
+they exist; trained proxies and training runs are cached (evit.zoo), so a re-run only redoes what is
 missing. The report reads the CSVs back, puts the paper's values beside ours, gives each claim a verdict at this
 scale (each analysis judges its own claims) and sets the verdicts and key numbers beside those of the committed
 results of the scale (results/quick, results/, results/paper).
@@ -30,12 +30,13 @@ import pandas as pd
 
 from analysis import head_similarity, mhsa_ratio, op_profile, taylor_prune
 from analysis.taylor_prune import claims as pruning_claims
-from evit import PRESETS, EfficientViTConfig, get_preset, summary
-from evit.io import markdown_table, save_figure, write_text
+from evit import PRESETS, EfficientViTConfig, get_preset
+from evit.builder import summary
+from evit.builder.io import markdown_table, save_figure, write_text
 from experiments import benchmark, family, prune_study
-from experiments.claims import Claim, names
-from experiments.cli import UserError, run_cli, settings_from, settings_parser
-from experiments.launch import Launcher
+from evit.claims import Claim, names
+from evit.cli import UserError, run_cli, settings_from, settings_parser
+from evit.launch import Launcher
 
 RESULTS = Path("results")
 SCALES = ("quick", "standard", "paper")

@@ -16,7 +16,6 @@ analyses are not computed here, only whether and how each one reads the model:
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 from pathlib import Path
 from typing import Callable, NamedTuple, Optional, Sequence
@@ -25,8 +24,8 @@ import pandas as pd
 import torch
 import torch.nn as nn
 
-from evit.io import markdown_table, write_csv, write_text
-from experiments.models import UnsupportedModelError, create_model, model_img_size
+from evit.builder.io import markdown_table, write_csv, write_text
+from evit.models import UnsupportedModelError, create_model, model_img_size
 
 
 class Family(NamedTuple):
@@ -243,7 +242,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 def main(argv: Optional[Sequence[str]] = None) -> pd.DataFrame:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    from experiments.data import DataError
+    from evit.data import DataError
 
     families = [f for f in FAMILIES if f.model in args.models]
     try:

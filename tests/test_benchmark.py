@@ -8,8 +8,9 @@ import pytest
 import torch
 import torch.nn as nn
 
-from evit.io import write_csv
-from experiments import benchmark, reproduce, timing
+from evit.builder.io import write_csv
+from experiments import benchmark, reproduce
+from evit import timing
 
 
 def _conv_bn_net() -> nn.Module:

@@ -6,7 +6,7 @@ import pytest
 from analysis import head_similarity, mhsa_ratio, op_profile
 from analysis.taylor_prune import claims as pruning
 from experiments import benchmark, family
-from experiments.claims import Claim, names, tally
+from evit.claims import Claim, names, tally
 
 
 def verdicts(claims: list[Claim]) -> list[str]:

@@ -119,10 +119,10 @@ def test_help_runs(module):
 def test_commands_are_found():
     """The discovery sees packages with __main__.py, modules with a guard, and subcommands."""
     found = commands()
-    assert {"analysis.taylor_prune", "analysis.head_similarity", "experiments.zoo", "experiments.reproduce"} <= set(
+    assert {"analysis.taylor_prune", "analysis.head_similarity", "evit.zoo", "experiments.reproduce"} <= set(
         found)
-    assert "experiments.cli" not in found  # a library module, no command
-    assert list(subcommands(run_command("experiments.zoo", "--help").parsers[0])) == [("list",), ("train",)]
+    assert "evit.cli" not in found  # a library module, no command
+    assert list(subcommands(run_command("evit.zoo", "--help").parsers[0])) == [("list",), ("train",)]
 
 
 # ------------------------------------------------------------------------------------------ the README

@@ -10,7 +10,7 @@ from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch.utils.data import DataLoader
 
-from experiments.data import (
+from evit.data import (
     FASHION_MNIST_DIR,
     FASHION_MNIST_FILES,
     ArrayDataset,

@@ -9,13 +9,14 @@ import torch
 import torch.nn as nn
 import yaml
 
-import experiments.train as train_mod
-from evit.io import read_checkpoint, torch_save
-from experiments.data import build_datasets
-from experiments.distillation import DISTILLATION_SETTINGS, DistillationLoss, distillation_loss
-from experiments.launch import recipe
-from experiments.models import create_model
-from experiments.train import main
+import evit.train as train_mod
+from evit.builder.io import read_checkpoint, torch_save
+from evit.data import build_datasets
+from evit.distillation import DISTILLATION_SETTINGS, DistillationLoss, distillation_loss
+from evit.launch import recipe
+from evit.models import create_model
+from evit.train.__main__ import main
+from evit.zoo import teacher_loader
 from tests.test_train import one_line_error, refuse, to_argv
 
 SIZE = 32  # digits upsampled from 8 px, so that evit's 16x patch embedding leaves 2x2 tokens
@@ -34,7 +35,7 @@ def write_student(tmp_path: Path, **overrides) -> str:
 
 
 def write_teacher(path: Path, num_classes: int = 10) -> str:
-    """A model.pth (the layout experiments.train writes) of a tiny ViT that predicts PLANTED whatever it sees."""
+    """A model.pth (the layout evit.train writes) of a tiny ViT that predicts PLANTED whatever it sees."""
     name, kwargs = TEACHER
     model = create_model(name, img_size=SIZE, num_classes=num_classes, **kwargs)
     with torch.no_grad():
@@ -136,7 +137,7 @@ def test_evaluation_averages_both_heads(planted_run):
 
 @pytest.mark.parametrize("kind", ["hard", "soft"])
 def test_reported_crash_evit_with_distillation_trains_with_a_teacher(tmp_path, kind):
-    """`experiments.train --model <config with distillation: true> --data digits` with a teacher: metrics written."""
+    """`evit.train --model <config with distillation: true> --data digits` with a teacher: metrics written."""
     out = tmp_path / "run"
     final = main(to_argv(dict(RUN, model=write_student(tmp_path), teacher=write_teacher(tmp_path / "t.pth"),
                               distillation_type=kind, epochs=1, limit_train=256, out=str(out))))
@@ -188,12 +189,21 @@ def test_teacher_by_name_with_a_weights_file_is_frozen_in_eval_mode(tmp_path):
     torch.save({"model": saved}, tmp_path / "weights.pth")
     cfg = train_mod.TrainConfig(**RUN, model=write_student(tmp_path), teacher="regnety_002",
                                 teacher_weights=str(tmp_path / "weights.pth"))
-    loss = distillation_loss(nn.CrossEntropyLoss(), cfg, create_model(cfg.model, num_classes=10),
-                             build_datasets("digits", SIZE), torch.device("cpu"))
+    data = build_datasets("digits", SIZE)
+    loss = distillation_loss(nn.CrossEntropyLoss(), cfg, create_model(cfg.model, num_classes=10), data,
+                             torch.device("cpu"), teacher_loader(cfg)(data.num_classes))
     teacher = loss.teacher
     assert teacher.state_dict().keys() == saved.keys()
     assert all(torch.equal(v, saved[k]) for k, v in teacher.state_dict().items())
     assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+
+
+def test_a_named_teacher_that_no_caller_resolved_is_refused(tmp_path):
+    """The loop never resolves a teacher by name itself (that would need the zoo, which stands on the loop)."""
+    cfg = train_mod.TrainConfig(**RUN, model=write_student(tmp_path), teacher="regnety_002")
+    with pytest.raises(ValueError, match="needs the teacher passed in: resolve it with evit.zoo.teacher_loader"):
+        distillation_loss(nn.CrossEntropyLoss(), cfg, create_model(cfg.model, num_classes=10),
+                          build_datasets("digits", SIZE), torch.device("cpu"))
 
 
 def test_cli_error_teacher_that_cannot_take_the_inputs(tmp_path, capsys):

@@ -12,11 +12,11 @@ import torch.nn as nn
 from torch._dynamo.utils import counters
 
 import evit
-from evit.config import ConfigError, EfficientViTConfig
-from evit.io import CheckpointError
-from evit.efficientvit import CascadedGroupAttention, MultiHeadSelfAttention, WindowAttention
-from evit.fast_path import DepthwiseTaps, DepthwiseUnfold, PointwiseLinear, for_inductor
-from evit.summary import preset_table
+from evit.builder.config import ConfigError, EfficientViTConfig
+from evit.builder.io import CheckpointError
+from evit.builder.efficientvit import CascadedGroupAttention, MultiHeadSelfAttention, WindowAttention
+from evit.builder.fast_path import DepthwiseTaps, DepthwiseUnfold, PointwiseLinear, for_inductor
+from evit.builder.summary import preset_table
 
 PRESET_NAMES = list(evit.PRESETS)
 
@@ -69,7 +69,7 @@ def test_fused_model_equals_unfused(name):
     model = randomize_(timm.create_model(f"evit_{name}"), seed=3)
     deployed = evit.fuse(model)
     assert not any(isinstance(m, (nn.BatchNorm2d, nn.BatchNorm1d)) for m in deployed.modules())
-    assert all(m.deploy for m in deployed.modules() if isinstance(m, evit.efficientvit.RelativeBiasAttention))
+    assert all(m.deploy for m in deployed.modules() if isinstance(m, evit.builder.efficientvit.RelativeBiasAttention))
     assert any(isinstance(m, nn.BatchNorm2d) for m in model.modules()), "fuse must not modify its input"
     x = torch.randn(2, 3, 224, 224)
     with torch.no_grad():
@@ -121,7 +121,7 @@ def test_deploy_path_equals_unfused_model(backend):
     with pytest.raises(ValueError, match="cuda_graphs=True needs backend='compile' and a CUDA example_input"):
         evit.deploy(model, x, backend=backend, cuda_graphs=True)
     with pytest.raises(ValueError, match="CUDA graphs do not exist on CPU"):
-        evit.fast_path.Compiled(model, cuda_graphs=True)
+        evit.builder.fast_path.Compiled(model, cuda_graphs=True)
 
 
 @pytest.mark.parametrize("kernel, stride, size", [(3, 1, 7), (3, 2, 14), (5, 1, 4), (3, 1, 5), (7, 1, 7), (5, 2, 9)])
@@ -240,7 +240,7 @@ def test_weights_move_to_another_resolution_with_resampled_biases():
                 m.attention_biases.copy_(torch.arange(m.num_heads, dtype=torch.float)[:, None].expand_as(
                     m.attention_biases))
     dst = timm.create_model("evit_m0", img_size=320).eval()  # stage 3: 5x5 window instead of 4x4
-    dst.load_state_dict(evit.convert.normalize_state_dict(src.state_dict(), dst))
+    dst.load_state_dict(evit.builder.convert.normalize_state_dict(src.state_dict(), dst))
     biases = dst.stages[2].blocks[0].mixer.m.attn.attention_biases
     assert biases.shape == (4, 25)
     # a per-head constant table stays that constant after bicubic resampling
@@ -359,7 +359,7 @@ def test_unknown_preset_and_key_name_the_valid_choices():
 
 @pytest.mark.parametrize("suffix", [".yaml", ".json"])
 def test_config_file_round_trip(tmp_path, suffix):
-    from experiments.models import create_model
+    from evit.models import create_model
 
     cfg = evit.get_preset("m2").replace(mixers=(("cga",), ("none", "mhsa"), "cga"), v_ratio=(1, 0.5, 1),
                                         num_classes=10, img_size=96)

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from evit import EfficientViTConfig, get_preset
-from experiments import family, launch
+from experiments import family
+from evit import launch
 
 TINY = dict(epochs=1, limit_train=64, limit_val=32, batch_size=32)
 
@@ -32,7 +33,7 @@ def test_presets_and_config_files_train_once_with_one_budget(cache, tmp_path, mo
     assert sorted(p.name for p in runs.iterdir()) == sorted(
         launch.run_dir(runs, family.budget_config(m, **TINY)).name for m in ("evit_m0", str(config)))
 
-    monkeypatch.setattr(launch, "fit", lambda cfg: pytest.fail("a finished run must not be trained again"))
+    monkeypatch.setattr(launch, "fit", lambda *args: pytest.fail("a finished run must not be trained again"))
     again = family.train_and_time(["evit_m0"], runs, **TINY)
     assert again.val_acc.iloc[0] == df.val_acc.iloc[0]
 
@@ -101,7 +102,7 @@ def test_unknown_model_is_one_clear_line(cache, capsys):
 @pytest.mark.parametrize("seeds, problem", [("0,0", "got 0,0"), ("", "got none"), ("-1", "got -1"),
                                             ("a", "invalid comma-separated int value: 'a'")])
 def test_bad_seeds_are_one_clear_line(seeds, problem, capsys, monkeypatch):
-    monkeypatch.setattr(launch, "fit", lambda cfg: pytest.fail("refused before any training"))
+    monkeypatch.setattr(launch, "fit", lambda *args: pytest.fail("refused before any training"))
     with pytest.raises(SystemExit) as exit:
         family.main(["--seeds", seeds])
     err = capsys.readouterr().err.strip()
@@ -113,7 +114,7 @@ def test_bad_seeds_are_one_clear_line(seeds, problem, capsys, monkeypatch):
 
 def test_cuda_without_a_gpu_is_refused_in_one_line(capsys, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(launch, "fit", lambda cfg: pytest.fail("refused before any training"))
+    monkeypatch.setattr(launch, "fit", lambda *args: pytest.fail("refused before any training"))
     with pytest.raises(SystemExit) as exit:
         family.main(["--device", "cuda"])
     err = capsys.readouterr().err

@@ -1,4 +1,4 @@
-"""experiments.launch: trainings as inline, local (submitit) or Slurm jobs, keyed by their settings."""
+"""evit.launch: trainings as inline, local (submitit) or Slurm jobs, keyed by their settings."""
 import dataclasses
 import json
 import os
@@ -9,10 +9,10 @@ import cloudpickle
 import pytest
 import timm
 
-from experiments import launch
-from experiments.cli import parse_settings, run_cli
-from experiments.launch import Launcher, Run, run_dir, run_trainings
-from experiments.train import CHECKPOINT, FINAL, TrainConfig
+from evit import launch
+from evit.cli import parse_settings, run_cli
+from evit.launch import Launcher, Run, run_dir, run_trainings
+from evit.train import CHECKPOINT, FINAL, TrainConfig
 
 # A one-block LayerNorm ViT on sklearn digits at their native 8x8, one epoch: a few seconds a run.
 TINY_VIT = dict(patch_size=4, embed_dim=32, depth=1, num_heads=2)

@@ -7,7 +7,7 @@ import torch
 from timm.models.vision_transformer import Attention
 
 from analysis import mhsa_ratio
-from evit.efficientvit import CascadedGroupAttention, MultiHeadSelfAttention
+from evit.builder.efficientvit import CascadedGroupAttention, MultiHeadSelfAttention
 from tests.test_train import one_line_error, refuse
 
 

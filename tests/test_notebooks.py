@@ -34,7 +34,7 @@ def test_notebook_is_committed_without_outputs(path):
     assert any('os.environ.get("EVIT_QUICK"' in c.source for c in _code_cells(nb)), "has a quick-mode switch"
     assert "What our run shows" in nb.cells[-1].source, "ends with how to read the results"
     bootstrap = [c.source for c in _code_cells(nb) if "sys.path" in c.source or "os.chdir" in c.source]
-    assert not bootstrap, "imports the installed package and reads results/ through experiments.paths, from any folder"
+    assert not bootstrap, "imports the installed package and reads results/ through evit.paths, from any folder"
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)

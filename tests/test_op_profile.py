@@ -146,7 +146,7 @@ def test_attention_flops_by_hand():
 def test_manual_attention_exposes_softmax_and_fused_keeps_sdpa():
     kwargs = dict(batch=1, img_size=32, iters=1, warmup=0, peaks=PEAKS)
     args = ("vit_tiny_patch16_224",)
-    from experiments.models import create_model
+    from evit.models import create_model
 
     model = create_model(*args, img_size=32, patch_size=8, depth=1)
     manual = profile_model(model, **kwargs).ops

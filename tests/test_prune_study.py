@@ -14,9 +14,10 @@ from timm.layers.attention import Attention
 from timm.models.swin_transformer import PatchMerging, WindowAttention
 
 from analysis import taylor_prune as tpr
-from experiments import launch, peer_pruning, prune_study
-from experiments.claims import CONFIRMED, INCONCLUSIVE, REFUTED
-from experiments.models import create_model
+from experiments import peer_pruning, prune_study
+from evit import launch
+from evit.claims import CONFIRMED, INCONCLUSIVE, REFUTED
+from evit.models import create_model
 from tests.test_taylor_prune import batches, tiny_swin, tiny_vit
 from tests.test_taylor_prune_latency import quick, with_a_slow_ffn
 from tests.test_train import one_line_error

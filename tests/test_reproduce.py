@@ -7,8 +7,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from evit.summary import preset_table
-from evit.io import write_csv
+from evit.builder.summary import preset_table
+from evit.builder.io import write_csv
 from experiments import reproduce
 
 
@@ -75,8 +75,8 @@ def test_every_step_budget_is_valid_settings(scale, tmp_path, monkeypatch):
 
     from analysis import head_similarity, mhsa_ratio, op_profile, taylor_prune
     from experiments import benchmark, family, prune_study
-    from experiments.launch import Launcher
-    from experiments.zoo import PROXY_BUDGETS
+    from evit.launch import Launcher
+    from evit.zoo import PROXY_BUDGETS
 
     class Asked(Exception):
         pass
@@ -107,7 +107,7 @@ def test_paper_scale_trains_the_papers_subnetworks_and_family_with_the_runs_laun
 
     from analysis import mhsa_ratio
     from experiments import family
-    from experiments.launch import Launcher
+    from evit.launch import Launcher
 
     asked = []
     for module in (mhsa_ratio, family):

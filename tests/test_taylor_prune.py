@@ -11,8 +11,9 @@ import torch_pruning as tp
 
 from analysis import taylor_prune as tpr
 from analysis.taylor_prune import cli, importance
-from evit.summary import count_flops
-from experiments.models import create_model
+from evit.builder.summary import count_flops
+from evit.models import create_model
+from evit.data import ServedBatches, load_batches
 from tests.test_train import one_line_error, refuse
 
 
@@ -372,9 +373,9 @@ def test_clear_errors(capsys, monkeypatch, tmp_path):
     # auto weights for a hub model without hub or cache: an error, not a silent random init
     from huggingface_hub import constants
 
-    import experiments.zoo
+    import evit.zoo
 
-    monkeypatch.setattr(experiments.zoo, "hub_reachable", lambda timeout=3.0: False)
+    monkeypatch.setattr(evit.zoo, "hub_reachable", lambda timeout=3.0: False)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
     with pytest.raises(SystemExit) as exit_info:
         tpr.main(["--model", "deit_tiny"])
@@ -384,9 +385,9 @@ def test_clear_errors(capsys, monkeypatch, tmp_path):
 
 
 def test_validation_batches_are_served_when_read():
-    train, val, classes = tpr.load_batches("digits", 16, batches=2, batch=8, val_images=20)
+    train, val, classes = load_batches("digits", 16, batches=2, batch=8, val_images=20)
     assert classes == 10 and [len(y) for _, y in train] == [8, 8] and train[0][0].shape == (8, 3, 16, 16)
-    assert isinstance(val, tpr.ServedBatches) and [len(y) for _, y in val] == [8, 8, 4]
+    assert isinstance(val, ServedBatches) and [len(y) for _, y in val] == [8, 8, 4]
     assert val[2][0] is not val[2][0] and torch.equal(val[2][0], val[2][0])  # served again, the same images
     with pytest.raises(IndexError):
         val[3]
@@ -431,7 +432,7 @@ def evit_m0(**kwargs):
 
 
 def evit_modules(model):
-    from evit.efficientvit import EfficientViTBlock
+    from evit.builder.efficientvit import EfficientViTBlock
 
     return [b for b in model.modules() if isinstance(b, EfficientViTBlock)]
 
@@ -606,7 +607,7 @@ def three_stage_evit(mixer):
 def kill_stream_channels_(model, s, channels):
     """Make `channels` of stage s's stream carry nothing, written out by hand from the architecture (not from the
     width group's layout): every writer's rows (conv, BN scale and shift) and every reader's columns are zero."""
-    from evit.efficientvit import CascadedGroupAttention, ConvMlp, ConvNorm, MultiHeadSelfAttention, Residual
+    from evit.builder.efficientvit import CascadedGroupAttention, ConvMlp, ConvNorm, MultiHeadSelfAttention, Residual
 
     stage, stages = model.stages[s], list(model.stages)
     width = stage.blocks[0].ffn0.m.pw1.conv.in_channels
@@ -710,8 +711,8 @@ def test_evit_stage_widths_pruned_to_a_mac_target():
 
 def test_timm_efficientvit_msra_is_pruned_as_its_evit_preset():
     """timm's port of the paper's model converts to evit_m0 with the same weights and function, then prunes."""
-    from evit.efficientvit import EfficientViT
-    from experiments.models import skeleton
+    from evit.builder.efficientvit import EfficientViT
+    from evit.models import skeleton
 
     torch.manual_seed(0)
     port = timm.create_model("efficientvit_m0", num_classes=10).eval()

@@ -9,7 +9,7 @@ import torch.nn as nn
 from timm.models.levit import LevitBlock, LevitDownsample
 
 from analysis import taylor_prune as tpr
-from experiments.models import skeleton
+from evit.models import skeleton
 from tests.test_taylor_prune import batches, fvcore_macs, prepare_keeping_the_function, randomize_evit_
 
 SIZE = 96  # stride-16 stem, then two stride-2 transitions: 6x6, 3x3 and 2x2 tokens

@@ -170,12 +170,13 @@ def test_on_a_trained_proxy_the_latency_path_loses_no_more_loss_than_the_mac_pat
     saw, the latency path's loss is no higher."""
     from analysis.taylor_prune.estimate_check import mean_loss
     from experiments import prune_study
-    from experiments.zoo import load_model
+    from evit.data import load_batches
+    from evit.zoo import load_model
 
     torch.set_num_threads(1)
     model = load_model("deit_proxy", weights="quick-proxy")
-    train, _, _ = tpr.load_batches("fashion_mnist", 28, 2, 32, 0)
-    held_out, _, _ = tpr.load_batches("fashion_mnist", 28, 10, 64, 0)
+    train, _, _ = load_batches("fashion_mnist", 28, 2, 32, 0)
+    held_out, _, _ = load_batches("fashion_mnist", 28, 10, 64, 0)
     latency = tpr.LatencyModel("cpu", batch=8)
     by_latency = prune_study.prune_at("latency", model, train, latency, steps=1)(0.7)
     by_macs = prune_study.match_latency(prune_study.prune_at("macs", model, train, latency, steps=1),

@@ -1,5 +1,5 @@
 """Pruned models kept: `--save-model` writes a file that reloads at the pruned widths without re-pruning (in a fresh
-process too), through every `--weights PATH` (the analyses' zoo, experiments.train, experiments.benchmark with its
+process too), through every `--weights PATH` (the analyses' zoo, evit.train, experiments.benchmark with its
 ONNX export); bad files and another architecture are one line and exit 2; `--finetune-teacher unpruned` distills
 the fine-tune from the unpruned model."""
 import pickle
@@ -14,15 +14,17 @@ import yaml
 from timm.loss import LabelSmoothingCrossEntropy
 
 import analysis.taylor_prune.cli as tp_cli
-import experiments.train as train_mod
+import evit.train as train_mod
+import evit.train.__main__ as train_command
 from analysis import head_similarity, op_profile
 from analysis.taylor_prune import taylor_prune
 from analysis.taylor_prune.saved import FORMAT, save_pruned
-from evit.io import read_checkpoint, torch_save
-from experiments import benchmark, zoo
+from evit.builder.io import read_checkpoint, torch_save
+from experiments import benchmark
+from evit import zoo
 from experiments.benchmark import _runner, randomize_batchnorm_
-from experiments.distillation import DistillationLoss, soft_distillation
-from experiments.zoo import load_model, resolve_model
+from evit.distillation import DistillationLoss, soft_distillation
+from evit.zoo import load_model, resolve_model
 from tests.test_train import REPO, env_1_thread, one_line_error
 
 SIZES = {"deit_proxy": 28, "evit": 32}
@@ -81,7 +83,7 @@ def test_reloads_in_a_fresh_process_with_identical_outputs_and_shapes(pruned, tm
     torch.save(cases, tmp_path / "cases.pt")
     script = textwrap.dedent(f"""
         import sys, torch
-        from experiments.zoo import load_model
+        from evit.zoo import load_model
         assert "analysis.taylor_prune.saved" not in sys.modules
         out = {{}}
         for kind, (name, path, x) in torch.load({str(tmp_path / "cases.pt")!r}).items():
@@ -129,7 +131,7 @@ def test_training_starts_from_the_pruned_weights_and_its_model_pth_rebuilds(prun
     """With a learning rate of 0 the weights stay as loaded: the run's model.pth must give the pruned model's
     outputs, so the run started from the file's weights at its widths and wrote a file that rebuilds them."""
     name, model, path, _ = pruned["deit_proxy"]
-    train_mod.main(["--model", name, "--weights", path, "--data", "digits", "--epochs", "1", "--lr-base", "0",
+    train_command.main(["--model", name, "--weights", path, "--data", "digits", "--epochs", "1", "--lr-base", "0",
                     "--min-lr", "0", "--warmup-lr", "0", "--warmup-epochs", "0", "--limit-train", "64",
                     "--limit-val", "32", "--batch-size", "32", "--threads", "1", "--out", str(tmp_path)])
     trained = load_model(name, str(tmp_path / "model.pth"))
@@ -167,7 +169,7 @@ def bad_files(tmp_path_factory, pruned):
 
 COMMANDS = {
     "taylor_prune": (tp_cli.main, ["--model", "deit_proxy", "--data", "digits"]),
-    "train": (train_mod.main, ["--model", "deit_proxy", "--data", "digits"]),
+    "train": (train_command.main, ["--model", "deit_proxy", "--data", "digits"]),
     "benchmark": (benchmark.main, ["--models", "deit_proxy"]),
     "head_similarity": (head_similarity.main, ["--model", "deit_proxy", "--data", "digits"]),
 }

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from analysis import taylor_prune as tpr
 from analysis.taylor_prune.builders.traced_attention import TracedAttention
-from experiments.models import create_model
+from evit.models import create_model
 from tests.test_taylor_prune import (assert_dead_widths_go_first,
                                      assert_mac_counter_matches_fvcore_before_and_after_pruning,
                                      assert_planted_go_first_and_change_nothing,

@@ -12,10 +12,11 @@ import pytest
 import torch
 import yaml
 
-import experiments.train as train_mod
-from experiments.models import create_model
-from evit.io import read_checkpoint
-from experiments.train import TrainConfig, fit, main, parse_config, train
+import evit.train as train_mod
+from evit.models import create_model
+from evit.builder.io import read_checkpoint
+from evit.train import TrainConfig, fit, train
+from evit.train.__main__ import main, parse_config
 from tests.test_data import make_image_folder
 
 REPO = Path(__file__).resolve().parents[1]
@@ -98,7 +99,7 @@ def test_kill_9_mid_run_then_resume(tmp_path):
     cfg = dict(TINY, **RANDOM, epochs=4, limit_train=None)
     killed, straight = tmp_path / "killed", tmp_path / "straight"
     argv = to_argv(cfg)
-    proc = subprocess.Popen([sys.executable, "-m", "experiments.train", *argv, "--out", str(killed)],
+    proc = subprocess.Popen([sys.executable, "-m", "evit.train", *argv, "--out", str(killed)],
                             env=env_1_thread(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while not (killed / "metrics.csv").exists() and proc.poll() is None and time.time() < deadline:
@@ -125,7 +126,7 @@ def test_ddp_two_cpu_processes_match_single_process(tmp_path):
     cfg_file = tmp_path / "tiny.yaml"
     cfg_file.write_text(yaml.safe_dump(dict(TINY, epochs=1, limit_train=256, opt="sgd", lr=0.1)))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "experiments.train", "--config", str(cfg_file), "--batch-size", "16", "--out", str(tmp_path / "ddp")]
+           "-m", "evit.train", "--config", str(cfg_file), "--batch-size", "16", "--out", str(tmp_path / "ddp")]
     result = subprocess.run(cmd, env=env_1_thread(), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     main(["--config", str(cfg_file), "--batch-size", "32", "--out", str(tmp_path / "single")])

@@ -5,11 +5,11 @@ import pytest
 import torch
 from huggingface_hub import constants
 
-import experiments.zoo as zoo
-from experiments.models import PROXY_MODELS, UnknownModelError, create_model
-from evit.io import CheckpointError, read_checkpoint
-from experiments.train import fit
-from experiments.zoo import PROXY_RECIPES, WeightsUnavailableError, load_model, main
+import evit.zoo as zoo
+from evit.models import PROXY_MODELS, UnknownModelError, create_model
+from evit.builder.io import CheckpointError, read_checkpoint
+from evit.train import fit
+from evit.zoo import PROXY_RECIPES, WeightsUnavailableError, load_model, main
 
 # Tiny stand-in for deit_proxy's recipe: the real one trains for minutes on Fashion-MNIST.
 TINY_RECIPE = dict(data="digits", img_size=28, epochs=1, batch_size=64, lr=1e-3, limit_train=128, limit_val=64)

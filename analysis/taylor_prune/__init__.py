@@ -47,9 +47,9 @@ from __future__ import annotations
 from analysis.taylor_prune.allocation import allocate, allocation_config
 from analysis.taylor_prune.builders import prepare, prunable, register_block, register_converter, register_model
 from analysis.taylor_prune.builders.vit import SplitAttention
-from analysis.taylor_prune.cli import DEFAULT_OUT, ServedBatches, Settings, load_batches, main, prune_model, run
+from analysis.taylor_prune.cli import DEFAULT_OUT, Settings, main, prune_model, run
 from analysis.taylor_prune.groups import Group, Slice, prune_channels
-from experiments.models import UnsupportedModelError
+from evit.models import UnsupportedModelError
 from analysis.taylor_prune.importance import (NORMALIZERS, REDUCTIONS, LossChange, TaylorImportance,
                                              accumulate_gradients)
 from analysis.taylor_prune.latency import LatencyModel
@@ -60,8 +60,8 @@ from analysis.taylor_prune.tables import KINDS, block_table, stage_table
 
 __all__ = [
     "DEFAULT_OUT", "KINDS", "LatencyModel", "LossChange", "NORMALIZERS", "REDUCTIONS", "Group", "PruneResult",
-    "ServedBatches", "Settings", "Slice", "SplitAttention", "TaylorImportance", "Unit", "UnsupportedModelError",
+    "Settings", "Slice", "SplitAttention", "TaylorImportance", "Unit", "UnsupportedModelError",
     "accumulate_gradients", "allocate", "allocation_config", "block_table", "candidate_units", "count_macs",
-    "load_batches", "main", "measure_positions", "plot", "prepare", "prunable", "prune_channels", "prune_model",
+    "main", "measure_positions", "plot", "prepare", "prunable", "prune_channels", "prune_model",
     "register_block", "register_converter", "register_model", "run", "stage_table", "taylor_prune", "top1_accuracy",
 ]

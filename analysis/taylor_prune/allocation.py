@@ -14,7 +14,7 @@ import pandas as pd
 import torch
 
 from evit import EfficientViTConfig, deploy, get_preset
-from experiments.timing import describe_machine, synchronizer, time_interleaved
+from evit.timing import describe_machine, synchronizer, time_interleaved
 
 MATCHES = ("flops", "throughput", "none")  # what the allocation is scaled to equal in the preset (--match)
 THROUGHPUT_TOLERANCE = 0.05  # a throughput match within 5% of the preset's is met
@@ -209,7 +209,7 @@ class DeployThroughput:
         return {name: [1000 * self.batch / ms for ms in timings[name].window_ms] for name in configs}
 
     def _runner(self, config: EfficientViTConfig, x: torch.Tensor) -> Callable[[], object]:
-        from evit.efficientvit import EfficientViT
+        from evit.builder.efficientvit import EfficientViT
 
         if repr(config) not in self.deployed:
             model = EfficientViT(config.replace(img_size=self.img_size)).to(self.device)
@@ -238,8 +238,8 @@ def _split(df: pd.DataFrame, parts: int) -> list[pd.DataFrame]:
 
 def _flops(config: EfficientViTConfig) -> float:
     from evit import fuse
-    from evit.efficientvit import EfficientViT
-    from evit.summary import count_flops
+    from evit.builder.efficientvit import EfficientViT
+    from evit.builder.summary import count_flops
 
     return count_flops(fuse(EfficientViT(config.replace(img_size=224)).eval()), 224)
 

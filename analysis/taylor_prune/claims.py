@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 
 from analysis.taylor_prune.tables import KINDS
-from experiments.claims import CONFIRMED, INCONCLUSIVE, REFUTED, Claim, names, tally
+from evit.claims import CONFIRMED, INCONCLUSIVE, REFUTED, Claim, names, tally
 
 GROUPS = (*KINDS, "width")  # the `<group>_kept` columns: the group kinds and the residual-stream width
 THIRDS = ("early", "middle", "late")

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import copy
-import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,7 +9,6 @@ from typing import Optional, Sequence, Union
 
 import pandas as pd
 import torch
-from torch.utils.data import Dataset
 
 from analysis.taylor_prune.allocation import MATCHES, DeployThroughput, allocate
 from analysis.taylor_prune.builders import prepare, prunable
@@ -20,46 +18,16 @@ from analysis.taylor_prune.plot import plot
 from analysis.taylor_prune.prune import PruneResult, taylor_prune
 from analysis.taylor_prune.saved import save_pruned
 from evit import get_preset
-from evit.io import save_figure, write_csv
-from experiments.cli import UserError, option, parse_settings, run_cli
-from experiments.data import build_datasets, check_data
-from experiments.models import check_model, model_img_size, skeleton
-from experiments.train import TrainConfig, train as train_model
-from experiments.zoo import cache_dir, resolve_model
+from evit.builder.io import save_figure, write_csv
+from evit.cli import UserError, option, parse_settings, run_cli
+from evit.data import build_datasets, check_data, load_batches
+from evit.models import check_model, model_img_size, skeleton
+from evit.train import TrainConfig, train as train_model
+from evit.zoo import cache_dir, resolve_model
 
 DEFAULT_OUT = "runs/taylor_prune"
 IMPORTANCES = ("auto", "taylor", "loss_change")
 FINETUNE_TEACHERS = ("none", "unpruned")
-
-class ServedBatches(Sequence):
-    """Batches of chosen dataset items, served (resized, normalized) each time they are read, so that one batch at
-    the model's resolution is in memory at a time: 2000 validation images at 224 px are 1.2 GB of float32."""
-
-    def __init__(self, dataset: Dataset, picks: list[int], batch: int):
-        self.dataset, self.picks, self.batch = dataset, picks, batch
-
-    def __len__(self) -> int:
-        return math.ceil(len(self.picks) / self.batch)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        if not 0 <= i < len(self):
-            raise IndexError(i)
-        items = [self.dataset[j] for j in self.picks[i * self.batch:(i + 1) * self.batch]]
-        return torch.stack([x for x, _ in items]), torch.tensor([int(y) for _, y in items])
-
-def load_batches(spec: str, img_size: int, batches: int, batch: int, val_images: int,
-                 data_dir: Optional[str] = None) -> tuple[list, ServedBatches, int]:
-    """(`batches` gradient batches from the train split, validation batches holding `val_images` images, number
-    of classes); fixed random choices. The gradient batches are read every step, so they are served once and
-    kept; the validation batches, read twice, are served when read."""
-    data = build_datasets(spec, img_size, data_dir)
-
-    def picks(dataset: Dataset, count: int, seed: int) -> list[int]:
-        return torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:count].tolist()
-
-    train = list(ServedBatches(data.train, picks(data.train, batches * batch, 0), batch))
-    return train, ServedBatches(data.val, picks(data.val, val_images, 1), batch), data.num_classes
-
 
 @dataclass
 class Settings:
@@ -100,7 +68,7 @@ class Settings:
                                    "the unpruned model: soft KD on the class logits, or its distillation head where "
                                    "the model has one)", choices=FINETUNE_TEACHERS)
     save_model: Optional[Path] = option(None, "write the pruned (and fine-tuned) model here: it reloads without "
-                                              "pruning, as --weights PATH of the analyses, experiments.train and "
+                                              "pruning, as --weights PATH of the analyses, evit.train and "
                                               "experiments.benchmark (docs/pruned_models.md)")
     preset: str = option("m0", "evit preset the allocation is scaled to (see --match)")
     match: str = option("flops", f"what the allocation matches in --preset: {' | '.join(MATCHES)} (flops: BN-folded "

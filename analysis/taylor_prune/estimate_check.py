@@ -32,10 +32,11 @@ from analysis.taylor_prune import cli as prune_cli
 from analysis.taylor_prune.builders import prepare, prunable
 from analysis.taylor_prune.groups import prune_channels
 from analysis.taylor_prune.importance import Batches, LossChange, TaylorImportance, accumulate_gradients
-from evit.io import write_csv
-from experiments.cli import UserError, option, parse_settings, run_cli
-from experiments.models import model_img_size
-from experiments.zoo import resolve_model
+from evit.builder.io import write_csv
+from evit.cli import UserError, option, parse_settings, run_cli
+from evit.data import load_batches
+from evit.models import model_img_size
+from evit.zoo import resolve_model
 
 ESTIMATES = ("loss_change", "taylor_sum", "taylor_mean")
 
@@ -116,9 +117,9 @@ def run(settings: Settings) -> pd.DataFrame:
     torch.set_num_threads(settings.threads)
     model, weights = resolve_model(settings.model, settings.weights)
     img_size = model_img_size(model)
-    gradient, _, _ = prune_cli.load_batches(settings.data, img_size, settings.batches, settings.batch, 0, settings.data_dir)
+    gradient, _, _ = load_batches(settings.data, img_size, settings.batches, settings.batch, 0, settings.data_dir)
     # The loss is measured on other training images than the gradients' (a later part of the same fixed order).
-    measured_on, _, _ = prune_cli.load_batches(settings.data, img_size, settings.batches + settings.eval_batches, 64, 0,
+    measured_on, _, _ = load_batches(settings.data, img_size, settings.batches + settings.eval_batches, 64, 0,
                                      settings.data_dir)
     table = removals(model, gradient, measured_on[settings.batches:], settings.removals, settings.seed)
     summary = estimates(table).assign(model=settings.model, weights=weights, removals=len(table))

@@ -31,9 +31,9 @@ from sklearn.isotonic import IsotonicRegression
 from analysis.taylor_prune.builders import prepare
 from analysis.taylor_prune.groups import Group, prune_channels
 from analysis.taylor_prune.importance import Batches
-from evit.io import write_json
-from experiments.cache_keys import key_of
-from experiments.timing import Timing, describe_machine, synchronizer, time_interleaved
+from evit.builder.io import write_json
+from evit.cache_keys import key_of
+from evit.timing import Timing, describe_machine, synchronizer, time_interleaved
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """Pruned models kept: written by `--save-model PATH`, read back by every `--weights PATH` without re-pruning.
 
 A pruned model's layers have the pruning's widths, which its name alone does not build. The file is a structured
-checkpoint of the zoo (experiments/zoo.py: `format`, `rebuilder`, `architecture`, `structure`, `state_dict`):
+checkpoint of the zoo (evit/zoo.py: `format`, `rebuilder`, `architecture`, `structure`, `state_dict`):
 
 - `architecture`: the model's name (a proxy's, timm's full name, or 'evit_custom' with the evit config's content)
   and the kwargs it was created with;
@@ -25,9 +25,9 @@ import torch.nn as nn
 
 from analysis.taylor_prune.builders import prepare, prunable
 from analysis.taylor_prune.groups import Group, prune_channels
-from evit.io import CheckpointError, torch_save
-from experiments.train import load_weights
-from experiments.zoo import architecture, recorded_model, register_structure, weights_kwargs
+from evit.builder.io import CheckpointError, torch_save
+from evit.weights import architecture, load_weights, recorded_model, register_structure
+from evit.zoo import weights_kwargs
 
 FORMAT = "taylor_prune.channels/1"
 

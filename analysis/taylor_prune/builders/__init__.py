@@ -21,7 +21,7 @@ import torch.nn as nn
 
 from analysis.taylor_prune.attention import PrunedAttention
 from analysis.taylor_prune.groups import Group
-from experiments.models import UnsupportedModelError
+from evit.models import UnsupportedModelError
 
 Match = Union[type, tuple[type, ...], Callable[[nn.Module], bool]]
 BLOCK_BUILDERS: list[tuple[Match, Callable[[str, nn.Module], list[Group]]]] = []

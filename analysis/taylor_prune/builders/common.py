@@ -10,7 +10,7 @@ import torch.nn as nn
 
 from analysis.taylor_prune.attention import PrunedAttention
 from analysis.taylor_prune.groups import Group, Slice, set_sizes, stage_of, whole
-from experiments.models import UnsupportedModelError
+from evit.models import UnsupportedModelError
 
 
 def split_rows(layer: nn.Linear, biases: Sequence[Optional[torch.Tensor]]) -> list[nn.Linear]:

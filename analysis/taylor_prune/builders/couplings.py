@@ -30,7 +30,7 @@ from torch._prims_common import is_non_overlapping_and_dense_or_false as is_non_
 from torch.utils._pytree import tree_flatten, tree_map
 from torch.utils.weak import WeakTensorKeyDictionary
 
-from experiments.models import UnsupportedModelError
+from evit.models import UnsupportedModelError
 
 # ops that move or copy elements: applied to the labels as to the data
 MOVES = {"view", "_unsafe_view", "reshape", "_reshape_alias", "permute", "transpose", "t", "expand", "unsqueeze",

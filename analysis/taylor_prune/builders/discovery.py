@@ -36,7 +36,7 @@ from analysis.taylor_prune.attention import PrunedAttention
 from analysis.taylor_prune.builders.couplings import LEAVES, Couplings, Place, trace_couplings
 from analysis.taylor_prune.builders.traced_attention import TracedAttention, trace_attention
 from analysis.taylor_prune.groups import Group, Slice, prune_channels, whole
-from experiments.models import UnsupportedModelError, model_img_size
+from evit.models import UnsupportedModelError, model_img_size
 
 CONTAINERS = (nn.ModuleList, nn.Sequential, nn.ModuleDict)
 
@@ -171,8 +171,8 @@ def _segments(couplings: Couplings, groups: list[_ChannelGroup]
         for group in groups:
             for position, c in enumerate(group.classes):
                 for place, indices in couplings.members[c].items():
-                    for copy, index in enumerate(indices):
-                        owner[place][index] = (group, copy, position)
+                    for replica, index in enumerate(indices):
+                        owner[place][index] = (group, replica, position)
         bad, segments = set(), {}
         for place, owned in owner.items():
             runs: list[tuple[Optional[_ChannelGroup], int]] = []

@@ -40,7 +40,7 @@ from analysis.taylor_prune.attention import PrunedAttention
 from analysis.taylor_prune.builders import register_block, register_model
 from analysis.taylor_prune.builders.common import split_heads, split_rows, stream_width
 from analysis.taylor_prune.groups import Group, Slice, stage_of, whole
-from experiments.models import UnsupportedModelError
+from evit.models import UnsupportedModelError
 
 
 def _require_layer_norms(owner: str, norms: dict[str, nn.Module]) -> None:

@@ -1,6 +1,6 @@
 """evit EfficientViT (BatchNorm only): per block Q/K, V (MHSA) and FFN-hidden groups, per stage a width group
 through the stem, transitions, heads and the CGA cascade. Where those channels live is evit's to say
-(`evit.channels`): this module only turns its couplings into groups."""
+(`evit.builder.channels`): this module only turns its couplings into groups."""
 from __future__ import annotations
 
 import re
@@ -11,11 +11,11 @@ from timm.models.efficientvit_msra import EfficientVitMsra
 
 from analysis.taylor_prune.builders import register_attention, register_block, register_converter, register_model
 from analysis.taylor_prune.groups import Group, Slice, stage_of
-from evit import channels
-from evit.channels import ChannelSpan
-from evit.convert import from_timm
-from evit.efficientvit import EfficientViT, EfficientViTBlock, RelativeBiasAttention
-from experiments.models import UnsupportedModelError
+from evit.builder import channels
+from evit.builder.channels import ChannelSpan
+from evit.builder.convert import from_timm
+from evit.builder.efficientvit import EfficientViT, EfficientViTBlock, RelativeBiasAttention
+from evit.models import UnsupportedModelError
 
 
 def _slices(spans: list[ChannelSpan]) -> list[Slice]:
@@ -40,7 +40,7 @@ def attention_geometry(attn: nn.Module, args: tuple) -> tuple[float, float, int]
 @register_block(EfficientViTBlock, family="EfficientViT (evit; timm's efficientvit_m* through evit)")
 def block_groups(name: str, block: nn.Module) -> list[Group]:
     """evit block: one FFN-hidden group per FFN of the sandwich, and the mixer's Q/K and V groups. Cascaded group
-    attention's V is tied to its stage's width (`evit.channels.attention_v`): its V group is reported, not
+    attention's V is tied to its stage's width (`evit.builder.channels.attention_v`): its V group is reported, not
     prunable, and shrinks with the stage's width group."""
     _require_batchnorm(name, block)
     common = dict(block=name, stage=stage_of(name), width=lambda: channels.block_width(block))
@@ -64,8 +64,8 @@ def block_groups(name: str, block: nn.Module) -> list[Group]:
 
 
 def _stage_width(model: EfficientViT, s: int) -> Group:
-    """The width of evit stage s (`evit.channels.stage_width`). A CGA stage's width channel is one V dim of each of
-    its mixers (same tokens and keys), so its matmul MACs count once per mixer."""
+    """The width of evit stage s (`evit.builder.channels.stage_width`). A CGA stage's width channel is one V dim of
+    each of its mixers (same tokens and keys), so its matmul MACs count once per mixer."""
     cgas = channels.stage_attentions(model, s)
     count = lambda: channels.stage_channels(model, s)  # noqa: E731
     return Group("width", block=f"stages.{s}", stage=s, heads=cgas[0].num_heads if cgas else 1, width=count,
@@ -84,7 +84,7 @@ def width_groups(model: nn.Module) -> list[Group]:
 @register_converter(EfficientVitMsra)
 def from_timm_port(model: nn.Module) -> EfficientViT:
     """timm's port of the paper's model (`efficientvit_m0`..`m5`) as the evit preset of the same name: the two share
-    their state-dict layout (evit.convert.from_timm), so the weights carry over and the function is the same. A
+    their state-dict layout (evit.builder.convert.from_timm), so the weights carry over and the function is the same. A
     skeleton (weights on the meta device, for input checks) converts to a freshly initialized evit model."""
     match = re.fullmatch(r"efficientvit_(m\d)", model.pretrained_cfg.get("architecture", ""))
     if match is None:

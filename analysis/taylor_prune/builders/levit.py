@@ -14,7 +14,7 @@ from timm.models.levit import (AttentionDownsample, ConvNorm, Levit, LevitBlock,
 
 from analysis.taylor_prune.builders import register_attention, register_block, register_model
 from analysis.taylor_prune.groups import Group, Slice, set_sizes, stage_of
-from experiments.models import UnsupportedModelError
+from evit.models import UnsupportedModelError
 
 NormedLayer = Union[LinearNorm, ConvNorm]  # a Linear (or 1x1 conv) `linear` and its BatchNorm `bn`
 

@@ -15,7 +15,7 @@ from timm.models.swin_transformer_v2_cr import SwinTransformerV2Cr
 from analysis.taylor_prune.builders import register_model
 from analysis.taylor_prune.builders.common import block_stream
 from analysis.taylor_prune.groups import Group, Slice, set_sizes, whole
-from experiments.models import UnsupportedModelError
+from evit.models import UnsupportedModelError
 
 MERGINGS = (PatchMerging, PatchMergingV2, PatchMergingCr)
 

@@ -40,7 +40,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from analysis.attention_capture import SDPA_ARGS, SOFTMAX_FUNCTIONS
 from analysis.taylor_prune.attention import PrunedAttention
-from experiments.models import UnsupportedModelError
+from evit.models import UnsupportedModelError
 
 VIEW_METHODS = {"view", "reshape", "permute", "transpose", "contiguous", "unbind", "chunk", "split", "flatten",
                 "unflatten", "squeeze", "unsqueeze", "swapaxes", "movedim", "float", "type_as", "to"}

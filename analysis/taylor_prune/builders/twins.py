@@ -14,7 +14,7 @@ from analysis.taylor_prune.builders.common import (attention_groups, block_strea
                                                   split_rows)
 from analysis.taylor_prune.builders.pvt import SpatialReductionAttention
 from analysis.taylor_prune.groups import Group, Slice, set_sizes, whole
-from experiments.models import UnsupportedModelError
+from evit.models import UnsupportedModelError
 
 
 class LocallyGroupedAttention(PrunedAttention):

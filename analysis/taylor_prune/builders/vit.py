@@ -14,7 +14,7 @@ from analysis.taylor_prune.builders import register_block, register_model
 from analysis.taylor_prune.builders.common import (attention_groups, ffn_group, fused_biases, split_heads,
                                                   split_rows, stream_width)
 from analysis.taylor_prune.groups import Group
-from experiments.models import UnsupportedModelError
+from evit.models import UnsupportedModelError
 
 
 class SplitAttention(PrunedAttention):

@@ -14,7 +14,7 @@ from dataclasses import field
 from typing import Any, Callable, Optional, Sequence, TypeVar, Union, get_args, get_origin, get_type_hints
 
 from evit import ConfigError
-from evit.io import CheckpointError
+from evit.builder.io import CheckpointError
 
 
 class UserError(Exception):

@@ -4,7 +4,7 @@
 
 Every run has its own folder under `out`, named by the model and a hash of the settings that determine its
 weights, so a re-launch skips the runs that finished (their `model.pth` exists) and submits the others again,
-which resume from their `last.pth`. A job is `experiments.train.fit` (the code `python -m experiments.train` runs);
+which resume from their `last.pth`. A job is `evit.train.fit` (the code `python -m evit.train` runs);
 with several GPUs it is one DDP training, one process (submitit task) per GPU. submitit's job files (pickles,
 stdout and stderr per task, named by job id) sit in `out/jobs/` (docs/launch.md). A failed run comes back as an
 `Outcome` naming the exception's last line and the job's log: the caller reports it and builds its tables from the
@@ -15,6 +15,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+import subprocess
+import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,16 +26,19 @@ import submitit
 import torch.distributed as dist
 import torch.nn as nn
 
-from experiments.cache_keys import file_key, key_of
-from experiments.cli import UserError, option
-from experiments.distillation import DISTILLATION_SETTINGS
-from experiments.models import is_config_file
-from experiments.train import FINAL, TrainConfig, check_inputs, fit, init_distributed, seed_everything, train
+from evit.builder.io import write_json
+from evit.cache_keys import key_of
+from evit.cli import UserError, option
+from evit.train import (FINAL, TrainConfig, check_inputs, fit, init_distributed, load_data, recipe as train_recipe,
+                        resolve_img_size, seed_everything, train)
+from evit.zoo import check_teacher, teacher_loader
 
 KINDS = ("inline", "local", "slurm")
 JOBS = "jobs"  # the folder under `out` with submitit's job folders
-# TrainConfig fields that say where and how a run executes, not what it learns: no part of its key.
-PLACEMENT = ("out", "resume", "workers", "threads")
+JOB_RECORD = "job.json"  # in a run's folder: the Slurm job that trains it, so a re-launch waits for it
+# squeue's states of a job that will still run or is running (a requeued job goes back to PENDING).
+QUEUED_STATES = frozenset({"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED", "REQUEUE_FED",
+                           "REQUEUE_HOLD", "RESIZING", "SUSPENDED", "SIGNALING", "STAGE_OUT", "PREEMPTED"})
 
 
 @dataclass
@@ -108,18 +113,10 @@ def as_run(run: Union[Run, TrainConfig]) -> Run:
 
 
 def recipe(run: Union[Run, TrainConfig]) -> dict[str, Any]:
-    """What determines a run's weights: its TrainConfig less placement, an evit config file and an initial weights
-    file by their content, and the builder of a variant by its name and arguments."""
+    """What determines a run's weights: its TrainConfig's recipe (evit.train.recipe), and the builder of a variant
+    by its name and arguments."""
     run = as_run(run)
-    recipe = {k: v for k, v in dataclasses.asdict(run.config).items() if k not in PLACEMENT}
-    if run.config.teacher is None:  # without a teacher these settings act on nothing (and older keys stay valid)
-        recipe = {k: v for k, v in recipe.items() if k not in DISTILLATION_SETTINGS}
-    if is_config_file(run.config.model):
-        recipe["model"] = Path(run.config.model).read_text()
-    if run.config.weights is None:  # random initialization, as before the field existed: older keys stay valid
-        del recipe["weights"]
-    else:  # by content: a file written again (pruned again) starts another run
-        recipe["weights"] = file_key(run.config.weights)
+    recipe = train_recipe(run.config)
     if run.build is not None:
         recipe.update(build=f"{run.build.__module__}.{run.build.__qualname__}", build_kwargs=dict(run.build_kwargs))
     return recipe
@@ -139,14 +136,17 @@ def train_run(run: Run, folder: Path) -> None:
     """Train `run` into `folder`, resuming from its last checkpoint there; inside the process group that the
     environment describes (torchrun's variables), if any."""
     cfg = dataclasses.replace(run.config, out=str(folder), resume="auto")
+    load_teacher = teacher_loader(cfg)
     joins = not dist.is_initialized()
     init_distributed()
     try:
         if run.build is None:
-            fit(cfg)
+            fit(cfg, load_teacher)
         else:
             seed_everything(cfg.seed)  # the same initial weights on every rank and every resume, as fit does
-            train(run.build(**run.build_kwargs), cfg)
+            model, cfg = run.build(**run.build_kwargs), resolve_img_size(cfg)
+            data = load_data(cfg)
+            train(model, cfg, data, load_teacher(data.num_classes) if load_teacher else None)
     finally:
         if joins and dist.is_initialized():
             dist.destroy_process_group()
@@ -202,15 +202,58 @@ def last_line(error: BaseException) -> str:
 
 
 def submit(todo: Sequence[tuple[Run, Path]], launcher: Launcher, jobs: Path) -> list[submitit.Job]:
-    """Submit one job per (run, folder), as one Slurm array when there are several."""
+    """Submit one job per (run, folder), as one Slurm array when there are several; each Slurm job is recorded in
+    its run's folder (JOB_RECORD)."""
     executor = launcher.executor(jobs)
     with executor.batch():
         submitted = [executor.submit(TrainingJob(), run, folder) for run, folder in todo]
+    if launcher.kind == "slurm":
+        for (_, folder), job in zip(todo, submitted):
+            write_json(Path(folder) / JOB_RECORD, dict(job_id=job.job_id, jobs=str(jobs),
+                                                      tasks=launcher.tasks_per_job))
     return submitted
 
 
-def wait(job: submitit.Job, folder: Path) -> Optional[str]:
-    """None once the job has trained its run, else what went wrong."""
+def queue_state(job_id: str) -> Optional[str]:
+    """The job's state as squeue reports it (PENDING, RUNNING, COMPLETED, ...); None once squeue no longer knows
+    it (it forgets a job MinJobAge seconds after its end)."""
+    try:
+        answer = subprocess.run(["squeue", "-h", "--states=all", "-j", job_id, "-o", "%T"], capture_output=True,
+                                text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    states = answer.stdout.split()
+    return states[0] if answer.returncode == 0 and states else None
+
+
+def queued_job(folder: Path) -> Optional[submitit.Job]:
+    """The Slurm job an earlier launch submitted for the run in `folder`, if it is still queued or running."""
+    record_path = Path(folder) / JOB_RECORD
+    if not record_path.is_file():
+        return None
+    record = json.loads(record_path.read_text())
+    if queue_state(record["job_id"]) not in QUEUED_STATES:
+        return None
+    return submitit.SlurmJob(folder=Path(record["jobs"]), job_id=record["job_id"], tasks=range(record["tasks"]))
+
+
+def has_result(job: submitit.Job) -> bool:
+    """Whether every task of the job has written its result (or its error)."""
+    return all(job.task(task).paths.result_pickle.exists() for task in range(job.num_tasks))
+
+
+def wait(job: submitit.Job, folder: Path, poll_s: float = 2.0) -> Optional[str]:
+    """None once the job has trained its run, else what went wrong. A Slurm job is followed through squeue, so a
+    job that left the queue without writing its result (cancelled, killed for memory) is reported by its state
+    on a cluster without accounting (sacct) too."""
+    if isinstance(job, submitit.SlurmJob):
+        while not has_result(job):
+            state = queue_state(job.job_id)
+            if state not in QUEUED_STATES:
+                time.sleep(poll_s)  # its result may land just after its state turns COMPLETED
+                if not has_result(job):
+                    return f"job {job.job_id} left the queue ({state or 'forgotten by squeue'}) without a result"
+            time.sleep(poll_s)
     error = job.exception()  # waits for the job
     if error is None and not finished(folder):
         return f"job {job.job_id} ended without writing {folder / FINAL}"
@@ -226,23 +269,34 @@ def run_trainings(runs: Sequence[Union[Run, TrainConfig]], out: Path,
     runs = [as_run(r) for r in runs]
     for run in runs:
         check_inputs(run.config)
+        check_teacher(run.config)
     folders = [run_dir(out, run) for run in runs]
     todo = [(run, folder) for run, folder in zip(runs, folders) if not finished(folder)]
     failures: dict[Path, tuple[str, Optional[Path]]] = {}
+
+    def await_job(folder: Path, job: submitit.Job) -> None:
+        error = wait(job, folder)
+        if error is not None:
+            failures[folder] = (error, job.paths.stderr)
+
+    jobs = Path(out) / JOBS
     if launcher.kind == "inline":
         for run, folder in todo:
             try:
                 train_run(run, folder)
             except Exception as error:  # the caller reports it and goes on with the runs that finished
                 failures[folder] = (last_line(error), None)
-    else:
-        # Slurm queues every job at once; local jobs run one after another, each on the machine's first GPUs.
-        batches = [todo] if launcher.kind == "slurm" else [[item] for item in todo]
-        for batch in batches:
-            for (run, folder), job in zip(batch, submit(batch, launcher, Path(out) / JOBS)):
-                error = wait(job, folder)
-                if error is not None:
-                    failures[folder] = (error, job.paths.stderr)
+    elif launcher.kind == "slurm":  # every job queued at once, but those an earlier launch queued: waited for
+        queued = {folder: job for _, folder in todo if (job := queued_job(folder)) is not None}
+        for folder, job in queued.items():
+            print(f"{folder.name}: job {job.job_id} of an earlier launch is still queued; waiting for it")
+        fresh = [(run, folder) for run, folder in todo if folder not in queued]
+        submitted = dict(zip((folder for _, folder in fresh), submit(fresh, launcher, jobs) if fresh else []))
+        for folder, job in {**queued, **submitted}.items():
+            await_job(folder, job)
+    else:  # local jobs one after another, each on the machine's first GPUs
+        for run, folder in todo:
+            await_job(folder, submit([(run, folder)], launcher, jobs)[0])
     return [Outcome(run, folder, *failures.get(folder, (None, None))) for run, folder in zip(runs, folders)]
 
 

@@ -17,12 +17,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from evit import ConfigError
-from evit.io import CheckpointError, read_checkpoint
-from experiments.data import Datasets
-from experiments.models import check_model, skeleton
+from evit.builder.io import CheckpointError
+from evit.data import Datasets, check_fits
+from evit.models import check_model, skeleton
 
 if TYPE_CHECKING:
-    from experiments.train import TrainConfig
+    from evit.train import TrainConfig
 
 DISTILLATION_TYPES = ("hard", "soft")
 # The TrainConfig fields of distillation.
@@ -31,7 +31,7 @@ DISTILLATION_SETTINGS = ("teacher", "teacher_weights", "distillation_type", "dis
 # SwiftFormer, iFormer: head_dist; EfficientViM: heads_dist).
 HEAD_NAMES = ("head_dist", "heads_dist")
 TEACHER_FILE_SUFFIXES = (".pth", ".pt")
-TEACHER_HELP = "a model.pth written by experiments.train, or a model name (its weights: --teacher-weights)"
+TEACHER_HELP = "a model.pth written by evit.train, or a model name (its weights: --teacher-weights)"
 TEACHER_WEIGHTS_HELP = ("weights of a teacher given by name: a checkpoint file (e.g. DeiT's RegNetY-160 file) or a "
                         "zoo keyword; unset: a proxy's Fashion-MNIST training (trained on first use), else the timm "
                         "hub's pretrained weights")
@@ -96,7 +96,7 @@ def check_pairing(cfg: TrainConfig, distilled: bool) -> None:
     refuses a teacher for a single-head model too)."""
     if distilled and cfg.teacher is None:
         raise ConfigError(f"model {cfg.model} has a distillation head, which learns from a teacher: pass --teacher "
-                          f"(a model.pth written by experiments.train, or a model name), or build the model without "
+                          f"(a model.pth written by evit.train, or a model name), or build the model without "
                           f"the head")
     if cfg.teacher is not None and not distilled:
         raise ConfigError(f"--teacher trains a distillation head, and model {cfg.model} has none: build it with one "
@@ -124,28 +124,7 @@ def check_distillation(cfg: TrainConfig) -> None:
         if not Path(cfg.teacher).is_file():
             raise CheckpointError(f"teacher checkpoint not found: {cfg.teacher}")
         return
-    check_model(cfg.teacher)
-    from experiments.zoo import KEYWORDS  # zoo imports train, which imports this module
-
-    if cfg.teacher_weights not in (None, *KEYWORDS) and not Path(cfg.teacher_weights).is_file():
-        raise CheckpointError(f"teacher weights not found: {cfg.teacher_weights} (a checkpoint file or one of "
-                              f"{', '.join(KEYWORDS)})")
-
-
-def load_teacher(teacher: str, weights: str | None, num_classes: int) -> nn.Module:
-    """The teacher `teacher` and `weights` name (see TEACHER_HELP, TEACHER_WEIGHTS_HELP), in eval mode; built for
-    `num_classes` when its weights are a file that need not say (as the official code builds its teacher)."""
-    from experiments import zoo  # zoo imports train, which imports this module
-
-    if not is_teacher_file(teacher):
-        if weights is None or weights in zoo.KEYWORDS:
-            return zoo.load_model(teacher, weights or ("proxy" if teacher in zoo.PROXY_RECIPES else "pretrained"))
-        return zoo.load_model(teacher, weights, num_classes=num_classes)
-    name = read_checkpoint(teacher).get("model")
-    if not isinstance(name, str):
-        raise CheckpointError(f"teacher checkpoint {teacher} does not say which model it holds (not a model.pth "
-                              f"written by experiments.train): pass --teacher NAME --teacher-weights {teacher}")
-    return zoo.load_model(name, teacher)
+    check_model(cfg.teacher)  # its weights, a zoo keyword or a file, are checked by evit.zoo.check_teacher
 
 
 def distillation_loss(base: nn.Module, cfg: TrainConfig, model: nn.Module, data: Datasets,
@@ -154,16 +133,14 @@ def distillation_loss(base: nn.Module, cfg: TrainConfig, model: nn.Module, data:
     pruned model's unpruned form): the teacher, frozen, in eval mode, on `device`, and `model` switched to returning
     both heads' logits in training (timm's distilled models need asking; evit's do it). A teacher module teaches
     the distillation head where `model` has one, else its class logits."""
-    from experiments.train import check_fits  # train imports this module
-
     distilled = has_distillation_head(model)
     if teacher is None:
         check_pairing(cfg, distilled)
         if cfg.teacher is None:
             return DistillationLoss(base)
-        teacher, spec = load_teacher(cfg.teacher, cfg.teacher_weights, data.num_classes), cfg.teacher
-    else:
-        spec = type(teacher).__name__
+        raise ValueError(f"a run with teacher {cfg.teacher} needs the teacher passed in: resolve it with "
+                         f"evit.zoo.teacher_loader (as evit.launch and `python -m evit.train` do)")
+    spec = cfg.teacher or type(teacher).__name__  # the name the user gave it, where it came by name or file
     teacher.requires_grad_(False)
     check_fits(teacher, f"teacher {spec}", data)  # the teacher must take the student's inputs, predict its classes
     if distilled and hasattr(model, "set_distilled_training"):

@@ -3,7 +3,8 @@
 Sandwich blocks (DWConv+FFN residuals around one token mixer), cascaded group attention (CGA) or plain multi-head
 self-attention (MHSA) in local windows, parameter reallocation through per-stage Q/K dim, V ratio and FFN ratio.
 State-dict names follow timm's `efficientvit_msra` port for the paper's layout, so its weights load unchanged
-(see `evit.convert`). `evit.fuse(model)` gives the deploy model: every BatchNorm folded, attention biases cached.
+(see `evit.builder.convert`). `evit.fuse(model)` gives the deploy model: every BatchNorm folded, attention biases
+cached.
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Print the M0-M5 preset table: params and FLOPs (fvcore, BN-folded and unfolded) beside the paper's values.
 
-    python -m evit.summary [--img-size 224] [--out results/presets]
+    python -m evit.builder.summary [--img-size 224] [--out results/presets]
 """
 from __future__ import annotations
 
@@ -73,7 +73,7 @@ def save_presets(df: pd.DataFrame, out: Path) -> None:
 
 
 def main(argv: Optional[list[str]] = None) -> pd.DataFrame:
-    parser = argparse.ArgumentParser(prog="python -m evit.summary", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m evit.builder.summary", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--img-size", type=int, default=224)
     parser.add_argument("--out", type=Path, default=None,

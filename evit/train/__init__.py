@@ -1,9 +1,9 @@
 """Train any evit/timm model on Fashion-MNIST, sklearn digits or an ImageNet-style folder.
 
-    python -m experiments.train --model evit_m0 --data fashion_mnist --img-size 64 --epochs 5 --out runs/m0
-    python -m experiments.train --config experiments/configs/imagenet_official.yaml --data imagefolder:/data/in1k
-    python -m experiments.train --model deit_proxy --weights pruned.pth --epochs 3 --out runs/ft   # fine-tune
-    torchrun --nproc_per_node 8 -m experiments.train --config ...      # DDP: NCCL on GPUs, gloo on CPU
+    python -m evit.train --model evit_m0 --data fashion_mnist --img-size 64 --epochs 5 --out runs/m0
+    python -m evit.train --config experiments/configs/imagenet_official.yaml --data imagefolder:/data/in1k
+    python -m evit.train --model deit_proxy --weights pruned.pth --epochs 3 --out runs/ft   # fine-tune
+    torchrun --nproc_per_node 8 -m evit.train --config ...      # DDP: NCCL on GPUs, gloo on CPU
 
 timm does the parts (AdamW, cosine schedule with warm-up, label smoothing, Mixup/CutMix, EMA); this file wires
 them up so that a run killed at any point resumes from its last epoch and reproduces the uninterrupted run:
@@ -12,7 +12,6 @@ every epoch writes `last.pth` (model, optimizer, scheduler, EMA, scaler and ever
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
 import random
@@ -20,7 +19,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence, Union
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import pandas as pd
@@ -38,15 +37,19 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 from tqdm import tqdm
 
 from evit import ConfigError
-from evit.io import CheckpointError, read_checkpoint, torch_save, write_csv, write_json
-from experiments.cli import option, run_cli, settings_parser
-from experiments.data import DataError, Datasets, build_datasets, check_data, default_img_size, subset
-from experiments.distillation import (DISTILLATION_TYPES, TEACHER_HELP, TEACHER_WEIGHTS_HELP, check_distillation,
-                                      distillation_loss)
-from experiments.models import check_model, create_model, model_img_size
+from evit.builder.io import CheckpointError, read_checkpoint, torch_save, write_csv, write_json
+from evit.cache_keys import file_key
+from evit.cli import option
+from evit.data import DataError, Datasets, build_datasets, check_data, check_fits, default_img_size, subset
+from evit.distillation import (DISTILLATION_SETTINGS, DISTILLATION_TYPES, TEACHER_HELP, TEACHER_WEIGHTS_HELP,
+                               check_distillation, distillation_loss)
+from evit.models import check_model, create_model, is_config_file, model_img_size
+from evit.weights import check_file, load_file, load_weights, structure_record
 
 CHECKPOINT = "last.pth"
 FINAL = "model.pth"
+# TrainConfig fields that say where and how a run executes, not what it learns: no part of its recipe.
+PLACEMENT = ("out", "resume", "workers", "threads")
 
 
 @dataclass
@@ -55,7 +58,7 @@ class TrainConfig:
 
     model: str = option("evit_m0", "evit preset, proxy, evit config file or timm name")
     model_kwargs: dict = option({}, "extra kwargs for timm.create_model (JSON on the command line)")
-    weights: Union[str, None] = option(None, "initial weights: a checkpoint file (a model.pth of experiments.train, "
+    weights: Union[str, None] = option(None, "initial weights: a checkpoint file (a model.pth of evit.train, "
                                        "or a pruned model of analysis.taylor_prune --save-model, rebuilt at its "
                                        "widths) of --model (None: random initialization)")
     data: str = option("fashion_mnist", "fashion_mnist, digits or imagefolder:PATH")
@@ -93,7 +96,7 @@ class TrainConfig:
     limit_val: Union[int, None] = option(None, "use a fixed random subset of N validation images")
     workers: int = option(0, "data loader worker processes")
     threads: Union[int, None] = option(None, "torch threads per process (None: torch's choice, see OMP_NUM_THREADS)")
-    # DeiT-style distillation (experiments/distillation.py): for a model with a distillation head.
+    # DeiT-style distillation (evit/distillation.py): for a model with a distillation head.
     teacher: Union[str, None] = option(None, f"teacher for the distillation head: {TEACHER_HELP}")
     teacher_weights: Union[str, None] = option(None, TEACHER_WEIGHTS_HELP)
     distillation_type: str = option("hard", "distillation loss: hard (teacher's argmax) or soft (KL at tau)",
@@ -123,12 +126,27 @@ def load_config(path: str | os.PathLike) -> dict[str, Any]:
     unknown = sorted(set(values) - {f.name for f in dataclasses.fields(TrainConfig)})
     if unknown:
         raise ConfigError(f"unknown key(s) {', '.join(unknown)} in {path}; valid keys are the --flags of "
-                          f"`python -m experiments.train --help` with '-' written as '_'")
+                          f"`python -m evit.train --help` with '-' written as '_'")
     return values
 
 
 def as_config(cfg: TrainConfig | Mapping[str, Any]) -> TrainConfig:
     return cfg if isinstance(cfg, TrainConfig) else TrainConfig(**cfg)
+
+
+def recipe(cfg: TrainConfig) -> dict[str, Any]:
+    """What determines a run's weights (what caches and run folders are keyed by): its settings less placement,
+    an evit config file and an initial weights file by their content."""
+    recipe = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in PLACEMENT}
+    if cfg.teacher is None:  # without a teacher these settings act on nothing (and older keys stay valid)
+        recipe = {k: v for k, v in recipe.items() if k not in DISTILLATION_SETTINGS}
+    if is_config_file(cfg.model):
+        recipe["model"] = Path(cfg.model).read_text()
+    if cfg.weights is None:  # random initialization, as before the field existed: older keys stay valid
+        del recipe["weights"]
+    else:  # by content: a file written again (pruned again) starts another run
+        recipe["weights"] = file_key(cfg.weights)
+    return recipe
 
 
 def resolve_img_size(cfg: TrainConfig) -> TrainConfig:
@@ -139,16 +157,14 @@ def check_inputs(cfg: TrainConfig) -> None:
     """Fail at once, loading no data, on missing data, an unknown data spec or model name, a bad evit config file,
     distillation setting or weights file (missing, unreadable, or a pruned model of another architecture): a bad
     run stops in its first second, not after its data loads."""
-    from experiments.zoo import KEYWORDS, check_weights  # zoo imports this module
-
     check_data(cfg.data, cfg.data_dir)
     check_model(cfg.model)
     check_distillation(cfg)
     if cfg.weights is not None:
-        if cfg.weights in KEYWORDS:
-            raise CheckpointError(f"--weights of a training is a checkpoint file (a model.pth, a pruned model), not "
-                                  f"{cfg.weights!r}")
-        check_weights(cfg.model, cfg.weights)
+        if not Path(cfg.weights).is_file():
+            raise CheckpointError(f"--weights of a training is a checkpoint file (a model.pth, a pruned model); "
+                                  f"{cfg.weights!r} is none")
+        check_file(cfg.model, cfg.weights)
 
 
 def load_data(cfg: TrainConfig) -> Datasets:
@@ -274,20 +290,6 @@ class TrainState:
 
     def eval_model(self) -> nn.Module:
         return self.ema.module if self.ema else self.model
-
-
-def load_weights(model: nn.Module, state_dict: Mapping[str, Any], source: str | os.PathLike) -> None:
-    """load_state_dict (strict) with a one-line CheckpointError saying what does not fit."""
-    own = model.state_dict()
-    problems = [f"{len(keys)} {what} (e.g. {keys[0]})" for what, keys in (
-        ("missing keys", [k for k in own if k not in state_dict]),
-        ("unexpected keys", [k for k in state_dict if k not in own]),
-        ("shape mismatches", [f"{k}: {tuple(state_dict[k].shape)} vs {tuple(v.shape)}"
-                              for k, v in own.items() if k in state_dict and state_dict[k].shape != v.shape]),
-    ) if keys]
-    if problems:
-        raise CheckpointError(f"weights in {source} do not fit {type(model).__name__}: {'; '.join(problems)}")
-    model.load_state_dict(state_dict)
 
 
 def resume_path(cfg: TrainConfig) -> Path | None:
@@ -416,10 +418,8 @@ def train(model: nn.Module, cfg: TrainConfig | Mapping[str, Any], data: Datasets
     `teacher`: a module to distill from instead of cfg.teacher (see distillation_loss). Seeds the global RNGs (and
     sets torch's threads if asked).
     """
-    from experiments.zoo import read_weights, structure_record  # zoo imports this module
-
     cfg = resolve_img_size(as_config(cfg))
-    structure = structure_record(read_weights(cfg.weights)) if cfg.weights else {}
+    structure = structure_record(read_checkpoint(cfg.weights)) if cfg.weights else {}
     data = data or load_data(cfg)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -478,24 +478,12 @@ def train(model: nn.Module, cfg: TrainConfig | Mapping[str, Any], data: Datasets
 # ------------------------------------------------------------------------------------------------------ CLI
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """One --flag per TrainConfig field; unset flags stay absent so config-file values survive."""
-    parser = settings_parser(TrainConfig, "python -m experiments.train", __doc__.split("\n\n")[0], keep_unset=True)
-    parser.add_argument("--config", help="YAML/JSON training config (flags override its values)")
-    return parser
-
-
-def parse_config(argv: Sequence[str] | None = None) -> TrainConfig:
-    args = vars(build_parser().parse_args(argv))
-    values = load_config(args.pop("config")) if "config" in args else {}
-    return TrainConfig(**{**values, **args})
-
-
-def fit(cfg: TrainConfig | Mapping[str, Any]) -> dict[str, Any]:
+def fit(cfg: TrainConfig | Mapping[str, Any],
+        load_teacher: Optional[Callable[[int], nn.Module]] = None) -> dict[str, Any]:
     """Load the data and build the model `cfg` names (with `cfg.weights` if given: then its input size is the
-    model's own unless `cfg.img_size` says otherwise), then train it; returns the final metrics."""
-    from experiments.zoo import load_model  # zoo imports this module
-
+    model's own unless `cfg.img_size` says otherwise), then train it; returns the final metrics. A run with a
+    teacher gets it from `load_teacher(number of classes)`, which the caller passes in (`evit.zoo.teacher_loader`
+    resolves cfg.teacher by name or file)."""
     cfg = as_config(cfg)
     if cfg.weights is None:
         cfg = resolve_img_size(cfg)
@@ -503,42 +491,8 @@ def fit(cfg: TrainConfig | Mapping[str, Any]) -> dict[str, Any]:
         seed_everything(cfg.seed)  # the same initial weights on every rank and every resume
         model = create_model(cfg.model, cfg.img_size, num_classes=data.num_classes, **cfg.model_kwargs)
     else:
-        model = load_model(cfg.model, cfg.weights, **cfg.model_kwargs)
+        model = load_file(cfg.model, cfg.weights, **cfg.model_kwargs)
         cfg = dataclasses.replace(cfg, img_size=cfg.img_size or model_img_size(model))
         data = load_data(cfg)
         check_fits(model, f"the model of {cfg.weights}", data)
-    return train(model, cfg, data)
-
-
-def check_fits(model: nn.Module, label: str, data: Datasets) -> None:
-    """A one-line ConfigError naming `label` unless `model` (put in eval mode) takes the data's inputs and predicts
-    its classes: a model whose size or classes are fixed by its weights (a teacher, a loaded checkpoint)."""
-    example = data.train[0][0][None]
-    try:
-        with torch.no_grad():
-            logits = model.eval()(example)
-    except (RuntimeError, AssertionError, ValueError) as e:  # timm asserts the input size; shapes raise RuntimeError
-        raise ConfigError(f"{label} cannot take this run's {tuple(example.shape[1:])} inputs: "
-                          f"{' '.join(str(e).split())}") from e
-    if logits.shape[-1] != data.num_classes:
-        raise ConfigError(f"{label} predicts {logits.shape[-1]} classes; {data.num_classes} in the data")
-
-
-def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    """CLI entry point; returns the final metrics."""
-
-    def body() -> dict[str, Any]:
-        cfg = parse_config(argv)
-        check_inputs(cfg)
-        init_distributed()
-        try:
-            return fit(cfg)
-        finally:
-            if dist.is_initialized():
-                dist.destroy_process_group()
-
-    return run_cli(body)
-
-
-if __name__ == "__main__":
-    main()
+    return train(model, cfg, data, load_teacher(data.num_classes) if load_teacher else None)

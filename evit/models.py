@@ -12,7 +12,7 @@ from timm.data import resolve_model_data_config
 
 import evit  # noqa: F401  (registers evit_m0..evit_m5 and evit_custom with timm)
 from evit import ConfigError
-from experiments.cli import UserError
+from evit.cli import UserError
 
 # Short names used throughout the paper's analyses.
 SHORT_NAMES: dict[str, str] = {
@@ -23,7 +23,7 @@ SHORT_NAMES: dict[str, str] = {
 }
 
 # Fashion-MNIST-scale proxies (the paper's width-downscaled DeiT-T / Swin-T subnetworks, and EfficientViT at a
-# small input): timm name + kwargs. 10 classes, 3 input channels (grayscale is repeated). Recipes: experiments.zoo.
+# small input): timm name + kwargs. 10 classes, 3 input channels (grayscale is repeated). Recipes: evit.zoo.
 PROXY_MODELS: dict[str, tuple[str, dict[str, Any]]] = {
     "deit_proxy": ("deit_tiny_patch16_224", dict(img_size=28, patch_size=7, embed_dim=96, depth=4, num_heads=3)),
     # patch 4 + window 4 at 32 px: 8x8, 4x4, 2x2 tokens per stage (patch 2 costs 4x the time per epoch).

@@ -6,17 +6,20 @@ normalized like ImageNet, so any timm model (and pretrained weights) takes them 
 from __future__ import annotations
 
 import gzip
+import math
 import os
 from pathlib import Path
-from typing import NamedTuple
+from typing import NamedTuple, Optional, Sequence
 
 import numpy as np
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, ImageDataset, create_transform
 from torch.utils.data import Dataset, Subset
 
-from experiments.cli import UserError
+from evit.builder import ConfigError
+from evit.cli import UserError
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_FILES = {
@@ -197,3 +200,48 @@ def subset(dataset: Dataset, limit: int | None) -> Dataset:
         return dataset
     order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))
     return Subset(dataset, order[:limit].tolist())
+
+
+class ServedBatches(Sequence):
+    """Batches of chosen dataset items, served (resized, normalized) each time they are read, so that one batch at
+    the model's resolution is in memory at a time: 2000 validation images at 224 px are 1.2 GB of float32."""
+
+    def __init__(self, dataset: Dataset, picks: list[int], batch: int):
+        self.dataset, self.picks, self.batch = dataset, picks, batch
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.picks) / self.batch)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        items = [self.dataset[j] for j in self.picks[i * self.batch:(i + 1) * self.batch]]
+        return torch.stack([x for x, _ in items]), torch.tensor([int(y) for _, y in items])
+
+
+def load_batches(spec: str, img_size: int, batches: int, batch: int, val_images: int,
+                 data_dir: Optional[str] = None) -> tuple[list, ServedBatches, int]:
+    """(`batches` gradient batches from the train split, validation batches holding `val_images` images, number
+    of classes); fixed random choices. The gradient batches are read every step, so they are served once and
+    kept; the validation batches, read twice, are served when read."""
+    data = build_datasets(spec, img_size, data_dir)
+
+    def picks(dataset: Dataset, count: int, seed: int) -> list[int]:
+        return torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:count].tolist()
+
+    train = list(ServedBatches(data.train, picks(data.train, batches * batch, 0), batch))
+    return train, ServedBatches(data.val, picks(data.val, val_images, 1), batch), data.num_classes
+
+
+def check_fits(model: nn.Module, label: str, data: Datasets) -> None:
+    """A one-line ConfigError naming `label` unless `model` (put in eval mode) takes the data's inputs and predicts
+    its classes: a model whose size or classes are fixed by its weights (a teacher, a loaded checkpoint)."""
+    example = data.train[0][0][None]
+    try:
+        with torch.no_grad():
+            logits = model.eval()(example)
+    except (RuntimeError, AssertionError, ValueError) as e:  # timm asserts the input size; shapes raise RuntimeError
+        raise ConfigError(f"{label} cannot take this run's {tuple(example.shape[1:])} inputs: "
+                          f"{' '.join(str(e).split())}") from e
+    if logits.shape[-1] != data.num_classes:
+        raise ConfigError(f"{label} predicts {logits.shape[-1]} classes; {data.num_classes} in the data")

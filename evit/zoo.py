@@ -7,28 +7,23 @@
     model = load_model("deit_proxy", weights="runs/x/model.pth")
     model = load_model("deit_proxy", weights="pruned.pth")    # a structured checkpoint: rebuilt, then loaded
 
-    python -m experiments.zoo list
-    python -m experiments.zoo train deit_proxy swin_proxy
-    python -m experiments.zoo train evit_m0_proxy --budget quick-proxy
+    python -m evit.zoo list
+    python -m evit.zoo train deit_proxy swin_proxy
+    python -m evit.zoo train evit_m0_proxy --budget quick-proxy
 
 A proxy's cache folder is keyed by a hash of its architecture, parameter shapes and training recipe, so a
 changed recipe or model retrains instead of loading stale weights. The folder holds the training run itself
 (`last.pth`, `metrics.csv`): an interrupted first use resumes where it stopped.
 
-A structured checkpoint holds a model whose layers' shapes its name alone does not build (a pruned model). It is a
-dict with STRUCTURE_KEYS beside its state_dict: `format`, `rebuilder` (the module that rebuilds that format),
-`architecture` ({model, config, kwargs}: the name, or 'evit_custom' and an evit config's content, and the creation
-kwargs) and `structure` (what the rebuilder needs). The zoo sits below the analyses and imports none of them: the
-rebuilder module registers `rebuild(checkpoint, path, kwargs)` for its format with `register_structure`, and the
-zoo imports it by the name the file records the first time it reads that format (modules of this project only).
+Weights files, structured checkpoints (pruned models) among them, are read by `evit.weights`; the zoo adds the
+keywords (KEYWORDS) and resolves teachers by name for the trainings that distill from one.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import dataclasses
-import importlib
-import json
+import functools
 import os
 import socket
 import sys
@@ -39,16 +34,14 @@ from urllib.parse import urlparse
 import torch
 import torch.nn as nn
 
-import evit
-from evit.convert import unwrap
-from evit.io import CheckpointError, read_checkpoint
-from experiments import launch
-from experiments.cache_keys import key_of
-from experiments.cli import UserError, run_cli
-from experiments.models import PROXY_MODELS, PROXY_NUM_CLASSES, create_model, is_config_file, read_config, \
-    resolve_model_name
-from experiments.paths import PROJECT_ROOT
-from experiments.train import FINAL, TrainConfig, fit, load_weights
+from evit.builder.io import CheckpointError, read_checkpoint
+from evit.cache_keys import key_of
+from evit.cli import UserError, run_cli
+from evit.distillation import is_teacher_file
+from evit.models import PROXY_MODELS, PROXY_NUM_CLASSES, create_model
+from evit.paths import PROJECT_ROOT
+from evit.train import FINAL, TrainConfig, fit, recipe
+from evit.weights import check_file, checkpoint_kwargs, load_file
 
 # Training recipes: short runs on Fashion-MNIST (every other TrainConfig field keeps its default).
 _FMNIST = dict(data="fashion_mnist", batch_size=128, lr=1e-3)
@@ -86,7 +79,7 @@ def proxy_config(name: str, budget: str = "proxy") -> TrainConfig:
 def proxy_key(cfg: TrainConfig) -> str:
     """Hash of what determines the trained weights: architecture, parameter shapes and recipe (not paths)."""
     shapes = {k: tuple(v.shape) for k, v in create_model(cfg.model).state_dict().items()}
-    return key_of([PROXY_MODELS[cfg.model], shapes, launch.recipe(cfg)])
+    return key_of([PROXY_MODELS[cfg.model], shapes, recipe(cfg)])
 
 
 def proxy_dir(name: str, budget: str = "proxy") -> Path:
@@ -143,104 +136,6 @@ def hub_offline(offline: bool) -> Iterator[None]:
         constants.HF_HUB_OFFLINE = before
 
 
-# --- structured checkpoints (see the module docstring) ------------------------------------------------------------
-
-STRUCTURE_KEYS = ("format", "rebuilder", "architecture", "structure")
-REBUILDER_PACKAGES = ("analysis", "experiments", "evit")  # a file may name a rebuilder of this project only
-Rebuild = Callable[[dict[str, Any], str, dict[str, Any]], nn.Module]
-STRUCTURES: dict[str, Rebuild] = {}
-
-
-def register_structure(fmt: str) -> Callable[[Rebuild], Rebuild]:
-    """Register `rebuild(checkpoint, path, kwargs)` for structured checkpoints of format `fmt`: the model the file
-    holds (its architecture created with its recorded kwargs, `kwargs` overriding them, then its structure applied
-    and its state dict loaded strictly), or a one-line CheckpointError."""
-    def register(rebuild: Rebuild) -> Rebuild:
-        STRUCTURES[fmt] = rebuild
-        return rebuild
-    return register
-
-
-def structure_record(checkpoint: dict[str, Any]) -> dict[str, Any]:
-    """A structured checkpoint's STRUCTURE_KEYS (what a training that starts from it writes into its model.pth, so
-    that the trained model rebuilds too); {} for a plain checkpoint."""
-    return {k: checkpoint[k] for k in STRUCTURE_KEYS if k in checkpoint} if "format" in checkpoint else {}
-
-
-def _rebuilder(checkpoint: dict[str, Any], path: str) -> Rebuild:
-    fmt, module = checkpoint["format"], checkpoint.get("rebuilder")
-    missing = [k for k in STRUCTURE_KEYS + ("state_dict",) if k not in checkpoint]
-    if missing or not isinstance(module, str):
-        raise CheckpointError(f"{path} is an incomplete structured checkpoint (format {fmt!r}; missing "
-                              f"{', '.join(missing) or 'the rebuilder module'})")
-    if fmt not in STRUCTURES:
-        if module.split(".")[0] not in REBUILDER_PACKAGES:
-            raise CheckpointError(f"{path} names rebuilder module {module!r}, not a module of this project "
-                                  f"({', '.join(REBUILDER_PACKAGES)})")
-        try:
-            importlib.import_module(module)
-        except ImportError as e:
-            raise CheckpointError(f"{path}: its rebuilder module {module!r} cannot be imported ({e})") from e
-    if fmt not in STRUCTURES:
-        raise CheckpointError(f"{path} has format {fmt!r}, which its rebuilder module {module!r} does not register; "
-                              f"known formats: {', '.join(STRUCTURES) or 'none'}")
-    return STRUCTURES[fmt]
-
-
-def architecture(name: str) -> tuple[str, Optional[dict[str, Any]]]:
-    """(model, evit config) that `name` builds, the same for every spelling of it: a proxy's name or timm's full
-    name with None, or 'evit_custom' with an evit config file's content."""
-    if is_config_file(name):
-        return "evit_custom", read_config(name).to_dict()
-    return (name, None) if name in PROXY_MODELS else (resolve_model_name(name), None)
-
-
-def _unnamed(config: Optional[dict[str, Any]]) -> Optional[dict[str, Any]]:
-    """An evit config's content less its name (a label, not part of the architecture)."""
-    return None if config is None else {k: v for k, v in config.items() if k != "name"}
-
-
-def structured_rebuilder(name: str, checkpoint: dict[str, Any], path: str) -> Rebuild:
-    """The rebuilder of structured `checkpoint` (its module imported on first use), or a one-line CheckpointError
-    when there is none or the file holds another architecture than `name` builds."""
-    rebuild = _rebuilder(checkpoint, path)
-    recorded = checkpoint["architecture"]
-    model, config = architecture(name)
-    if (model, _unnamed(config)) != (recorded.get("model"), _unnamed(recorded.get("config"))):
-        held = (recorded.get("model") if recorded.get("config") is None else
-                f"an evit config ({recorded['config'].get('name')}, embed_dims {recorded['config'].get('embed_dims')})")
-        raise CheckpointError(f"{path} holds {held}, not {name}: pass the model it holds, or other weights")
-    return rebuild
-
-
-def recorded_model(checkpoint: dict[str, Any], **kwargs: Any) -> nn.Module:
-    """The architecture a structured checkpoint records, created with its recorded kwargs (`kwargs` override
-    them), random weights, before its structure is applied: a pruned model's unpruned form."""
-    recorded = checkpoint["architecture"]
-    kwargs = {**recorded["kwargs"], **kwargs}
-    if recorded.get("config") is not None:
-        return create_model("evit_custom", config=evit.EfficientViTConfig.from_dict(recorded["config"]), **kwargs)
-    return create_model(recorded["model"], **kwargs)
-
-
-def read_weights(path: str | os.PathLike) -> dict[str, Any]:
-    """The checkpoint a weights file holds (read_checkpoint), with the weights' own message for a missing file."""
-    if not Path(path).is_file():
-        raise CheckpointError(f"weights must be one of {', '.join(KEYWORDS)} or a checkpoint file; {path} not found")
-    return read_checkpoint(path)
-
-
-def checkpoint_kwargs(checkpoint: dict[str, Any]) -> dict[str, Any]:
-    """The model kwargs a checkpoint records: a structured one's creation kwargs, our model.pth's num_classes,
-    img_size and model_kwargs; none for a training checkpoint or a bare state dict."""
-    if "format" in checkpoint:
-        return dict(checkpoint["architecture"]["kwargs"])
-    if "num_classes" in checkpoint:  # our model.pth records how the model was built
-        return {"num_classes": checkpoint["num_classes"], "img_size": checkpoint["img_size"],
-                **checkpoint["model_kwargs"]}
-    return {}
-
-
 def weights_path(name: str, weights: str) -> Optional[str]:
     """The file `load_model(name, weights)` reads: a proxy's trained weights (trained first if not cached), the
     path itself, or None for random and hub weights."""
@@ -255,14 +150,24 @@ def weights_kwargs(name: str, weights: str) -> dict[str, Any]:
     return {} if path is None else checkpoint_kwargs(read_weights(path))
 
 
+def read_weights(path: str) -> dict[str, Any]:
+    """The checkpoint a weights file holds, with the weights' own message for a missing file."""
+    check_exists(path)
+    return read_checkpoint(path)
+
+
+def check_exists(path: str) -> None:
+    if not Path(path).is_file():
+        raise CheckpointError(f"weights must be one of {', '.join(KEYWORDS)} or a checkpoint file; {path} not found")
+
+
 def check_weights(name: str, weights: str) -> None:
     """Fail at once, building nothing, on a weights file that is missing, unreadable, or structured and holding
     another architecture than `name` (a plain file is checked against the model when it is loaded)."""
     if weights in KEYWORDS:
         return
-    checkpoint = read_weights(weights)
-    if "format" in checkpoint:
-        structured_rebuilder(name, checkpoint, weights)
+    check_exists(weights)
+    check_file(name, weights)
 
 
 def load_model(name: str, weights: str = "proxy", num_classes: int | None = None, **kwargs: Any) -> nn.Module:
@@ -283,14 +188,8 @@ def load_model(name: str, weights: str = "proxy", num_classes: int | None = None
         raise WeightsUnavailableError(f"proxies are trained on Fashion-MNIST's {PROXY_NUM_CLASSES} classes, "
                                       f"not {kwargs['num_classes']}")
     path = weights_path(name, weights)
-    checkpoint = read_weights(path)
-    if "format" in checkpoint:
-        return structured_rebuilder(name, checkpoint, path)(checkpoint, path, kwargs).eval()
-    # our model.pth: under 'state_dict', beside how it was built; our last.pth under 'model', timm's under 'state_dict'
-    state_dict = checkpoint["state_dict"] if "num_classes" in checkpoint else unwrap(checkpoint)
-    model = create_model(name, **{**checkpoint_kwargs(checkpoint), **kwargs})
-    load_weights(model, state_dict, path)
-    return model.eval()
+    check_exists(path)
+    return load_file(name, path, **kwargs)
 
 
 def resolve_model(name: str, weights: str = "auto", random_fallback: bool = False,
@@ -314,13 +213,43 @@ def resolve_model(name: str, weights: str = "auto", random_fallback: bool = Fals
         return resolve_model(name, "random", seed=seed)
 
 
+def load_teacher(teacher: str, weights: str | None, num_classes: int) -> nn.Module:
+    """The teacher `teacher` and `weights` name (see TEACHER_HELP, TEACHER_WEIGHTS_HELP), in eval mode; built for
+    `num_classes` when its weights are a file that need not say (as the official code builds its teacher)."""
+    if not is_teacher_file(teacher):
+        if weights is None or weights in KEYWORDS:
+            return load_model(teacher, weights or ("proxy" if teacher in PROXY_RECIPES else "pretrained"))
+        return load_model(teacher, weights, num_classes=num_classes)
+    name = read_checkpoint(teacher).get("model")
+    if not isinstance(name, str):
+        raise CheckpointError(f"teacher checkpoint {teacher} does not say which model it holds (not a model.pth "
+                              f"written by evit.train): pass --teacher NAME --teacher-weights {teacher}")
+    return load_model(name, teacher)
+
+
+def check_teacher(cfg: TrainConfig) -> None:
+    """Fail at once, loading nothing, on teacher weights that are neither a zoo keyword nor a file (the rest of a
+    teacher's settings: evit.distillation.check_distillation)."""
+    if cfg.teacher_weights not in (None, *KEYWORDS) and not Path(cfg.teacher_weights).is_file():
+        raise CheckpointError(f"teacher weights not found: {cfg.teacher_weights} (a checkpoint file or one of "
+                              f"{', '.join(KEYWORDS)})")
+
+
+def teacher_loader(cfg: TrainConfig) -> Optional[Callable[[int], nn.Module]]:
+    """What a training that distills passes to evit.train.fit: its teacher for a number of classes (None: no
+    teacher)."""
+    if cfg.teacher is None:
+        return None
+    return functools.partial(load_teacher, cfg.teacher, cfg.teacher_weights)
+
+
 # ------------------------------------------------------------------------------------------------------ CLI
 
 
 def list_proxies() -> None:
-    for name, recipe in PROXY_RECIPES.items():
+    for name, proxy_recipe in PROXY_RECIPES.items():
         timm_name, kwargs = PROXY_MODELS[name]
-        print(f"{name:15s} {timm_name}{kwargs}  recipe {recipe}")
+        print(f"{name:15s} {timm_name}{kwargs}  recipe {proxy_recipe}")
         for budget, overrides in PROXY_BUDGETS.items():
             path = proxy_dir(name, budget) / FINAL
             status = "not trained"
@@ -331,7 +260,7 @@ def list_proxies() -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m experiments.zoo", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m evit.zoo", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("list", help="proxies, their recipes and cached weights")
     p_train = sub.add_parser("train", help="train proxies with their recipes (skips cached ones)")
