@@ -22,7 +22,7 @@ data:
 
 # Two workers on the two cores, then the tests that assert measured speed alone (another process would skew them).
 test: setup
-	$(PY) -m pytest -q -n 2 --dist loadfile -m "not timing"
+	$(PY) -m pytest -q -rs -n 2 --dist loadfile -m "not timing"
 	$(PY) -m pytest -q -m timing
 
 reproduce: setup
