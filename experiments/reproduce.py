@@ -10,7 +10,7 @@ family, benchmarks, figures, and a REPORT.md that sets each claim's verdict besi
     python -m experiments.reproduce --scale standard --out results   # regenerate the committed reference
 
 Each step writes its own CSVs and figures under the run folder (runs/<scale>, ignored by git) and is skipped when
-they exist; trained proxies and training runs are cached (evit.zoo), so a re-run only redoes what is
+they exist and the step ended (a step killed part-way runs again); trained proxies and training runs are cached (evit.zoo), so a re-run only redoes what is
 missing. The report reads the CSVs back, puts the paper's values beside ours, gives each claim a verdict at this
 scale (each analysis judges its own claims) and sets the verdicts and key numbers beside those of the committed
 results of the scale (results/quick, results/, results/paper).
@@ -39,6 +39,9 @@ from evit.cli import UserError, run_cli, settings_from, settings_parser
 from evit.launch import Launcher
 
 RESULTS = Path("results")
+# OUT/.running/<step> exists from a step's start to its success: a step killed or failed part-way (some of its
+# outputs written, or all of them but a figure) is run again, however many of its outputs exist.
+RUNNING = ".running"
 SCALES = ("quick", "standard", "paper")
 
 
@@ -540,13 +543,18 @@ def main(argv: Optional[list[str]] = None) -> Path:
         if step.name not in wanted:
             continue
         names = _output_names(args)
-        done = step.outputs and all((args.out / o.format(**names)).is_file() for o in step.outputs)
+        running = args.out / RUNNING / step.name
+        done = (step.outputs and not running.exists()
+                and all((args.out / o.format(**names)).is_file() for o in step.outputs))
         if done and step.name not in forced:
             print(f"[reproduce] {step.name}: cached, skipped (--force {step.name} to redo)")
             continue
         start = time.perf_counter()
         print(f"[reproduce] {step.name} ...", flush=True)
+        running.parent.mkdir(parents=True, exist_ok=True)
+        running.touch()
         run_isolated(step, args)
+        running.unlink()
         print(f"[reproduce] {step.name}: {time.perf_counter() - start:.0f} s", flush=True)
     report = write_report(args.out, args.scale, args.reference)
     print(f"[reproduce] this run beside the reference:\n\n{beside_reference(args.out, args.reference)}")

@@ -2,6 +2,7 @@
 beside the reference's."""
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
 import pandas as pd
@@ -210,7 +211,19 @@ def test_a_run_prints_its_claims_beside_the_reference(tmp_path, monkeypatch, cap
     assert "| larger presets trade speed for accuracy. | confirmed | confirmed |" in printed
 
 
-def test_a_run_computes_into_an_untracked_run_folder_and_compares_with_the_committed_results():
-    assert reproduce.DEFAULT_OUT["quick"] == Path("runs/quick")
-    assert reproduce.REFERENCE["quick"] == Path("results/quick") and reproduce.REFERENCE["standard"] == Path("results")
-    assert "/runs/" in (Path(__file__).parents[1] / ".gitignore").read_text().split()
+def test_a_run_computes_into_an_untracked_run_folder_and_compares_with_the_committed_results(
+        tmp_path, monkeypatch, capsys):
+    """With no --out, the presets step really computed: into runs/quick (which git ignores), its claims set
+    beside results/quick's, which stays as it was."""
+    reference = plant(tmp_path / "results" / "quick", 70.0)
+    committed = {p: p.read_bytes() for p in reference.rglob("*") if p.is_file()}
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(reproduce, "STEPS", [reproduce.Step("presets", ("presets/presets.csv",), reproduce._presets)])
+    report = reproduce.main([])
+    assert report.resolve() == (tmp_path / "runs" / "quick" / "REPORT.md").resolve()
+    computed = pd.read_csv(tmp_path / "runs" / "quick" / "presets" / "presets.csv")
+    assert list(computed.model) == [f"evit_m{i}" for i in range(6)]  # all six, not the planted two
+    assert {p: p.read_bytes() for p in reference.rglob("*") if p.is_file()} == committed
+    assert "| the presets have the paper's params and FLOPs. | confirmed | confirmed |" in capsys.readouterr().out
+    ignored = subprocess.run(["git", "check-ignore", "-q", "runs/quick/REPORT.md"], cwd=Path(__file__).parents[1])
+    assert ignored.returncode == 0  # a run leaves git status clean
