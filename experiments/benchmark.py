@@ -46,7 +46,7 @@ DEFAULT_MODELS = (
 )
 BACKENDS = ("eager", "trace", "compile", "onnxruntime")
 ONNX_VARIANT = "onnxruntime (evit folded export)"  # the reference row of the fast-path and lever tables
-# The paper's own numbers (FACTS.md): V100 GPU throughput per preset, and M0 on CPU (PyTorch, ONNX).
+# The paper's M0 on CPU, PyTorch and ONNX Runtime (docs/paper.md; its V100 throughputs: evit.builder.config.PAPER).
 PAPER_CPU_M0 = {"trace": 228.4, "onnxruntime": 340.1}
 # The paper's main batch per device (GPU under AMP, CPU on one thread); the fast-path targets are set at it.
 MAIN_BATCH = {"cpu": 16, "cuda": 2048}

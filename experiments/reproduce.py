@@ -1,7 +1,7 @@
 """One command for every analysis: op profiles, head similarity, Taylor pruning, MHSA proportion, the M0-M5
 family, benchmarks, figures, and a REPORT.md that sets each claim's verdict beside the committed reference's.
 
-    python -m experiments.reproduce                        # quick scale (~20 min on 2 cores) -> runs/quick/
+    python -m experiments.reproduce                        # quick scale (~31 min on 2 cores) -> runs/quick/
     python -m experiments.reproduce --force head_similarity    # redo one step (finished steps are skipped)
     python -m experiments.reproduce --scale standard       # the budgets behind results/ (about 1.5 h on 2 cores)
     python -m experiments.reproduce --scale paper --data imagefolder:/data/imagenet   # pretrained, GPU
@@ -10,10 +10,10 @@ family, benchmarks, figures, and a REPORT.md that sets each claim's verdict besi
     python -m experiments.reproduce --scale standard --out results   # regenerate the committed reference
 
 Each step writes its own CSVs and figures under the run folder (runs/<scale>, ignored by git) and is skipped when
-they exist and the step ended (a step killed part-way runs again); trained proxies and training runs are cached (evit.zoo), so a re-run only redoes what is
-missing. The report reads the CSVs back, puts the paper's values beside ours, gives each claim a verdict at this
-scale (each analysis judges its own claims) and sets the verdicts and key numbers beside those of the committed
-results of the scale (results/quick, results/, results/paper).
+they exist and the step ended (a step killed part-way runs again); trained proxies and training runs are cached
+(evit.zoo), so a re-run only redoes what is missing. The report reads the CSVs back, puts the paper's values
+beside ours, gives each claim a verdict at this scale (each analysis judges its own claims) and sets the verdicts
+and key numbers beside those of the committed results of the scale (results/quick, results/, results/paper).
 """
 from __future__ import annotations
 
@@ -61,8 +61,8 @@ PAPER_MODELS = dict(deit="deit_tiny", swin="swin_tiny", evit="evit_m4")
 DEFAULT_OUT = {scale: Path("runs") / scale for scale in SCALES}
 REFERENCE = {"quick": RESULTS / "quick", "standard": RESULTS, "paper": RESULTS / "paper"}
 # What the steps run at each proxy scale. 'standard' made the committed results/ (about 1.5 h on 2 cores);
-# 'quick' fits in about 20 minutes from nothing: proxies on 5k images, fewer epochs, images and variants, a subset
-# of the benchmark's peers. Its numbers are indicative only, and its verdicts say so.
+# 'quick' runs in about 31 minutes from nothing (docs/reproduce.md): proxies on 5k images, fewer epochs, images
+# and variants, a subset of the benchmark's peers. Its numbers are indicative only, and its verdicts say so.
 BUDGETS = {
     "quick": dict(
         weights="quick-proxy",
@@ -155,7 +155,7 @@ def _taylor_prune(out: Path, opts: argparse.Namespace) -> None:
     for kind, model in _models(opts).items():
         # evit's blocks hold too few of its MACs at 64 px for 50%: every group would sit at its floor.
         target = dict(target_macs=0.8) if kind == "evit" and opts.scale != "paper" else {}
-        # The derived config is matched to M0's measured deploy throughput on the run's device (#18), not its FLOPs.
+        # The derived config is matched to M0's measured deploy throughput on the run's device, not its FLOPs.
         taylor_prune.run(taylor_prune.Settings(model=model, out=out / "taylor_prune", attention_share=share,
                                                match="throughput", device=opts.device, **target,
                                                **_budget(opts, "taylor_prune")))
@@ -504,7 +504,7 @@ def main(argv: Optional[list[str]] = None) -> Path:
     # The launcher's flags (where the trainings run: --launcher slurm --partition ...), then the run's own.
     parser = settings_parser(Launcher, "python -m experiments.reproduce", __doc__)
     parser.add_argument("--scale", default="quick", choices=SCALES,
-                        help="quick: proxies on Fashion-MNIST with minutes of training, about 20 min on 2 cores "
+                        help="quick: proxies on Fashion-MNIST with minutes of training, about 31 min on 2 cores "
                              "(runs/quick). standard: the proxy budgets behind results/ (about 1.5 h). paper: the "
                              "paper's models with pretrained weights on ImageNet-format --data, on --device "
                              "(default cuda)")

@@ -14,6 +14,7 @@ from evit.cli import parse_settings, run_cli
 from evit.launch import Launcher, Run, run_dir, run_trainings
 from evit.train import CHECKPOINT, FINAL, TrainConfig
 
+pytestmark = pytest.mark.usefixtures("hide_gpus")  # the jobs and children train on the CPU
 # A one-block LayerNorm ViT on sklearn digits at their native 8x8, one epoch: a few seconds a run.
 TINY_VIT = dict(patch_size=4, embed_dim=32, depth=1, num_heads=2)
 TINY = TrainConfig(model="vit_tiny_patch16_224", model_kwargs=TINY_VIT, data="digits", epochs=1, batch_size=32,
@@ -30,7 +31,7 @@ def learned(outcome: launch.Outcome) -> dict:
 
 
 @pytest.fixture(scope="module")
-def local_runs(tmp_path_factory):
+def local_runs(tmp_path_factory, hide_gpus):
     """Seeds 0 and 1 launched as submitit jobs on this machine (each a subprocess), seed 1 planted to fail: its
     folder holds a last.pth that is no checkpoint. Returns the folder, the outcomes and the broken file."""
     out = tmp_path_factory.mktemp("local")

@@ -32,8 +32,9 @@ def cluster_problem() -> str | None:
 
 
 PROBLEM = cluster_problem()
-pytestmark = pytest.mark.skipif(PROBLEM is not None,
-                                reason=f"Slurm tests skipped: {PROBLEM}; start one: bash scripts/local_slurm.sh start")
+START = "start one: bash scripts/local_slurm.sh start"
+pytestmark = [pytest.mark.skipif(PROBLEM is not None, reason=f"Slurm tests skipped: {PROBLEM}; {START}"),
+              pytest.mark.usefixtures("hide_gpus")]
 SLURM = Launcher("slurm", time_min=10)
 
 

@@ -30,7 +30,8 @@ RANDOM = dict(mixup=0.8, cutmix=1.0, ema_decay=0.9,
 
 def env_1_thread() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
-    return {**env, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", "PYTHONPATH": str(REPO)}
+    # No GPU for the children: the DDP test's gloo ranks match the one-process CPU run on a GPU machine too.
+    return {**env, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", "PYTHONPATH": str(REPO), "CUDA_VISIBLE_DEVICES": ""}
 
 
 def state_dicts_equal(a: dict, b: dict) -> bool:

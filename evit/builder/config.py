@@ -229,7 +229,7 @@ def _to_lists(value: Any) -> Any:
     return value
 
 
-# The paper's Table 1 (FACTS.md). Q/K dim 16, window 7, V dim = C/H, FFN ratio 2 for every preset.
+# The paper's Table 1 (docs/paper.md). Q/K dim 16, window 7, V dim = C/H, FFN ratio 2 for every preset.
 PRESETS: dict[str, EfficientViTConfig] = {
     "m0": EfficientViTConfig(embed_dims=(64, 128, 192), depths=(1, 2, 3), num_heads=(4, 4, 4),
                              kernels=(5, 5, 5, 5), name="m0"),
