@@ -32,10 +32,10 @@ from evit.train import TrainConfig
 
 SHARES = (0.0, 0.25, 0.5, 0.75, 1.0)
 # family -> (proxy name, input size); the proxies are defined in evit.models.PROXY_MODELS.
-FAMILIES = {"deit": ("deit_proxy", 28), "swin": ("swin_proxy", 32), "evit": ("evit_m0_proxy", 64)}
+PROXY_BASES = {"deit": ("deit_proxy", 28), "swin": ("swin_proxy", 32), "evit": ("evit_m0_proxy", 64)}
 # The paper's Fig. 3 subnetworks are cut from DeiT-T and Swin-T with their widths scaled down until they run 1.25x
 # or 1.5x faster than the originals (--downscale).
-PAPER_MODELS = {"deit": "deit_tiny_patch16_224", "swin": "swin_tiny_patch4_window7_224"}
+PAPER_BASES = {"deit": "deit_tiny_patch16_224", "swin": "swin_tiny_patch4_window7_224"}
 # Widths tried by the downscaling: steps of 12 keep every head's dim a multiple of 4 (3 heads in DeiT-T and in
 # Swin-T's first stage), down to a third of the original width.
 WIDTH_STEP, NARROWEST = 12, 1 / 3
@@ -88,7 +88,7 @@ def stage_blocks(model: nn.Module) -> list[nn.ModuleList]:
 
 def family_base(family: str, img_size: Optional[int] = None) -> Base:
     """The family's proxy, at `img_size` (default the family's)."""
-    name, default_size = FAMILIES[family]
+    name, default_size = PROXY_BASES[family]
     return Base(family, name, img_size or default_size)
 
 
@@ -143,7 +143,7 @@ def downscaled_base(family: str, factor: float, img_size: int = 224, device: str
     narrower one in steps of WIDTH_STEP down to NARROWEST of it (`measure` default: `throughputs`). The sweep is
     read from `sweep_csv` when that exists, else measured and written there: the 1.25x and 1.5x subnetworks of a
     model come from one sweep."""
-    name = PAPER_MODELS[family]
+    name = PAPER_BASES[family]
     full = create_model(name, img_size=img_size).patch_embed.proj.out_channels
     widths = range(full, int(full * NARROWEST) - 1, -WIDTH_STEP)
     if sweep_csv is not None and Path(sweep_csv).is_file():
@@ -318,7 +318,7 @@ def plot(summary: pd.DataFrame, path: Path) -> Path:
 class Settings(Launcher):
     """What `python -m analysis.mhsa_ratio` trains and times, and where its trainings run (the launcher's
     flags): its fields are the command's flags."""
-    family: list[str] = option(["deit"], f"families, comma-separated, from {', '.join(FAMILIES)} (default: deit)")
+    family: list[str] = option(["deit"], f"families, comma-separated, from {', '.join(PROXY_BASES)} (default: deit)")
     shares: list[float] = option(list(SHARES), "attention proportions in [0, 1], comma-separated (default: "
                                  + ",".join(map(str, SHARES)) + ")")
     seeds: list[int] = option([0, 1, 2], "seeds, comma-separated (default: 0,1,2)")
@@ -330,7 +330,7 @@ class Settings(Launcher):
     limit_val: int = option(2000, "validation images (0: all)")
     batch_size: int = option(128, "training batch (small budgets need a small one)")
     img_size: Optional[int] = option(None, "input size (None: the family's, " + ", ".join(
-        f"{f} {s}" for f, (_, s) in FAMILIES.items()) + "; 224 with --downscale)")
+        f"{f} {s}" for f, (_, s) in PROXY_BASES.items()) + "; 224 with --downscale)")
     mixer: str = option("cga", "attention type in evit blocks", choices=["cga", "mhsa"])
     data: str = option("fashion_mnist", "fashion_mnist | digits | imagefolder:PATH (PATH/train, PATH/val)")
     data_dir: Optional[str] = option(None, "folder holding the data (None: the default location)")
@@ -340,18 +340,18 @@ class Settings(Launcher):
 
     def check(self) -> None:
         super().check()
-        unknown = [f for f in self.family if f not in FAMILIES]
+        unknown = [f for f in self.family if f not in PROXY_BASES]
         if unknown or not self.family:
-            raise UserError(f"unknown family {', '.join(unknown) or '(none given)'}; valid: {', '.join(FAMILIES)}")
+            raise UserError(f"unknown family {', '.join(unknown) or '(none given)'}; valid: {', '.join(PROXY_BASES)}")
         if not self.shares or any(not 0 <= s <= 1 for s in self.shares):
             raise UserError(f"--shares must lie in [0, 1], got {','.join(map(str, self.shares))}")
         if self.downscale is not None:
             if self.downscale < 1:
                 raise UserError(f"--downscale is a speed-up, at least 1 (the paper's: 1.25, 1.5); got "
                                 f"{self.downscale:g}")
-            if [f for f in self.family if f not in PAPER_MODELS]:
-                raise UserError(f"--downscale cuts the paper's subnetworks from {', '.join(PAPER_MODELS)}; drop "
-                                f"{', '.join(f for f in self.family if f not in PAPER_MODELS)} from --family")
+            if [f for f in self.family if f not in PAPER_BASES]:
+                raise UserError(f"--downscale cuts the paper's subnetworks from {', '.join(PAPER_BASES)}; drop "
+                                f"{', '.join(f for f in self.family if f not in PAPER_BASES)} from --family")
         missing = [str(runs_csv(self.out, f, self.downscale)) for f in self.family
                    if self.speed_only and not runs_csv(self.out, f, self.downscale).is_file()]
         if missing:
@@ -361,13 +361,13 @@ class Settings(Launcher):
 
 def runs_csv(out: Path, family: str, downscale: Optional[float] = None) -> Path:
     """Where a series' runs are written: <proxy>.csv, or <paper model>_x<factor>.csv for a downscaled one."""
-    stem = f"{PAPER_MODELS[family]}_x{downscale:g}" if downscale else FAMILIES[family][0]
+    stem = f"{PAPER_BASES[family]}_x{downscale:g}" if downscale else PROXY_BASES[family][0]
     return Path(out) / f"{stem}.csv"
 
 
 def sweep_csv(out: Path, family: str, img_size: int) -> Path:
     """Where a study keeps the width sweep of a paper model (beside the runs, out of the tables' glob)."""
-    return Path(out) / "runs" / f"{PAPER_MODELS[family]}_{img_size}px_width_sweep.csv"
+    return Path(out) / "runs" / f"{PAPER_BASES[family]}_{img_size}px_width_sweep.csv"
 
 
 def trained_base(family: str, runs: pd.DataFrame) -> Base:
@@ -375,7 +375,7 @@ def trained_base(family: str, runs: pd.DataFrame) -> Base:
     first = runs.iloc[0]
     width = first.get("embed_dim")
     kwargs = {} if width is None or pd.isna(width) else dict(embed_dim=int(width))
-    return Base(family, first.model, int(first.img_size) if "img_size" in runs else FAMILIES[family][1], kwargs,
+    return Base(family, first.model, int(first.img_size) if "img_size" in runs else PROXY_BASES[family][1], kwargs,
                 first.family if first.family != family else "")
 
 

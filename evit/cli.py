@@ -22,7 +22,7 @@ class UserError(Exception):
     that names the problem and the valid choices, and a command ends with it and exit status 2."""
 
 
-# ConfigError and CheckpointError belong to the builder (evit/), which knows nothing of this layer.
+# ConfigError and CheckpointError belong to the builder (evit/builder/), which imports nothing of the library.
 USER_ERRORS: tuple[type[Exception], ...] = (UserError, ConfigError, CheckpointError)
 
 Settings = TypeVar("Settings")

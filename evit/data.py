@@ -18,7 +18,6 @@ import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, ImageDataset, create_transform
 from torch.utils.data import Dataset, Subset
 
-from evit.builder import ConfigError
 from evit.cli import UserError
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
@@ -36,6 +35,10 @@ _IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 
 
 class DataError(UserError, RuntimeError):
     """Data that is missing, empty or unreadable; the message names the path and how to fix it."""
+
+
+class InputMismatchError(UserError, ValueError):
+    """A model (a student, a teacher) that cannot take the data's inputs or predict its classes."""
 
 
 class Datasets(NamedTuple):
@@ -234,14 +237,14 @@ def load_batches(spec: str, img_size: int, batches: int, batch: int, val_images:
 
 
 def check_fits(model: nn.Module, label: str, data: Datasets) -> None:
-    """A one-line ConfigError naming `label` unless `model` (put in eval mode) takes the data's inputs and predicts
-    its classes: a model whose size or classes are fixed by its weights (a teacher, a loaded checkpoint)."""
+    """A one-line InputMismatchError naming `label` unless `model` (put in eval mode) takes the data's inputs and
+    predicts its classes: a model whose size or classes are fixed by its weights (a teacher, a loaded checkpoint)."""
     example = data.train[0][0][None]
     try:
         with torch.no_grad():
             logits = model.eval()(example)
     except (RuntimeError, AssertionError, ValueError) as e:  # timm asserts the input size; shapes raise RuntimeError
-        raise ConfigError(f"{label} cannot take this run's {tuple(example.shape[1:])} inputs: "
-                          f"{' '.join(str(e).split())}") from e
+        raise InputMismatchError(f"{label} cannot take this run's {tuple(example.shape[1:])} inputs: "
+                                 f"{' '.join(str(e).split())}") from e
     if logits.shape[-1] != data.num_classes:
-        raise ConfigError(f"{label} predicts {logits.shape[-1]} classes; {data.num_classes} in the data")
+        raise InputMismatchError(f"{label} predicts {logits.shape[-1]} classes; {data.num_classes} in the data")

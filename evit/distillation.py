@@ -16,8 +16,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from evit import ConfigError
 from evit.builder.io import CheckpointError
+from evit.cli import UserError
 from evit.data import Datasets, check_fits
 from evit.models import check_model, skeleton
 
@@ -25,6 +25,11 @@ if TYPE_CHECKING:
     from evit.train import TrainConfig
 
 DISTILLATION_TYPES = ("hard", "soft")
+
+
+class DistillationError(UserError, ValueError):
+    """A teacher or distillation setting a run cannot train with: the message names it and what would do."""
+
 # The TrainConfig fields of distillation.
 DISTILLATION_SETTINGS = ("teacher", "teacher_weights", "distillation_type", "distillation_alpha", "distillation_tau")
 # The distillation head's name in evit and in timm's distilled models (DeiT, LeViT, EfficientFormer, PiT, RepViT,
@@ -95,32 +100,34 @@ def check_pairing(cfg: TrainConfig, distilled: bool) -> None:
     """A distillation head trains only on a teacher, and a teacher trains only a distillation head (DeiT's code
     refuses a teacher for a single-head model too)."""
     if distilled and cfg.teacher is None:
-        raise ConfigError(f"model {cfg.model} has a distillation head, which learns from a teacher: pass --teacher "
-                          f"(a model.pth written by evit.train, or a model name), or build the model without "
-                          f"the head")
+        raise DistillationError(f"model {cfg.model} has a distillation head, which learns from a teacher: pass "
+                                f"--teacher (a model.pth written by evit.train, or a model name), or build the "
+                                f"model without the head")
     if cfg.teacher is not None and not distilled:
-        raise ConfigError(f"--teacher trains a distillation head, and model {cfg.model} has none: build it with one "
-                          f"(an evit config with distillation: true, --model-kwargs '{{\"distillation\": true}}', "
-                          f"or a timm distilled model such as deit_tiny_distilled_patch16_224), or drop --teacher")
+        raise DistillationError(f"--teacher trains a distillation head, and model {cfg.model} has none: build it "
+                                f"with one (an evit config with distillation: true, --model-kwargs "
+                                f"'{{\"distillation\": true}}', or a timm distilled model such as "
+                                f"deit_tiny_distilled_patch16_224), or drop --teacher")
 
 
 def check_distillation(cfg: TrainConfig) -> None:
     """Fail at once, loading no weights, on a bad distillation setting, a distillation head without a teacher or
     a teacher without one, an unknown teacher name or a missing teacher file."""
     if cfg.distillation_type not in DISTILLATION_TYPES:
-        raise ConfigError(f"distillation_type '{cfg.distillation_type}' is not one of {', '.join(DISTILLATION_TYPES)}")
+        raise DistillationError(f"distillation_type '{cfg.distillation_type}' is not one of "
+                                f"{', '.join(DISTILLATION_TYPES)}")
     if not 0 <= cfg.distillation_alpha <= 1 or cfg.distillation_tau <= 0:
-        raise ConfigError(f"distillation_alpha must lie in [0, 1] and distillation_tau be > 0; got "
-                          f"{cfg.distillation_alpha} and {cfg.distillation_tau}")
+        raise DistillationError(f"distillation_alpha must lie in [0, 1] and distillation_tau be > 0; got "
+                                f"{cfg.distillation_alpha} and {cfg.distillation_tau}")
     check_pairing(cfg, has_distillation_head(skeleton(cfg.model, **cfg.model_kwargs)))
     if cfg.teacher is None:
         if cfg.teacher_weights is not None:
-            raise ConfigError("--teacher-weights without --teacher: name the teacher they belong to")
+            raise DistillationError("--teacher-weights without --teacher: name the teacher they belong to")
         return
     if is_teacher_file(cfg.teacher):
         if cfg.teacher_weights is not None:
-            raise ConfigError(f"--teacher-weights goes with a teacher name; the checkpoint {cfg.teacher} holds its "
-                              f"own weights")
+            raise DistillationError(f"--teacher-weights goes with a teacher name; the checkpoint {cfg.teacher} "
+                                    f"holds its own weights")
         if not Path(cfg.teacher).is_file():
             raise CheckpointError(f"teacher checkpoint not found: {cfg.teacher}")
         return

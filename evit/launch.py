@@ -33,7 +33,7 @@ from evit.train import (FINAL, TrainConfig, check_inputs, fit, init_distributed,
                         resolve_img_size, seed_everything, train)
 from evit.zoo import check_teacher, teacher_loader
 
-KINDS = ("inline", "local", "slurm")
+LAUNCHERS = ("inline", "local", "slurm")
 JOBS = "jobs"  # the folder under `out` with submitit's job folders
 JOB_RECORD = "job.json"  # in a run's folder: the Slurm job that trains it, so a re-launch waits for it
 # squeue's states of a job that will still run or is running (a requeued job goes back to PENDING).
@@ -50,7 +50,7 @@ class Launcher:
 
     kind: str = option("inline", "inline: in this process; local: submitit jobs on this machine, one after "
                        "another; slurm: submitit jobs on Slurm, all queued at once", flags=("--launcher",),
-                       choices=KINDS)
+                       choices=LAUNCHERS)
     gpus_per_job: int = option(0, "GPUs per job, one DDP process each (0: one process)")
     time_min: int = option(240, "job time limit in minutes", flags=("--time",))
     partition: Optional[str] = option(None, "Slurm partition")
@@ -61,8 +61,8 @@ class Launcher:
 
     def check(self) -> None:
         """One UserError line per impossible combination, before anything is submitted."""
-        if self.kind not in KINDS:
-            raise UserError(f"unknown launcher '{self.kind}'; valid: {', '.join(KINDS)}")
+        if self.kind not in LAUNCHERS:
+            raise UserError(f"unknown launcher '{self.kind}'; valid: {', '.join(LAUNCHERS)}")
         if self.gpus_per_job < 0 or self.time_min <= 0:
             raise UserError(f"--gpus-per-job must be 0 or more and --time (minutes) more than 0, got "
                             f"{self.gpus_per_job} and {self.time_min}")

@@ -33,7 +33,7 @@ from evit.launch import Launcher
 from evit.models import check_model
 from evit.train import TrainConfig
 
-PRESETS = tuple(f"evit_m{i}" for i in range(6))
+PRESET_MODELS = tuple(f"evit_m{i}" for i in range(6))
 # One budget for every model: short enough for M0-M5 to train in about half an hour on one core.
 BUDGET = dict(data="fashion_mnist", img_size=64, epochs=3, limit_train=20000, limit_val=5000, batch_size=128,
               lr=1e-3, threads=1)
@@ -132,7 +132,8 @@ def presets_claims(presets: pd.DataFrame) -> list[Claim]:
 
 
 def claims(family: pd.DataFrame) -> list[Claim]:
-    """Larger presets trade speed for accuracy, judged on `train_and_time`'s table (none with fewer than two presets)."""
+    """Larger presets trade speed for accuracy, judged on `train_and_time`'s table (none with fewer than two
+    presets)."""
     presets = family[is_preset(family)]
     if len(presets) < 2:
         return []
@@ -229,7 +230,8 @@ def plot(df: pd.DataFrame):
 class Settings(Launcher):
     """What `python -m experiments.family` trains and times, and where its trainings run (the launcher's flags):
     its fields are the command's flags."""
-    models: list[str] = option(list(PRESETS), "evit presets or evit config files, comma-separated (default: M0-M5)")
+    models: list[str] = option(list(PRESET_MODELS), "evit presets or evit config files, comma-separated "
+                               "(default: M0-M5)")
     data: str = option(BUDGET["data"], "fashion_mnist | digits | imagefolder:PATH (PATH/train, PATH/val)")
     epochs: int = option(BUDGET["epochs"], "training epochs")
     limit_train: int = option(BUDGET["limit_train"], "training images (0: all)")

@@ -150,9 +150,9 @@ def prune_at(method: str, model: nn.Module, batches: Batches, latency: tpr.Laten
     """`method`'s pruning of a copy of `model` at knob x, a rising knob (more kept as it grows): our MAC target x,
     our latency target x (timed by `latency`), torch-pruning's pruning ratio 1 - x."""
     if method == "macs":
-        return lambda x: tpr.taylor_prune(copy.deepcopy(model), batches, target_macs=x, steps=steps)
+        return lambda x: tpr.prune_to_target(copy.deepcopy(model), batches, target_macs=x, steps=steps)
     if method == "latency":
-        return lambda x: tpr.taylor_prune(copy.deepcopy(model), batches, target_latency=x, latency=latency,
+        return lambda x: tpr.prune_to_target(copy.deepcopy(model), batches, target_latency=x, latency=latency,
                                           steps=steps)
     return lambda x: peer_pruning.tp_prune(copy.deepcopy(model), batches, 1 - x, PEERS[method], steps)
 

@@ -17,7 +17,6 @@ and key numbers beside those of the committed results of the scale (results/quic
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import multiprocessing
 import time
@@ -35,7 +34,7 @@ from evit.builder import summary
 from evit.builder.io import markdown_table, save_figure, write_text
 from experiments import benchmark, family, prune_study
 from evit.claims import Claim, names
-from evit.cli import UserError, run_cli, settings_from, settings_parser
+from evit.cli import UserError, option, parse_settings, run_cli
 from evit.launch import Launcher
 
 RESULTS = Path("results")
@@ -49,14 +48,14 @@ SCALES = ("quick", "standard", "paper")
 class Step:
     name: str
     outputs: tuple[str, ...]  # files under the output folder whose presence means the step is done ({device})
-    run: Callable[[Path, argparse.Namespace], object]
+    run: Callable[[Path, "Settings"], object]
     scales: tuple[str, ...] = SCALES
 
 
 PROFILED = ("deit_tiny", "swin_tiny", "deit_proxy", "swin_proxy") + tuple(f"evit_m{i}" for i in range(6))
 # The models the analyses of trained networks use: proxies at the proxy scales, the paper's at paper scale.
-PROXY_MODELS = dict(deit="deit_proxy", swin="swin_proxy", evit="evit_m0_proxy")
-PAPER_MODELS = dict(deit="deit_tiny", swin="swin_tiny", evit="evit_m4")
+PROXY_SCALE_MODELS = dict(deit="deit_proxy", swin="swin_proxy", evit="evit_m0_proxy")
+PAPER_SCALE_MODELS = dict(deit="deit_tiny", swin="swin_tiny", evit="evit_m4")
 # Each scale computes into its run folder, and sets its claims beside the committed results of the scale.
 DEFAULT_OUT = {scale: Path("runs") / scale for scale in SCALES}
 REFERENCE = {"quick": RESULTS / "quick", "standard": RESULTS, "paper": RESULTS / "paper"}
@@ -71,7 +70,8 @@ BUDGETS = {
         taylor_prune=dict(steps=3, batches=4, batch=32, val_images=1000, finetune_epochs=1, finetune_images=4000),
         prune_study=dict(batches=2, latency_batch=8, finetune_images=2000),
         # Small budgets need a small batch: with 128 the few updates leave evit at chance.
-        mhsa_ratio=dict(deit=dict(epochs=2, limit_train=2000, limit_val=1000, batch_size=32, shares=[0.0, 0.25, 0.5, 1.0]),
+        mhsa_ratio=dict(deit=dict(epochs=2, limit_train=2000, limit_val=1000, batch_size=32,
+                                  shares=[0.0, 0.25, 0.5, 1.0]),
                         evit=dict(epochs=2, limit_train=1500, limit_val=1000, batch_size=32, shares=[0.0, 0.25, 1.0],
                                   img_size=32)),
         family=dict(epochs=2, limit_train=1200, limit_val=1000, batch_size=32, img_size=32),
@@ -102,11 +102,11 @@ PAPER_BUDGET = dict(op_profile=dict(iters=10), head_similarity=dict(weights="pre
 PAPER_SUBNETWORKS = dict(family=["deit", "swin"], downscale=(1.25, 1.5))
 
 
-def _models(opts: argparse.Namespace) -> dict[str, str]:
-    return PAPER_MODELS if opts.scale == "paper" else PROXY_MODELS
+def _models(opts: Settings) -> dict[str, str]:
+    return PAPER_SCALE_MODELS if opts.scale == "paper" else PROXY_SCALE_MODELS
 
 
-def _output_names(opts: argparse.Namespace) -> dict[str, str]:
+def _output_names(opts: Settings) -> dict[str, str]:
     """What the steps' output templates name: the device, the models, the MHSA study's first and last series."""
     if opts.scale == "paper":
         first, *_, last = [mhsa_ratio.runs_csv(Path(), family, factor).stem
@@ -116,7 +116,7 @@ def _output_names(opts: argparse.Namespace) -> dict[str, str]:
     return dict(device=opts.device, mhsa_first=first, mhsa_last=last, **_models(opts))
 
 
-def _budget(opts: argparse.Namespace, step: str) -> dict[str, Any]:
+def _budget(opts: Settings, step: str) -> dict[str, Any]:
     """A step's settings at the run's scale (the weights keyword of a proxy scale included where it applies)."""
     if opts.scale == "paper":
         return dict(PAPER_BUDGET.get(step, {}), **({"data": opts.data} if step != "op_profile" else {}))
@@ -125,18 +125,18 @@ def _budget(opts: argparse.Namespace, step: str) -> dict[str, Any]:
     return dict(budget[step], **weights)
 
 
-def _presets(out: Path, opts: argparse.Namespace) -> None:
+def _presets(out: Path, opts: Settings) -> None:
     summary.save_presets(summary.preset_table(), out / "presets")
 
 
-def _op_profile(out: Path, opts: argparse.Namespace) -> None:
+def _op_profile(out: Path, opts: Settings) -> None:
     common = dict(device=opts.device, batch=16 if opts.device == "cpu" else 256, out=out / "op_profile",
                   **_budget(opts, "op_profile"))
     op_profile.run(op_profile.Settings(models=list(PROFILED), **common))
     op_profile.run(op_profile.Settings(models=[m for m in PROFILED if m.startswith("evit")], fused=True, **common))
 
 
-def _head_similarity(out: Path, opts: argparse.Namespace) -> None:
+def _head_similarity(out: Path, opts: Settings) -> None:
     models = _models(opts)
     # Proxy scales: trained proxies on Fashion-MNIST. Paper: ImageNet weights on ImageNet validation images.
     folder = out / "head_similarity"
@@ -147,7 +147,7 @@ def _head_similarity(out: Path, opts: argparse.Namespace) -> None:
     save_figure(head_similarity.plot([deit, evit]), folder / f"{deit.model.iat[0]}_vs_{evit.model.iat[0]}.png")
 
 
-def _taylor_prune(out: Path, opts: argparse.Namespace) -> None:
+def _taylor_prune(out: Path, opts: Settings) -> None:
     # The MHSA-proportion study's best evit share goes into the derived configs (it runs first; the paper's
     # subnetworks hold no evit series).
     study = out / "mhsa_ratio" / "summary.csv"
@@ -161,18 +161,18 @@ def _taylor_prune(out: Path, opts: argparse.Namespace) -> None:
                                                **_budget(opts, "taylor_prune")))
 
 
-def _prune_study(out: Path, opts: argparse.Namespace) -> None:
+def _prune_study(out: Path, opts: Settings) -> None:
     models = _models(opts)
     prune_study.run(prune_study.Settings(models=[models["deit"], models["swin"]], device=opts.device,
                                          out=out / "prune_study", **_launcher(opts), **_budget(opts, "prune_study")))
 
 
-def _launcher(opts: argparse.Namespace) -> dict[str, Any]:
+def _launcher(opts: Settings) -> dict[str, Any]:
     """The run's launcher settings, for the steps that train."""
     return dataclasses.asdict(opts.launcher)
 
 
-def _mhsa_ratio(out: Path, opts: argparse.Namespace) -> None:
+def _mhsa_ratio(out: Path, opts: Settings) -> None:
     common = dict(seeds=[0, 1, 2], out=out / "mhsa_ratio", **_launcher(opts))
     if opts.scale == "paper":
         for factor in PAPER_SUBNETWORKS["downscale"]:
@@ -187,7 +187,7 @@ def _mhsa_ratio(out: Path, opts: argparse.Namespace) -> None:
 ALLOCATION_SEEDS = (0, 1, 2)
 
 
-def _family(out: Path, opts: argparse.Namespace) -> None:
+def _family(out: Path, opts: Settings) -> None:
     budget = dict(_budget(opts, "family"), out=out / "family", **_launcher(opts))
     family.run(family.Settings(**budget))
     # The pruning-derived allocations beside the preset whose FLOPs they were scaled to.
@@ -196,7 +196,7 @@ def _family(out: Path, opts: argparse.Namespace) -> None:
                                **budget))
 
 
-def _benchmark(out: Path, opts: argparse.Namespace) -> None:
+def _benchmark(out: Path, opts: Settings) -> None:
     device = dict(device=opts.device, out=out / "benchmark")
     budget = BUDGETS.get(opts.scale, BUDGETS["standard"])
     benchmark.run(benchmark.Settings(accuracy_csv=out / "family" / "family.csv", **budget["benchmark"], **device))
@@ -486,7 +486,7 @@ def write_report(out: Path, scale: str = "quick", reference: Optional[Path] = No
     return write_text(out / "REPORT.md", "\n".join(parts))
 
 
-def run_isolated(step: Step, args: argparse.Namespace) -> None:
+def run_isolated(step: Step, args: Settings) -> None:
     """Run a step in a child process, so that the run's peak memory is its largest step's, not that plus what the
     steps before it left in this process (allocator caches, compiled graphs, models): the quick scale peaked at
     4.2 GB in one process. Forked, not spawned: the child inherits the parsed settings and needs nothing pickled;
@@ -500,45 +500,57 @@ def run_isolated(step: Step, args: argparse.Namespace) -> None:
         raise SystemExit(child.exitcode if child.exitcode > 0 else 1)
 
 
-def main(argv: Optional[list[str]] = None) -> Path:
-    # The launcher's flags (where the trainings run: --launcher slurm --partition ...), then the run's own.
-    parser = settings_parser(Launcher, "python -m experiments.reproduce", __doc__)
-    parser.add_argument("--scale", default="quick", choices=SCALES,
-                        help="quick: proxies on Fashion-MNIST with minutes of training, about 31 min on 2 cores "
-                             "(runs/quick). standard: the proxy budgets behind results/ (about 1.5 h). paper: the "
-                             "paper's models with pretrained weights on ImageNet-format --data, on --device "
-                             "(default cuda)")
-    parser.add_argument("--data", default=None, help="paper scale: imagefolder:PATH (PATH/train, PATH/val)")
-    parser.add_argument("--device", default=None, choices=["cpu", "cuda"],
-                        help="where op profiles and benchmarks run (default: cpu at proxy scales, cuda at paper)")
-    parser.add_argument("--steps", default=None, help="comma-separated steps to run (default: all of the scale)")
-    parser.add_argument("--force", default="", help="comma-separated steps to redo even if their outputs exist, "
-                                                    "or 'all'")
-    parser.add_argument("--out", type=Path, default=None,
-                        help="run folder (default: runs/<scale>, ignored by git); the committed reference is "
-                             "regenerated with --out results/quick, results or results/paper")
-    parser.add_argument("--reference", type=Path, default=None,
-                        help="results to set this run's claims beside (default: the committed results of the scale: "
-                             "results/quick, results or results/paper)")
-    args = parser.parse_args(argv)
-    args.launcher = settings_from(Launcher, args)
-    try:
-        args.launcher.check()
-    except UserError as e:
-        parser.error(str(e))
-    args.device = args.device or ("cuda" if args.scale == "paper" else "cpu")
-    args.out = args.out or DEFAULT_OUT[args.scale]
-    args.reference = args.reference or REFERENCE[args.scale]
-    if args.scale == "paper" and not (args.data or "").startswith("imagefolder:"):
-        parser.error("--scale paper needs --data imagefolder:PATH (ImageNet-format folders PATH/train, PATH/val)")
-    steps = [s for s in STEPS if args.scale in s.scales]
-    known = {s.name for s in steps}
-    wanted = set(args.steps.split(",")) if args.steps else known
-    forced = known if args.force == "all" else set(filter(None, args.force.split(",")))
-    unknown = sorted((wanted | forced) - known)
-    if unknown:
-        parser.error(f"unknown step(s) {', '.join(unknown)} at {args.scale} scale; valid: "
-                     f"{', '.join(s.name for s in steps)}")
+@dataclass
+class Settings(Launcher):
+    """The run's settings: where its trainings run (the launcher's flags: --launcher slurm --partition ...), then
+    its own. `device`, `out` and `reference` left unset take the scale's (`resolved`)."""
+
+    scale: str = option("quick", "quick: proxies on Fashion-MNIST with minutes of training, about 31 min on 2 cores "
+                                 "(runs/quick). standard: the proxy budgets behind results/ (about 1.5 h). paper: "
+                                 "the paper's models with pretrained weights on ImageNet-format --data, on --device "
+                                 "(default cuda)", choices=SCALES)
+    data: Optional[str] = option(None, "paper scale: imagefolder:PATH (PATH/train, PATH/val)")
+    device: Optional[str] = option(None, "where op profiles and benchmarks run (None: cpu at proxy scales, cuda "
+                                         "at paper)", choices=["cpu", "cuda"])
+    steps: list[str] = option([], "steps to run, comma-separated (default: all of the scale)")
+    force: list[str] = option([], "steps to redo even if their outputs exist, comma-separated, or 'all'")
+    out: Optional[Path] = option(None, "run folder (None: runs/<scale>, ignored by git); the committed reference "
+                                       "is regenerated with --out results/quick, results or results/paper")
+    reference: Optional[Path] = option(None, "results to set this run's claims beside (None: the committed "
+                                             "results of the scale: results/quick, results or results/paper)")
+
+    @property
+    def launcher(self) -> Launcher:
+        return Launcher.of(self)
+
+    def scale_steps(self) -> list[Step]:
+        return [s for s in STEPS if self.scale in s.scales]
+
+    def check(self) -> None:
+        super().check()
+        if self.scale == "paper" and not (self.data or "").startswith("imagefolder:"):
+            raise UserError("--scale paper needs --data imagefolder:PATH (ImageNet-format folders PATH/train, "
+                            "PATH/val)")
+        steps = self.scale_steps()
+        unknown = sorted((set(self.steps) | set(self.force)) - {"all"} - {s.name for s in steps})
+        if unknown:
+            raise UserError(f"unknown step(s) {', '.join(unknown)} at {self.scale} scale; valid: "
+                            f"{', '.join(s.name for s in steps)}")
+
+    def resolved(self) -> "Settings":
+        """These settings with the scale's device, run folder and reference where they were left unset."""
+        return dataclasses.replace(self, device=self.device or ("cuda" if self.scale == "paper" else "cpu"),
+                                   out=Path(self.out or DEFAULT_OUT[self.scale]),
+                                   reference=Path(self.reference or REFERENCE[self.scale]))
+
+
+def run(settings: Settings) -> Path:
+    """Run the scale's steps that are not done (or are forced), each in its own process, then write the report."""
+    settings.check()
+    args = settings.resolved()
+    steps = args.scale_steps()
+    wanted = set(args.steps) or {s.name for s in steps}
+    forced = {s.name for s in steps} if "all" in args.force else set(args.force)
     for step in steps:
         if step.name not in wanted:
             continue
@@ -560,6 +572,10 @@ def main(argv: Optional[list[str]] = None) -> Path:
     print(f"[reproduce] this run beside the reference:\n\n{beside_reference(args.out, args.reference)}")
     print(f"[reproduce] wrote {report}")
     return report
+
+
+def main(argv: Optional[list[str]] = None) -> Path:
+    return run_cli(lambda: run(parse_settings(Settings, argv, "python -m experiments.reproduce", __doc__)))
 
 
 if __name__ == "__main__":

@@ -15,8 +15,7 @@ analyses are not computed here, only whether and how each one reads the model:
 """
 from __future__ import annotations
 
-import argparse
-import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, NamedTuple, Optional, Sequence
 
@@ -25,6 +24,7 @@ import torch
 import torch.nn as nn
 
 from evit.builder.io import markdown_table, write_csv, write_text
+from evit.cli import UserError, option, parse_settings, run_cli
 from evit.models import UnsupportedModelError, create_model, model_img_size
 
 
@@ -111,7 +111,7 @@ def _taylor_prune(model: nn.Module, images: torch.Tensor) -> str:
     each kind, once the model the pruner rewrote (attention projections split in place) is shown to compute what
     it computed before (a rewrite that drops a bias or a position term would prune another model), and one pruning
     step to half the MACs after which the model still runs."""
-    from analysis.taylor_prune import prepare, prunable, taylor_prune
+    from analysis.taylor_prune import prepare, prunable, prune_to_target
     from analysis.taylor_prune.builders.traced_attention import TracedAttention
 
     with torch.no_grad():
@@ -127,7 +127,7 @@ def _taylor_prune(model: nn.Module, images: torch.Tensor) -> str:
     counts = ", ".join(f"{sum(g.kind == kind for g in groups)} {name}"
                        for kind, name in (("qk", "Q/K"), ("v", "V"), ("ffn", "FFN"), ("width", "width")))
     labels = torch.zeros(len(images), dtype=torch.long)  # any labels: the step is a smoke test, not a result
-    kept = taylor_prune(model, [(images, labels)], target_macs=0.5, steps=1).summary["macs_kept"]
+    kept = prune_to_target(model, [(images, labels)], target_macs=0.5, steps=1).summary["macs_kept"]
     with torch.no_grad():
         model(images)
     return f"{found}: {counts}; one step to {kept:.2f} of the MACs"
@@ -217,46 +217,48 @@ def readme_table(readme: Path) -> str:
     return text[text.index(README_BEGIN) + len(README_BEGIN):text.index(README_END)].strip("\n") + "\n"
 
 
-def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m experiments.support_matrix", description=__doc__.split("\n\n")[0])
-    names = [f.model for f in FAMILIES]
-    p.add_argument("--models", default=",".join(names),
-                   help="comma-separated models from the family list (default: all): " + ", ".join(names))
-    p.add_argument("--analyses", default=",".join(ANALYSES), help=f"comma separated, of: {', '.join(ANALYSES)}")
-    p.add_argument("--data-dir", default=None, help="folder holding Fashion-MNIST (default: Debian's location)")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
-    p.add_argument("--out", default=DEFAULT_OUT, help="folder for support_matrix.csv and support_matrix.md")
-    p.add_argument("--readme", type=Path, default=None, help="also replace the table between the README's markers")
-    args = p.parse_args(argv)
-    args.models = [m.strip() for m in args.models.split(",") if m.strip()]
-    args.analyses = [a.strip() for a in args.analyses.split(",") if a.strip()]
-    unknown = [m for m in args.models if m not in names] + [a for a in args.analyses if a not in ANALYSES]
-    if unknown or not args.models or not args.analyses:
-        p.error(f"unknown or missing models/analyses: {', '.join(unknown) or 'none given'}; valid models: "
-                f"{', '.join(names)}; valid analyses: {', '.join(ANALYSES)}")
-    if args.readme is not None and (sorted(args.analyses) != sorted(ANALYSES) or len(args.models) != len(names)):
-        p.error("--readme needs the whole matrix: every model and every analysis")
-    return args
+MODEL_NAMES = tuple(f.model for f in FAMILIES)
+
+
+@dataclass
+class Settings:
+    models: list[str] = option(list(MODEL_NAMES), "models from the family list, comma-separated (default: all): "
+                                                  + ", ".join(MODEL_NAMES))
+    analyses: list[str] = option(list(ANALYSES), f"analyses, comma-separated, of: {', '.join(ANALYSES)}")
+    data_dir: Optional[str] = option(None, "folder holding Fashion-MNIST (None: Debian's location)")
+    threads: int = option(1, "torch CPU threads")
+    out: Path = option(Path(DEFAULT_OUT), "folder for support_matrix.csv and support_matrix.md")
+    readme: Optional[Path] = option(None, "also replace the table between the README's markers")
+
+    def check(self) -> None:
+        unknown = ([m for m in self.models if m not in MODEL_NAMES]
+                   + [a for a in self.analyses if a not in ANALYSES])
+        if unknown or not self.models or not self.analyses:
+            raise UserError(f"unknown or missing models/analyses: {', '.join(unknown) or 'none given'}; valid "
+                            f"models: {', '.join(MODEL_NAMES)}; valid analyses: {', '.join(ANALYSES)}")
+        if self.readme is not None and (sorted(self.analyses) != sorted(ANALYSES)
+                                        or len(set(self.models)) != len(MODEL_NAMES)):
+            raise UserError("--readme needs the whole matrix: every model and every analysis")
+
+
+def run(settings: Settings) -> pd.DataFrame:
+    """The matrix of the settings' models and analyses, written as CSV and markdown (and into the README)."""
+    settings.check()
+    torch.set_num_threads(settings.threads)
+    families = [f for f in FAMILIES if f.model in settings.models]
+    df = support_matrix(families, settings.analyses, settings.data_dir, progress=print)
+    out = Path(settings.out)
+    table = to_markdown(df)
+    print(f"-> {write_csv(df, out / 'support_matrix.csv')}, {write_text(out / 'support_matrix.md', table)}")
+    if settings.readme is not None:
+        replace_readme_table(settings.readme, table)
+        print(f"-> {settings.readme}")
+    return df
 
 
 def main(argv: Optional[Sequence[str]] = None) -> pd.DataFrame:
-    args = parse_args(argv)
-    torch.set_num_threads(args.threads)
-    from evit.data import DataError
-
-    families = [f for f in FAMILIES if f.model in args.models]
-    try:
-        df = support_matrix(families, args.analyses, args.data_dir, progress=print)
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
-    out = Path(args.out)
-    table = to_markdown(df)
-    print(f"-> {write_csv(df, out / 'support_matrix.csv')}, {write_text(out / 'support_matrix.md', table)}")
-    if args.readme is not None:
-        replace_readme_table(args.readme, table)
-        print(f"-> {args.readme}")
-    return df
+    return run_cli(lambda: run(parse_settings(Settings, argv, "python -m experiments.support_matrix",
+                                              __doc__.split("\n\n")[0])))
 
 
 if __name__ == "__main__":

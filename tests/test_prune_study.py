@@ -29,11 +29,11 @@ def test_mac_target_is_bisected_to_the_latency_targets_measured_latency():
     its channels, the MAC target (ranking by importance alone) takes the fast FFN's too; bisected, the MAC target
     lands at the latency target's latency, timed afresh against it."""
     torch.set_num_threads(1)
-    by_latency = tpr.taylor_prune(with_a_slow_ffn(), batches(), steps=1, prune_width=False, target_latency=0.7,
+    by_latency = tpr.prune_to_target(with_a_slow_ffn(), batches(), steps=1, prune_width=False, target_latency=0.7,
                                   latency=quick())
     images = quick().images(batches())
     found = prune_study.match_latency(
-        lambda x: tpr.taylor_prune(with_a_slow_ffn(), batches(), target_macs=x, steps=1, prune_width=False),
+        lambda x: tpr.prune_to_target(with_a_slow_ffn(), batches(), target_macs=x, steps=1, prune_width=False),
         by_latency.model, quick(calls=60), images, probes=8)
     by_macs = found.result
     assert by_latency.summary["latency_kept"] < 0.85  # pruned indeed
@@ -320,7 +320,7 @@ def test_a_second_run_prunes_and_trains_nothing(tmp_path, monkeypatch):
     assert all(len(pd.read_csv(folder / f"{p}-{m}.csv")) == 4 for p, m in cells)  # each one's block table
 
     monkeypatch.setattr(launch, "train", lambda *a, **k: pytest.fail("a finished fine-tune must not train again"))
-    monkeypatch.setattr(prune_study.tpr, "taylor_prune", lambda *a, **k: pytest.fail("pruned again"))
+    monkeypatch.setattr(prune_study.tpr, "prune_to_target", lambda *a, **k: pytest.fail("pruned again"))
     monkeypatch.setattr(prune_study.peer_pruning, "tp_prune", lambda *a, **k: pytest.fail("pruned again"))
     again = prune_study.main([*TINY, "--out", str(out)])
     columns = ["model", "point", "method", "seed", "acc_finetuned", "acc_pruned", "macs_kept", "run"]

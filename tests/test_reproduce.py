@@ -2,6 +2,7 @@
 beside the reference's."""
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 from pathlib import Path
 
@@ -72,11 +73,8 @@ def test_unknown_step_names_the_valid_ones(tmp_path, capsys):
 def test_every_step_budget_is_valid_settings(scale, tmp_path, monkeypatch):
     """Each step's first settings at each proxy scale pass its analysis's own check, with the scale's weights and
     the output inside the run folder (nothing runs)."""
-    import argparse
-
     from analysis import head_similarity, mhsa_ratio, op_profile, taylor_prune
     from experiments import benchmark, family, prune_study
-    from evit.launch import Launcher
     from evit.zoo import PROXY_BUDGETS
 
     class Asked(Exception):
@@ -87,7 +85,7 @@ def test_every_step_budget_is_valid_settings(scale, tmp_path, monkeypatch):
 
     for module in (op_profile, head_similarity, taylor_prune, mhsa_ratio, prune_study, family, benchmark):
         monkeypatch.setattr(module, "run", refuse)
-    opts = argparse.Namespace(scale=scale, device="cpu", data=None, launcher=Launcher())
+    opts = reproduce.Settings(scale=scale, device="cpu")
     for step in reproduce.STEPS:
         if step.name == "presets":
             continue  # no settings: the preset table at 224 px
@@ -104,8 +102,6 @@ def test_every_step_budget_is_valid_settings(scale, tmp_path, monkeypatch):
 
 
 def test_paper_scale_trains_the_papers_subnetworks_and_family_with_the_runs_launcher(tmp_path, monkeypatch):
-    import argparse
-
     from analysis import mhsa_ratio
     from experiments import family
     from evit.launch import Launcher
@@ -114,7 +110,8 @@ def test_paper_scale_trains_the_papers_subnetworks_and_family_with_the_runs_laun
     for module in (mhsa_ratio, family):
         monkeypatch.setattr(module, "run", asked.append)
     launcher = Launcher(kind="local", gpus_per_job=2, time_min=2880)
-    opts = argparse.Namespace(scale="paper", device="cuda", data="imagefolder:/data/in1k", launcher=launcher)
+    opts = reproduce.Settings(scale="paper", device="cuda", data="imagefolder:/data/in1k",
+                              **dataclasses.asdict(launcher))
     for step in reproduce.STEPS:
         if step.name in ("mhsa_ratio", "family"):
             step.run(tmp_path, opts)

@@ -107,14 +107,25 @@ def assert_mac_counter_matches_fvcore_before_and_after_pruning(model, size, clas
     return groups
 
 
+MAC_TOLERANCE = 0.05  # of the unpruned MACs, below the target: a step removes whole units (a channel of every head)
+
+
+def assert_macs_on_target(summary, target: float) -> None:
+    """The MACs kept land on the target from both sides: not short of it (2% over at most), and not pruned past
+    it by more than MAC_TOLERANCE."""
+    kept = summary["macs_after_m"] / summary["macs_before_m"]
+    assert target - MAC_TOLERANCE <= kept <= target * 1.02, f"{kept:.3f} of the MACs kept for a target of {target}"
+
+
 def assert_pruned_to_target_with_its_own_widths(model, blocks, size, ffn_width, classes=3, stages=1):
     """Pruned to 0.6 of its MACs in 2 steps: the target is met, the table's widths are the layers' (`blocks()`: the
     blocks after pruning; `ffn_width(block)`: its FFN's hidden width), heads stay equal, the floor holds, and the
     pruned model runs."""
-    result = tpr.taylor_prune(model, batches(size=size, classes=classes), target_macs=0.6, steps=2,
+    result = tpr.prune_to_target(model, batches(size=size, classes=classes), target_macs=0.6, steps=2,
                               val_batches=batches(1, size, classes))
     s = result.summary
-    assert s["macs_after_m"] <= 0.6 * s["macs_before_m"] * 1.02 and s["params_after_m"] < s["params_before_m"]
+    assert_macs_on_target(s, 0.6)
+    assert s["params_after_m"] < s["params_before_m"]
     assert list(result.blocks.in_dim) == [b.attn.q.in_features for b in blocks()]
     assert list(result.blocks.qk_dim) == [b.attn.k.out_features for b in blocks()]
     assert list(result.blocks.v_dim) == [b.attn.v.out_features for b in blocks()]
@@ -276,10 +287,11 @@ def test_swin_stage_widths_go_through_patch_merging():
 def test_pruned_model_runs_and_reports_its_own_widths(name, size):
     model = tiny_vit() if name == "vit" else tiny_swin()
     classes = 3 if name == "vit" else 10
-    result = tpr.taylor_prune(model, batches(size=size, classes=classes), target_macs=0.6, steps=2,
+    result = tpr.prune_to_target(model, batches(size=size, classes=classes), target_macs=0.6, steps=2,
                               val_batches=batches(1, size, classes))
     s = result.summary
-    assert s["macs_after_m"] <= 0.6 * s["macs_before_m"] * 1.02 and s["params_after_m"] < s["params_before_m"]
+    assert_macs_on_target(s, 0.6)
+    assert s["params_after_m"] < s["params_before_m"]
     assert s["macs_after_m"] * 1e6 == sum(tpr.count_macs(model, torch.randn(1, 3, size, size)).values())
     blocks = [m for m in result.model.modules() if hasattr(m, "mlp")]
     assert list(result.blocks.in_dim) == [b.attn.q.in_features for b in blocks]
@@ -297,7 +309,7 @@ def test_pruned_model_runs_and_reports_its_own_widths(name, size):
 
 
 def test_an_unreachable_target_stops_at_the_floor(capsys):
-    result = tpr.taylor_prune(tiny_vit(), batches(1), target_macs=0.05, steps=2, floor=0.5)
+    result = tpr.prune_to_target(tiny_vit(), batches(1), target_macs=0.05, steps=2, floor=0.5)
     assert (result.blocks[["qk_kept", "v_kept", "ffn_kept", "width_kept"]] == 0.5).all().all()
     assert "not reached" in capsys.readouterr().err and result.summary["macs_kept"] > 0.05
 
@@ -328,7 +340,7 @@ def test_allocation_takes_the_mhsa_studys_best_share(tmp_path):
     summary = pd.DataFrame(dict(family=["deit", "evit", "evit", "evit"], share=[1.0, 0.0, 0.5, 1.0],
                                 val_acc_mean=[90.0, 80.0, 82.0, 82.0]))
     summary.to_csv(tmp_path / "summary.csv", index=False)
-    share = cli.attention_share(str(tmp_path / "summary.csv"))
+    share = cli.read_attention_share(str(tmp_path / "summary.csv"))
     assert share == 0.5  # the evit rows' best; the tie with 1.0 goes to the cheaper share
     config = tpr.allocation_config(blocks, "m0", match="none", attention_share=share)
     assert config.mixers == (("none",), ("cga", "none"), ("cga", "none", "cga"))  # m0 depths 1, 2, 3: blocks 1, 3, 5
@@ -355,7 +367,7 @@ def test_cli_writes_blocks_stages_summary_figure_and_config(tmp_path):
     assert len(pd.read_csv(tmp_path / "deit_proxy_stages.csv")) == 1
     summary = pd.read_csv(tmp_path / "deit_proxy_summary.csv")
     assert summary.normalizer.iat[0] == "mean" and summary.reduction.iat[0] == "sum"
-    assert summary.macs_kept.iat[0] < 0.52
+    assert_macs_on_target(summary.iloc[0], 0.5)
     assert (tmp_path / "deit_proxy.png").stat().st_size > 0
     assert timm.create_model("evit_custom", config=str(tmp_path / "alloc.yaml"))
 
@@ -544,10 +556,11 @@ def test_evit_one_block_mac_counter_matches_a_hand_count(mixer):
 def test_evit_pruned_model_runs_and_reports_its_own_widths(mixer):
     model = evit_m0() if mixer == "cga" else evit_m0(mixers="mhsa", v_ratio=0.5)
     scales = [b.mixer.m.attn.scale for b in evit_modules(model)]
-    result = tpr.taylor_prune(model, batches(size=64, classes=10), target_macs=0.8, steps=2,
+    result = tpr.prune_to_target(model, batches(size=64, classes=10), target_macs=0.8, steps=2,
                               val_batches=batches(1, 64, classes=10))
     s = result.summary
-    assert s["macs_after_m"] <= 0.8 * s["macs_before_m"] * 1.02 and s["params_after_m"] < s["params_before_m"]
+    assert_macs_on_target(s, 0.8)
+    assert s["params_after_m"] < s["params_before_m"]
     blocks = evit_modules(result.model)
     attns = [b.mixer.m.attn for b in blocks]
     assert list(result.blocks.qk_dim) == [a.num_heads * a.key_dim for a in attns]
@@ -583,7 +596,7 @@ def test_evit_mac_counter_agrees_with_fvcore_before_and_after_pruning(mixers):
     model, x = evit_m0(mixers=mixers), torch.randn(2, 3, 64, 64)
     macs = lambda: sum(tpr.count_macs(model, x).values())  # noqa: E731
     assert macs() == count_flops(evit.fuse(model), 64)  # an independent counter: fvcore, one MAC = one flop
-    tpr.taylor_prune(model, batches(1, 64, 10), target_macs=0.7, steps=1)
+    tpr.prune_to_target(model, batches(1, 64, 10), target_macs=0.7, steps=1)
     assert macs() == count_flops(evit.fuse(model), 64)
     for width in (g for g in tpr.prepare(model) if g.kind == "width"):  # and the stage widths (CGA: every chunk)
         per_head = width.channels // width.heads
@@ -689,9 +702,10 @@ def test_evit_stage_widths_pruned_to_a_mac_target():
     import evit
 
     model, x = evit_m0(), torch.randn(2, 3, 64, 64)
-    result = tpr.taylor_prune(model, batches(size=64, classes=10), target_macs=0.6, steps=2, prune_width=True)
+    result = tpr.prune_to_target(model, batches(size=64, classes=10), target_macs=0.6, steps=2, prune_width=True)
     s = result.summary
-    assert s["width_pruned"] and s["macs_after_m"] <= 0.6 * s["macs_before_m"] * 1.02
+    assert s["width_pruned"]
+    assert_macs_on_target(s, 0.6)
     assert model(x).shape == (2, 10)
     widths = [stage.blocks[0].ffn0.m.pw1.conv.in_channels for stage in model.stages]
     assert list(result.stages.in_dim) == widths and (result.stages.width_kept < 1).any()
@@ -721,7 +735,8 @@ def test_timm_efficientvit_msra_is_pruned_as_its_evit_preset():
     assert isinstance(model, EfficientViT) and model is not port
     with torch.no_grad():
         torch.testing.assert_close(model(x), port(x), atol=0, rtol=0)
-    result = tpr.taylor_prune(port, [(x, torch.tensor([1, 2]))], target_macs=0.8, steps=1)
-    assert isinstance(result.model, EfficientViT) and result.summary["macs_kept"] <= 0.81
+    result = tpr.prune_to_target(port, [(x, torch.tensor([1, 2]))], target_macs=0.8, steps=1)
+    assert isinstance(result.model, EfficientViT)
+    assert_macs_on_target(result.summary, 0.8)
     assert result.model(x).shape == (2, 10)
     assert len(tpr.prepare(tpr.prunable(skeleton("efficientvit_m0")))) == len(tpr.prepare(model))  # input check

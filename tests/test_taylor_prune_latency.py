@@ -46,13 +46,13 @@ def quick(**kwargs):
 @pytest.mark.timing
 def test_a_slow_group_loses_more_under_a_latency_target_than_under_a_mac_target():
     """To 0.8 of the latency, choosing by the loss added per ms saved takes the slow FFN's channels and none of the
-    fast one's; ranking by importance alone, removing the same MACs, does not tell the two apart. The result lands near its target (within 20%
-    here: one measured ratio moves by 4-9% on a loaded 2-core machine)."""
+    fast one's; ranking by importance alone, removing the same MACs, does not tell the two apart. The result lands
+    near its target (within 20% here: one measured ratio moves by 4-9% on a loaded 2-core machine)."""
     torch.set_num_threads(1)
-    by_latency = tpr.taylor_prune(with_a_slow_ffn(), batches(), steps=1, prune_width=False, target_latency=0.8,
+    by_latency = tpr.prune_to_target(with_a_slow_ffn(), batches(), steps=1, prune_width=False, target_latency=0.8,
                                   latency=quick())
     s = by_latency.summary
-    by_macs = tpr.taylor_prune(with_a_slow_ffn(), batches(), target_macs=s["macs_kept"], steps=1, prune_width=False)
+    by_macs = tpr.prune_to_target(with_a_slow_ffn(), batches(), target_macs=s["macs_kept"], steps=1, prune_width=False)
     macs, timed = by_macs.blocks, by_latency.blocks
     assert macs.macs_before_m[0] == macs.macs_before_m[1]  # the premise: the two FFNs cost the same MACs
     # Q/K channels may go too: at random initialization the attention is near uniform, so their removal adds

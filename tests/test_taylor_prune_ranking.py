@@ -160,7 +160,7 @@ def test_a_group_whose_true_importance_is_scaled_down_goes_first(quieter):
 
 def test_a_latency_target_refuses_scores_normalized_per_group():
     with pytest.raises(ValueError, match="do not compare across groups"):
-        tpr.taylor_prune(tiny_vit(), batches(), importance=tpr.TaylorImportance("mean"), target_latency=0.8)
+        tpr.prune_to_target(tiny_vit(), batches(), importance=tpr.TaylorImportance("mean"), target_latency=0.8)
 
 
 @pytest.mark.timing

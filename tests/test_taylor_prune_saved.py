@@ -17,7 +17,7 @@ import analysis.taylor_prune.cli as tp_cli
 import evit.train as train_mod
 import evit.train.__main__ as train_command
 from analysis import head_similarity, op_profile
-from analysis.taylor_prune import taylor_prune
+from analysis.taylor_prune import prune_to_target
 from analysis.taylor_prune.saved import FORMAT, save_pruned
 from evit.builder.io import read_checkpoint, torch_save
 from experiments import benchmark
@@ -53,7 +53,7 @@ def pruned(tmp_path_factory):
         randomize_batchnorm_(model)
         unpruned = {k: tuple(v.shape) for k, v in model.state_dict().items()}
         x, y = images(kind), torch.arange(6) % 10
-        result = taylor_prune(model, [(x, y)], 0.5, steps=1)
+        result = prune_to_target(model, [(x, y)], 0.5, steps=1)
         path = save_pruned(result.model, folder / f"{kind}.pth", name, weights, result.summary)
         made[kind] = (name, result.model, str(path), unpruned)
     return made

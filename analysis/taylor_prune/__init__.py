@@ -34,7 +34,7 @@ throughput (--match) (`python -m experiments.family --models evit_m0,<that yaml>
 The package: `groups` (Slice, Group, prune_channels), `attention` (PrunedAttention, the base of the split attentions), `builders`
 (a registry of group builders, one module per family, `builders.common`, and `builders.discovery` for the rest),
 `macs` (the MAC counter),
-`importance` (TaylorImportance and LossChange, callables; pass another to `taylor_prune`), `latency` (LatencyModel:
+`importance` (TaylorImportance and LossChange, callables; pass another to `prune_to_target`), `latency` (LatencyModel:
 per-group latency curves timed on the device and cached, for `--target-latency`, whose units are chosen by the loss
 they add per latency saved, each group's least important first: docs/pruning.md), `estimate_check` (the importance
 estimates against the loss change of real removals), `prune` (the loop), `saved` (a pruned model written to a file
@@ -55,13 +55,13 @@ from analysis.taylor_prune.importance import (NORMALIZERS, REDUCTIONS, LossChang
 from analysis.taylor_prune.latency import LatencyModel
 from analysis.taylor_prune.macs import count_macs, measure_positions
 from analysis.taylor_prune.plot import plot
-from analysis.taylor_prune.prune import PruneResult, Unit, candidate_units, taylor_prune, top1_accuracy
-from analysis.taylor_prune.tables import KINDS, block_table, stage_table
+from analysis.taylor_prune.prune import PruneResult, Unit, candidate_units, prune_to_target, top1_accuracy
+from analysis.taylor_prune.tables import GROUP_LABELS, block_table, stage_table
 
 __all__ = [
-    "DEFAULT_OUT", "KINDS", "LatencyModel", "LossChange", "NORMALIZERS", "REDUCTIONS", "Group", "PruneResult",
+    "DEFAULT_OUT", "GROUP_LABELS", "LatencyModel", "LossChange", "NORMALIZERS", "REDUCTIONS", "Group", "PruneResult",
     "Settings", "Slice", "SplitAttention", "TaylorImportance", "Unit", "UnsupportedModelError",
     "accumulate_gradients", "allocate", "allocation_config", "block_table", "candidate_units", "count_macs",
-    "main", "measure_positions", "plot", "prepare", "prunable", "prune_channels", "prune_model",
-    "register_block", "register_converter", "register_model", "run", "stage_table", "taylor_prune", "top1_accuracy",
+    "main", "measure_positions", "plot", "prepare", "prunable", "prune_channels", "prune_model", "prune_to_target",
+    "register_block", "register_converter", "register_model", "run", "stage_table", "top1_accuracy",
 ]

@@ -18,7 +18,7 @@ from evit.timing import describe_machine, synchronizer, time_interleaved
 
 MATCHES = ("flops", "throughput", "none")  # what the allocation is scaled to equal in the preset (--match)
 THROUGHPUT_TOLERANCE = 0.05  # a throughput match within 5% of the preset's is met
-SCALES = (0.25, 4.0)  # the width scales searched
+WIDTH_SCALE_RANGE = (0.25, 4.0)  # the width scales searched
 # Throughput (img/s) of each named config, timed side by side in one run, per round (in round i each ran once).
 Measure = Callable[[dict[str, EfficientViTConfig]], dict[str, list[float]]]
 
@@ -107,9 +107,9 @@ def allocate(blocks: pd.DataFrame, preset: str = "m0", match: str = "flops", nam
 
 
 def _bisect(too_small: Callable[[float], bool], steps: int = 10) -> tuple[float, float]:
-    """The two ends, within SCALES, of the width-scale interval where `too_small` turns false; it must turn false
-    once as the scale grows (widths are rounded, so the last steps often land on the same config)."""
-    low, high = SCALES
+    """The two ends, within WIDTH_SCALE_RANGE, of the width-scale interval where `too_small` turns false; it must
+    turn false once as the scale grows (widths are rounded, so the last steps often land on the same config)."""
+    low, high = WIDTH_SCALE_RANGE
     for _ in range(steps):
         mid = (low * high) ** 0.5
         low, high = (mid, high) if too_small(mid) else (low, mid)
@@ -174,10 +174,10 @@ def _match_throughput(widths_at: Callable[[float], tuple[int, ...]],
 def _why_missed(ratios: dict[tuple[int, ...], float], low: float, high: float) -> str:
     """Why no config re-timed at `ratios` (widths -> throughput / the preset's) lies within the tolerance, the
     bisection having ended between width scales `low` and `high`."""
-    if low == SCALES[0]:  # the bisection never moved that end
-        return f"it is slower down to width scale {SCALES[0]:g}"
-    if high == SCALES[1]:
-        return f"it is faster up to width scale {SCALES[1]:g}"
+    if low == WIDTH_SCALE_RANGE[0]:  # the bisection never moved that end
+        return f"it is slower down to width scale {WIDTH_SCALE_RANGE[0]:g}"
+    if high == WIDTH_SCALE_RANGE[1]:
+        return f"it is faster up to width scale {WIDTH_SCALE_RANGE[1]:g}"
     faster, slower = [r for r in ratios.values() if r > 1], [r for r in ratios.values() if r < 1]
     if not faster or not slower:
         return "the final timing puts all the bisection's candidates on one side of it (a loaded machine?)"

@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from analysis.taylor_prune.tables import KINDS
+from analysis.taylor_prune.tables import GROUP_LABELS
 from evit.claims import CONFIRMED, INCONCLUSIVE, REFUTED, Claim, names, tally
 
-GROUPS = (*KINDS, "width")  # the `<group>_kept` columns: the group kinds and the residual-stream width
+GROUPS = (*GROUP_LABELS, "width")  # the `<group>_kept` columns: the group kinds and the residual-stream width
 THIRDS = ("early", "middle", "late")
 
 

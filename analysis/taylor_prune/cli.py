@@ -15,7 +15,7 @@ from analysis.taylor_prune.builders import prepare, prunable
 from analysis.taylor_prune.importance import NORMALIZERS, REDUCTIONS, LossChange, TaylorImportance
 from analysis.taylor_prune.latency import LatencyModel
 from analysis.taylor_prune.plot import plot
-from analysis.taylor_prune.prune import PruneResult, taylor_prune
+from analysis.taylor_prune.prune import PruneResult, prune_to_target
 from analysis.taylor_prune.saved import save_pruned
 from evit import get_preset
 from evit.builder.io import save_figure, write_csv
@@ -103,7 +103,7 @@ class Settings:
         if min(sizes) < 1 or not 0 < self.floor <= 1:
             raise UserError("--steps, --batches, --batch, --val-images and --latency-batch must be >= 1 and --floor in "
                             "(0, 1]")
-        attention_share(self.attention_share)
+        read_attention_share(self.attention_share)
         if self.finetune_teacher not in FINETUNE_TEACHERS:
             raise UserError(f"--finetune-teacher must be one of {', '.join(FINETUNE_TEACHERS)}; got "
                             f"{self.finetune_teacher!r}")
@@ -112,7 +112,7 @@ class Settings:
                             f"N")
 
 
-def attention_share(value: Optional[str]) -> Optional[float]:
+def read_attention_share(value: Optional[str]) -> Optional[float]:
     """--attention-share as a number: given, or the best evit share of an MHSA-proportion summary CSV."""
     from analysis.mhsa_ratio import best_share
 
@@ -168,7 +168,7 @@ def prune_model(settings: Settings) -> PruneResult:
     # Latency tables are kept beside the trained proxies: they depend on the model and the machine, not the run.
     latency = (LatencyModel(settings.device, settings.latency_batch, cache_dir=cache_dir() / "latency")
                if settings.target_latency is not None else None)
-    result = taylor_prune(model, train, settings.target_macs, settings.steps, importance, settings.floor, val,
+    result = prune_to_target(model, train, settings.target_macs, settings.steps, importance, settings.floor, val,
                           prune_width=settings.width, target_latency=settings.target_latency, latency=latency)
     result.summary.update(model=settings.model, weights=weights, data=settings.data, img_size=img_size)
     if settings.finetune_epochs:
@@ -195,7 +195,7 @@ def run(settings: Settings) -> PruneResult:
     write_csv(result.stages.round(5), out / f"{stem}_stages.csv")
     measure = DeployThroughput(settings.device, settings.latency_batch)
     allocation = allocate(result.blocks, settings.preset, settings.match, name=f"{stem}_taylor", mixer=settings.mixer,
-                          attention_share=attention_share(settings.attention_share), measure=measure)
+                          attention_share=read_attention_share(settings.attention_share), measure=measure)
     s.update(allocation.summary, **(measure.fields() if settings.match == "throughput" else {}))
     write_csv(pd.DataFrame([s]).round(5), out / f"{stem}_summary.csv")
     config = allocation.config

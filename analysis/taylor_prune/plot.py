@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from analysis.taylor_prune.tables import KINDS
+from analysis.taylor_prune.tables import GROUP_LABELS
 
 
 def plot(blocks: pd.DataFrame, title: str):
@@ -16,7 +16,7 @@ def plot(blocks: pd.DataFrame, title: str):
     timed = "ffn_ms" in blocks
     fig = Figure(figsize=(max(6.5, 0.5 * len(blocks) + 4.5), 7.4 if timed else 4.4), layout="constrained")
     ax, *rest = fig.subplots(2 if timed else 1, 1, squeeze=False, sharex=True)[:, 0]
-    for (kind, label), marker in zip(KINDS.items(), "os^"):
+    for (kind, label), marker in zip(GROUP_LABELS.items(), "os^"):
         line, = ax.plot(blocks.block, blocks[f"{kind}_ratio"], marker=marker, label=label)
         ax.plot(blocks.block, blocks[f"{kind}_ratio_before"], ls=":", lw=0.8, color=line.get_color())
     if (blocks.width_kept != 1).any():
@@ -44,7 +44,7 @@ def _plot_ms(ax, blocks: pd.DataFrame) -> None:
     width = 0.38
     for column, offset, filled in (("ms_before", -width / 2, False), ("ms", width / 2, True)):
         bottom = 0.0
-        for (kind, label), color in zip(KINDS.items(), ("C0", "C1", "C2")):
+        for (kind, label), color in zip(GROUP_LABELS.items(), ("C0", "C1", "C2")):
             ms = blocks[f"{kind}_{column}"].fillna(0)
             ax.bar(blocks.block + offset, ms, width, bottom=bottom, color=color if filled else "none",
                    edgecolor=color, label=label if filled else None)

@@ -246,7 +246,7 @@ def _prune_to_latency(model: nn.Module, reference: nn.Module, groups: Sequence[G
     return at_floor, summary, group_ms
 
 
-def taylor_prune(model: nn.Module, batches: Batches, target_macs: float = 0.5, steps: int = 5,
+def prune_to_target(model: nn.Module, batches: Batches, target_macs: float = 0.5, steps: int = 5,
                  importance: Optional[Callable[[Group], torch.Tensor]] = None, floor: float = 0.1,
                  val_batches: Batches = (), prune_width: bool = True, target_latency: Optional[float] = None,
                  latency: Optional[LatencyModel] = None) -> PruneResult:

@@ -8,7 +8,7 @@ import pandas as pd
 
 from analysis.taylor_prune.groups import Group
 
-KINDS = {"qk": "Q/K", "v": "V", "ffn": "FFN hidden"}
+GROUP_LABELS = {"qk": "Q/K", "v": "V", "ffn": "FFN hidden"}
 
 
 def block_table(groups: Sequence[Group], macs_before: dict[str, float], macs_after: dict[str, float],
@@ -45,7 +45,7 @@ def block_table(groups: Sequence[Group], macs_before: dict[str, float], macs_aft
     df = pd.DataFrame(rows.values())
     suffixes = ("dim_before", "dim", "ratio_before", "ratio", "kept") + (("ms_before", "ms") if group_ms is not None
                                                                         else ())
-    for kind in KINDS:  # blocks without attention (evit 'none' mixers) leave NaN; keep the columns regardless
+    for kind in GROUP_LABELS:  # blocks without attention (evit 'none' mixers) leave NaN; keep the columns regardless
         for suffix in suffixes:
             if f"{kind}_{suffix}" not in df:
                 df[f"{kind}_{suffix}"] = math.nan
@@ -56,8 +56,8 @@ def stage_table(blocks: pd.DataFrame) -> pd.DataFrame:
     """One row per stage: input width before and after, mean ratios and kept fractions over its blocks, and the
     MACs and params of its blocks (the stage transitions not included); ms per kind summed, where the blocks have
     them."""
-    means = {c: (c, "mean") for k in KINDS for c in (f"{k}_ratio", f"{k}_kept")}
-    ms = {c: (c, "sum") for k in KINDS for c in (f"{k}_ms_before", f"{k}_ms") if c in blocks}
+    means = {c: (c, "mean") for k in GROUP_LABELS for c in (f"{k}_ratio", f"{k}_kept")}
+    ms = {c: (c, "sum") for k in GROUP_LABELS for c in (f"{k}_ms_before", f"{k}_ms") if c in blocks}
     df = blocks.groupby("stage", as_index=False).agg(
         blocks=("block", "count"), in_dim_before=("in_dim_before", "first"), in_dim=("in_dim", "first"), **means,
         macs_before_m=("macs_before_m", "sum"), macs_after_m=("macs_after_m", "sum"),

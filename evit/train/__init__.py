@@ -36,15 +36,18 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 from tqdm import tqdm
 
-from evit import ConfigError
 from evit.builder.io import CheckpointError, read_checkpoint, torch_save, write_csv, write_json
 from evit.cache_keys import file_key
-from evit.cli import option
+from evit.cli import UserError, option
 from evit.data import DataError, Datasets, build_datasets, check_data, check_fits, default_img_size, subset
 from evit.distillation import (DISTILLATION_SETTINGS, DISTILLATION_TYPES, TEACHER_HELP, TEACHER_WEIGHTS_HELP,
                                check_distillation, distillation_loss)
 from evit.models import check_model, create_model, is_config_file, model_img_size
 from evit.weights import check_file, load_file, load_weights, structure_record
+
+class TrainingConfigError(UserError, ValueError):
+    """A training config file that cannot be read as TrainConfig's settings."""
+
 
 CHECKPOINT = "last.pth"
 FINAL = "model.pth"
@@ -86,7 +89,8 @@ class TrainConfig:
     re_prob: float = option(0.0, "random erasing probability (folders)")
     re_mode: str = option("pixel", "random erasing fill: pixel (random normal), rand or const (folders)")
     interpolation: str = option("bilinear", "resize interpolation (folders)")
-    crop_pct: Union[float, None] = option(None, "eval center-crop fraction, e.g. 0.875 = resize 256, crop 224 (folders)")
+    crop_pct: Union[float, None] = option(None, "eval center-crop fraction, e.g. 0.875 = resize 256, crop 224 "
+                                                "(folders)")
     amp: bool = option(True, "mixed precision on CUDA")
     seed: int = option(0, "random seed")
     out: Union[str, None] = option(None, "output folder: checkpoints, metrics.csv, metrics.json, model.pth")
@@ -116,17 +120,19 @@ def load_config(path: str | os.PathLike) -> dict[str, Any]:
 
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"training config not found: {path}")
+        raise TrainingConfigError(f"training config not found: {path}")
     try:
         values = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:  # its message spans lines: where, what
-        raise ConfigError(f"training config {path} is not valid YAML/JSON: {' '.join(str(e).split())}") from e
+        raise TrainingConfigError(f"training config {path} is not valid YAML/JSON: "
+                                  f"{' '.join(str(e).split())}") from e
     if not isinstance(values, dict):
-        raise ConfigError(f"training config {path} must hold a mapping of keys, got {type(values).__name__}")
+        raise TrainingConfigError(f"training config {path} must hold a mapping of keys, got "
+                                  f"{type(values).__name__}")
     unknown = sorted(set(values) - {f.name for f in dataclasses.fields(TrainConfig)})
     if unknown:
-        raise ConfigError(f"unknown key(s) {', '.join(unknown)} in {path}; valid keys are the --flags of "
-                          f"`python -m evit.train --help` with '-' written as '_'")
+        raise TrainingConfigError(f"unknown key(s) {', '.join(unknown)} in {path}; valid keys are the --flags of "
+                                  f"`python -m evit.train --help` with '-' written as '_'")
     return values
 
 

@@ -30,7 +30,7 @@ CONVERTERS: list[tuple[Match, Callable[[nn.Module], nn.Module]]] = []
 Geometry = Callable[[nn.Module, tuple], tuple[float, float, int]]
 GEOMETRIES: list[tuple[type, Geometry]] = [
     (PrunedAttention, lambda module, args: (*module.geometry, module.matmul_channels()))]
-FAMILIES: list[str] = []  # what the refusal names as supported, in registration order
+PRUNABLE_FAMILIES: list[str] = []  # what the refusal names as supported, in registration order
 
 
 def _matches(match: Match, module: nn.Module) -> bool:
@@ -42,8 +42,8 @@ def register_block(match: Match, family: str = ""):
     whose key matches a module builds its groups."""
     def register(builder):
         BLOCK_BUILDERS.append((match, builder))
-        if family and family not in FAMILIES:
-            FAMILIES.append(family)
+        if family and family not in PRUNABLE_FAMILIES:
+            PRUNABLE_FAMILIES.append(family)
         return builder
     return register
 
@@ -131,7 +131,7 @@ def prepare(model: nn.Module, builders: bool = True) -> list[Group]:
             groups = discovery.discover(model, known=groups)
         except discovery.NoAttention:
             raise UnsupportedModelError(f"{type(model).__name__} has no prunable blocks; supported: "
-                                        f"{', '.join(FAMILIES)} and, discovered from the model, any softmax "
+                                        f"{', '.join(PRUNABLE_FAMILIES)} and, discovered from the model, any softmax "
                                         f"attention; see the README's support table") from None
         except UnsupportedModelError:
             if refusal is not None:
