@@ -32,7 +32,7 @@ from evit.data import (ArrayDataset, check_data, image_folder, load_digits_split
                               parse_spec, subset)
 from evit.cli import UserError, option, parse_settings, run_cli
 from evit.models import is_config_file, model_img_size
-from evit.zoo import resolve_model
+from evit.zoo import load_for_command
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -179,7 +179,7 @@ def random_baseline(model_name: str, images: torch.Tensor, seeds: Sequence[int],
     holds seeds' similarities already at hand (the model itself, when its weights are random: seed 0)."""
     computed = computed or {}
     frames = [computed[seed] if seed in computed else
-              head_similarity(resolve_model(model_name, "random", seed=seed)[0], images, batch_size)
+              head_similarity(load_for_command(model_name, "random", seed=seed)[0], images, batch_size)
               for seed in seeds]
     stats = pd.concat(frames).groupby(["block", "head"])[list(METRICS)].agg(["mean", "std"])
     stats.columns = [f"baseline_{metric.removeprefix('max_cos_')}_{stat}" for metric, stat in stats.columns]
@@ -195,10 +195,10 @@ def model_similarity(model_name: str, weights: str = "auto", data: str = "fashio
         batch_size: int = 16, seeds: Sequence[int] = (0, 1, 2), img_size: Optional[int] = None,
         data_dir: Optional[str] = None) -> pd.DataFrame:
     """Head similarities of one model on real images, with the random-init baseline over `seeds`."""
-    model, used = resolve_model(model_name, weights, random_fallback=True)
+    model, used = load_for_command(model_name, weights, random_fallback=True)
     images = load_images(data, img_size or model_img_size(model), num_images, data_dir)
     df = head_similarity(model, images, batch_size)
-    computed = {0: df.copy()} if used == "random" else {}  # resolve_model draws random weights with seed 0
+    computed = {0: df.copy()} if used == "random" else {}  # load_for_command draws random weights with seed 0
     df.insert(0, "model", model_label(model_name))
     df["weights"] = used
     df["data"] = data
@@ -338,7 +338,7 @@ def run(settings: Settings) -> list[pd.DataFrame]:
     torch.set_num_threads(settings.threads)
     check_data(settings.data, settings.data_dir)  # data, then every model's maps, before any long work starts
     for name in settings.models:
-        model, _ = resolve_model(name, "random")
+        model, _ = load_for_command(name, "random")
         check_readable(model, settings.img_size or model_img_size(model))
     out = Path(settings.out)
     frames = []

@@ -42,7 +42,7 @@ from evit.claims import CONFIRMED, REFUTED, Claim, names
 from evit.cli import UserError, option, parse_settings, run_cli
 from evit.models import check_model, create_model, is_config_file, model_img_size, skeleton
 from evit.timing import synchronizer
-from evit.zoo import check_weights, resolve_model
+from evit.zoo import check_weights, load_for_command
 
 # The one table of operator classes. Each class: (memory-bound in the paper's sense, FLOPs per output element
 # for ops torch.utils.flop_counter does not count, aten op names). Unknown ops land in "other" and are listed.
@@ -556,7 +556,7 @@ def run(settings: Settings) -> list[OpProfile]:
     for name in settings.models:
         stem = Path(name).stem if is_config_file(name) else name
         trace = out / f"{stem}_{suffix}_trace.json" if settings.trace else None
-        model = name if settings.weights == "random" else resolve_model(name, settings.weights)[0]
+        model = name if settings.weights == "random" else load_for_command(name, settings.weights)[0]
         prof = profile_model(model, settings.batch, settings.img_size, settings.iters, settings.warmup,
                              settings.device, settings.fused, peaks, trace, name=stem, fused_attn=settings.fused_attn)
         ops_csv = write_csv(prof.ops.round(6), out / f"{stem}_{suffix}.csv")

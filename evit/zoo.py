@@ -192,9 +192,10 @@ def load_model(name: str, weights: str = "proxy", num_classes: int | None = None
     return load_file(name, path, **kwargs)
 
 
-def resolve_model(name: str, weights: str = "auto", random_fallback: bool = False,
-                  seed: int = 0) -> tuple[nn.Module, str]:
-    """(model in eval mode, the weights it got): how the analyses get a model by name. 'auto' is a proxy's trained
+def load_for_command(name: str, weights: str = "auto", random_fallback: bool = False,
+                     seed: int = 0) -> tuple[nn.Module, str]:
+    """(model in eval mode, the weights it got): what a command's --model NAME --weights W mean, through
+    `load_model` (the one way from a name to a model with weights). 'auto' is a proxy's trained
     weights for a proxy, else the hub's pretrained ones; when those are unreachable, random initial weights if
     `random_fallback` (said on stderr; head similarity compares with random init anyway), else
     WeightsUnavailableError naming --weights random (pruning random weights says nothing about a trained model).
@@ -210,7 +211,7 @@ def resolve_model(name: str, weights: str = "auto", random_fallback: bool = Fals
         if asked != "auto" or not random_fallback:
             raise WeightsUnavailableError(f"{e} (or --weights random for a smoke run)") from e
         print(f"note: {e}. Using random weights.", file=sys.stderr)
-        return resolve_model(name, "random", seed=seed)
+        return load_for_command(name, "random", seed=seed)
 
 
 def load_teacher(teacher: str, weights: str | None, num_classes: int) -> nn.Module:

@@ -61,7 +61,7 @@ from evit.data import ServedBatches, build_datasets, load_batches, subset
 from evit.launch import Launcher, Run
 from evit.models import model_img_size, skeleton
 from evit.train import TrainConfig
-from evit.zoo import KEYWORDS, cache_dir, resolve_model
+from evit.zoo import KEYWORDS, cache_dir, load_for_command
 
 # Ours to a MAC target, ours to a latency target, torch-pruning's global and isomorphic Taylor pruning.
 METHODS = ("macs", "latency", "tp_global", "tp_isomorphic")
@@ -310,7 +310,7 @@ def measure_model(name: str, settings: Settings, out: Path) -> list[dict]:
     """One row per point and method for model `name`: pruned (or read back), each point's models timed against the
     unpruned one interleaved (in both orders) and against their anchor, and each evaluated before fine-tuning on
     the fine-tune's validation images."""
-    model, weights = resolve_model(name, settings.weights)
+    model, weights = load_for_command(name, settings.weights)
     img_size = model_img_size(model)
     latency = latency_model(settings)
     records = prune_or_read(name, model, settings, latency, out)

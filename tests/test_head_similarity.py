@@ -480,7 +480,7 @@ def test_random_weights_are_the_baselines_seed_0_computed_once(monkeypatch):
     monkeypatch.setattr(hs, "head_similarity", lambda *args: calls.append(1) or real(*args))
     df = hs.model_similarity("evit_m0", "random", data="digits", num_images=2, batch_size=2, seeds=(0, 1), img_size=64)
     assert len(calls) == 2  # the model (= seed 0) and seed 1
-    fresh = real(hs.resolve_model("evit_m0", "random", seed=0)[0], hs.load_images("digits", 64, 2), 2)
+    fresh = real(hs.load_for_command("evit_m0", "random", seed=0)[0], hs.load_images("digits", 64, 2), 2)
     np.testing.assert_allclose(df.max_cos_raw, fresh.max_cos_raw, atol=1e-6)
 
 

@@ -409,7 +409,7 @@ def test_validation_batches_are_served_when_read():
 def no_long_work(monkeypatch):
     """Input errors must come before any weights load (a proxy would train, hub weights download) or data is read:
     either fails the test."""
-    refuse(monkeypatch, cli, ["resolve_model", "load_batches"], "weights or data were loaded")
+    refuse(monkeypatch, cli, ["load_for_command", "load_batches"], "weights or data were loaded")
 
 
 @pytest.mark.parametrize("argv, message", [

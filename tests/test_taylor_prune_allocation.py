@@ -140,7 +140,7 @@ def test_cli_match_throughput_writes_what_it_measured(tmp_path, monkeypatch, cap
     (["--preset", "m9"], "unknown preset 'm9'; valid: m0, m1, m2, m3, m4, m5"),
 ])
 def test_bad_match_is_one_line_before_any_work(argv, message, capsys, monkeypatch):
-    refuse(monkeypatch, cli, ["resolve_model", "load_batches"], "weights or data were loaded")
+    refuse(monkeypatch, cli, ["load_for_command", "load_batches"], "weights or data were loaded")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # as here, on a machine with a GPU too
     assert message in one_line_error(capsys, ["--model", "deit_proxy", *argv], tpr.main)
 

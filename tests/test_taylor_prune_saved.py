@@ -24,7 +24,7 @@ from experiments import benchmark
 from evit import zoo
 from experiments.benchmark import _runner, randomize_batchnorm_
 from evit.distillation import DistillationLoss, soft_distillation
-from evit.zoo import load_model, resolve_model
+from evit.zoo import load_model, load_for_command
 from tests.test_train import REPO, env_1_thread, one_line_error
 
 SIZES = {"deit_proxy": 28, "evit": 32}
@@ -49,7 +49,7 @@ def pruned(tmp_path_factory):
     folder = tmp_path_factory.mktemp("pruned")
     made = {}
     for kind, name in (("deit_proxy", "deit_proxy"), ("evit", evit_config(folder))):
-        model, weights = resolve_model(name, "random")
+        model, weights = load_for_command(name, "random")
         randomize_batchnorm_(model)
         unpruned = {k: tuple(v.shape) for k, v in model.state_dict().items()}
         x, y = images(kind), torch.arange(6) % 10
@@ -110,7 +110,7 @@ def test_reloads_in_a_fresh_process_with_identical_outputs_and_shapes(pruned, tm
 
 def test_the_analyses_weights_path_gets_the_pruned_model(pruned):
     for kind, (name, model, path, _) in pruned.items():
-        loaded, weights = resolve_model(name, path)
+        loaded, weights = load_for_command(name, path)
         with torch.no_grad():
             assert weights == path and torch.equal(loaded(images(kind)), model(images(kind))), kind
 
@@ -242,7 +242,7 @@ def test_finetune_teacher_unpruned_distills_from_the_unpruned_models_logits(monk
                                finetune_teacher="unpruned", out=tmp_path)
     result = tp_cli.prune_model(settings)
     loss = built[0]
-    unpruned = resolve_model("deit_proxy", "random")[0]  # random weights drawn with the same seed
+    unpruned = load_for_command("deit_proxy", "random")[0]  # random weights drawn with the same seed
     x, y = images("deit_proxy"), torch.arange(6) % 10
     with torch.no_grad():
         student, teacher = result.model(x), unpruned(x)

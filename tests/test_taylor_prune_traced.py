@@ -541,7 +541,7 @@ def test_the_cli_refuses_a_timm_family_at_once_in_one_line(capsys, monkeypatch, 
     from analysis.taylor_prune import cli
     from tests.test_train import one_line_error, refuse
 
-    refuse(monkeypatch, cli, ["resolve_model", "load_batches"], "weights or data were loaded")
+    refuse(monkeypatch, cli, ["load_for_command", "load_batches"], "weights or data were loaded")
     assert one_line_error(capsys, ["--model", model, "--weights", "random"], tpr.main) == message
 
 

@@ -23,7 +23,7 @@ from evit.cli import UserError, option, parse_settings, run_cli
 from evit.data import build_datasets, check_data, load_batches
 from evit.models import check_model, model_img_size, skeleton
 from evit.train import TrainConfig, train as train_model
-from evit.zoo import cache_dir, resolve_model
+from evit.zoo import cache_dir, load_for_command
 
 DEFAULT_OUT = "runs/taylor_prune"
 IMPORTANCES = ("auto", "taylor", "loss_change")
@@ -153,7 +153,7 @@ def check_inputs(settings: Settings) -> None:
 def prune_model(settings: Settings) -> PruneResult:
     """The pruned model and its tables, written nowhere (`run` writes them)."""
     check_inputs(settings)
-    model, weights = resolve_model(settings.model, settings.weights)
+    model, weights = load_for_command(settings.model, settings.weights)
     img_size = settings.img_size or model_img_size(model)
     train, val, num_classes = load_batches(settings.data, img_size, settings.batches, settings.batch,
                                            settings.val_images, settings.data_dir)

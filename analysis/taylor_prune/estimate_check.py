@@ -36,7 +36,7 @@ from evit.builder.io import write_csv
 from evit.cli import UserError, option, parse_settings, run_cli
 from evit.data import load_batches
 from evit.models import model_img_size
-from evit.zoo import resolve_model
+from evit.zoo import load_for_command
 
 ESTIMATES = ("loss_change", "taylor_sum", "taylor_mean")
 
@@ -115,7 +115,7 @@ class Settings:
 def run(settings: Settings) -> pd.DataFrame:
     settings.check()
     torch.set_num_threads(settings.threads)
-    model, weights = resolve_model(settings.model, settings.weights)
+    model, weights = load_for_command(settings.model, settings.weights)
     img_size = model_img_size(model)
     gradient, _, _ = load_batches(settings.data, img_size, settings.batches, settings.batch, 0, settings.data_dir)
     # The loss is measured on other training images than the gradients' (a later part of the same fixed order).
