@@ -1,4 +1,5 @@
-"""Trainings as jobs: in this process (inline), as submitit jobs on this machine (local) or on Slurm (slurm).
+"""Trainings as jobs: in this process or side by side in worker processes (inline), as submitit jobs on this
+machine (local) or on Slurm (slurm).
 
     run_trainings(configs, out, Launcher("slurm", partition="gpu", gpus_per_job=4, time_min=120))
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import multiprocessing
 import shutil
 import subprocess
 import time
@@ -51,6 +53,8 @@ class Launcher:
     kind: str = option("inline", "inline: in this process; local: submitit jobs on this machine, one after "
                        "another; slurm: submitit jobs on Slurm, all queued at once", flags=("--launcher",),
                        choices=LAUNCHERS)
+    parallel: int = option(1, "inline: trainings side by side, each in a worker process of its own (1: one after "
+                              "another in this process)")
     gpus_per_job: int = option(0, "GPUs per job, one DDP process each (0: one process)")
     time_min: int = option(240, "job time limit in minutes", flags=("--time",))
     partition: Optional[str] = option(None, "Slurm partition")
@@ -66,6 +70,10 @@ class Launcher:
         if self.gpus_per_job < 0 or self.time_min <= 0:
             raise UserError(f"--gpus-per-job must be 0 or more and --time (minutes) more than 0, got "
                             f"{self.gpus_per_job} and {self.time_min}")
+        if self.parallel < 1 or (self.parallel > 1 and self.kind != "inline"):
+            raise UserError(f"--parallel must be 1 or more and applies to --launcher inline (local jobs run one "
+                            f"after another, Slurm queues them all); got --parallel {self.parallel} with "
+                            f"--launcher {self.kind}")
         if self.kind == "inline" and self.gpus_per_job:
             raise UserError("--gpus-per-job needs --launcher local or slurm (inline trains in this process, on its "
                             "devices)")
@@ -150,6 +158,25 @@ def train_run(run: Run, folder: Path) -> None:
     finally:
         if joins and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def train_or_error(run: Run, folder: Path) -> Optional[str]:
+    """train_run in a worker process: None once trained, else the failure's last line (a traceback does not
+    travel back whole)."""
+    try:
+        train_run(run, folder)
+    except Exception as error:  # the caller reports it and goes on with the runs that finished
+        return last_line(error)
+    return None
+
+
+def side_by_side(function: Callable[..., Any], calls: Sequence[tuple], processes: int) -> list[Any]:
+    """function(*call) for every call, `processes` at a time, each in a worker process, and their results in
+    order. Spawned, not forked: a worker imports what it needs and inherits no thread pool of this process
+    (forking a process that ran OpenMP can hang the child). A call's exception is raised here."""
+    with multiprocessing.get_context("spawn").Pool(max(1, min(processes, len(calls)))) as pool:
+        pending = [pool.apply_async(function, call) for call in calls]
+        return [result.get() for result in pending]
 
 
 class TrainingJob(submitit.helpers.Checkpointable):
@@ -280,7 +307,11 @@ def run_trainings(runs: Sequence[Union[Run, TrainConfig]], out: Path,
             failures[folder] = (error, job.paths.stderr)
 
     jobs = Path(out) / JOBS
-    if launcher.kind == "inline":
+    if launcher.kind == "inline" and launcher.parallel > 1 and len(todo) > 1:
+        # Each run trains on its config's threads, so its result is the one it gets alone.
+        errors = side_by_side(train_or_error, todo, launcher.parallel)
+        failures.update({folder: (error, None) for (_, folder), error in zip(todo, errors) if error is not None})
+    elif launcher.kind == "inline":
         for run, folder in todo:
             try:
                 train_run(run, folder)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import multiprocessing
+import os
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -29,13 +30,13 @@ import pandas as pd
 
 from analysis import head_similarity, mhsa_ratio, op_profile, taylor_prune
 from analysis.taylor_prune import claims as pruning_claims
-from evit import PRESETS, EfficientViTConfig, get_preset
+from evit import PRESETS, EfficientViTConfig, get_preset, zoo
 from evit.builder import summary
 from evit.builder.io import markdown_table, save_figure, write_text
-from experiments import benchmark, family, prune_study
 from evit.claims import Claim, names
 from evit.cli import UserError, option, parse_settings, run_cli
-from evit.launch import Launcher
+from evit.launch import Launcher, side_by_side
+from experiments import benchmark, family, prune_study
 
 RESULTS = Path("results")
 # OUT/.running/<step> exists from a step's start to its success: a step killed or failed part-way (some of its
@@ -125,6 +126,13 @@ def _budget(opts: Settings, step: str) -> dict[str, Any]:
     return dict(budget[step], **weights)
 
 
+def _proxies(out: Path, opts: Settings) -> None:
+    """Train the proxies the analyses of trained networks read, side by side (each is cached: a second run loads
+    them), so that no later step trains one alone."""
+    budget = _budget(opts, "head_similarity")["weights"]
+    side_by_side(zoo.train_proxy, [(name, False, budget) for name in PROXY_SCALE_MODELS.values()], opts.parallel)
+
+
 def _presets(out: Path, opts: Settings) -> None:
     summary.save_presets(summary.preset_table(), out / "presets")
 
@@ -205,6 +213,8 @@ def _benchmark(out: Path, opts: Settings) -> None:
 
 
 STEPS = [
+    # No outputs under the run folder (the proxies live in the zoo's cache): it runs each time, loading them.
+    Step("proxies", (), _proxies, ("quick", "standard")),
     Step("presets", ("presets/presets.csv",), _presets),
     Step("op_profile", tuple(f"op_profile/{m}_{{device}}_classes.csv" for m in PROFILED), _op_profile),
     Step("head_similarity", ("head_similarity/{deit}.csv", "head_similarity/{swin}.csv",
@@ -503,8 +513,12 @@ def run_isolated(step: Step, args: Settings) -> None:
 @dataclass
 class Settings(Launcher):
     """The run's settings: where its trainings run (the launcher's flags: --launcher slurm --partition ...), then
-    its own. `device`, `out` and `reference` left unset take the scale's (`resolved`)."""
+    its own. `parallel`, `device`, `out` and `reference` left unset take the machine's and the scale's
+    (`resolved`): independent trainings run one per core, each on one thread, so the run uses the machine's cores
+    while every timing step still runs alone."""
 
+    parallel: Optional[int] = option(None, "inline: trainings side by side, one worker process each (None: one "
+                                           "per core of this machine with --launcher inline, else 1)")
     scale: str = option("quick", "quick: proxies on Fashion-MNIST with minutes of training, about 31 min on 2 cores "
                                  "(runs/quick). standard: the proxy budgets behind results/ (about 1.5 h). paper: "
                                  "the paper's models with pretrained weights on ImageNet-format --data, on --device "
@@ -527,7 +541,7 @@ class Settings(Launcher):
         return [s for s in STEPS if self.scale in s.scales]
 
     def check(self) -> None:
-        super().check()
+        Launcher.check(self.resolved())
         if self.scale == "paper" and not (self.data or "").startswith("imagefolder:"):
             raise UserError("--scale paper needs --data imagefolder:PATH (ImageNet-format folders PATH/train, "
                             "PATH/val)")
@@ -539,7 +553,9 @@ class Settings(Launcher):
 
     def resolved(self) -> "Settings":
         """These settings with the scale's device, run folder and reference where they were left unset."""
+        cores = len(os.sched_getaffinity(0))
         return dataclasses.replace(self, device=self.device or ("cuda" if self.scale == "paper" else "cpu"),
+                                   parallel=self.parallel or (cores if self.kind == "inline" else 1),
                                    out=Path(self.out or DEFAULT_OUT[self.scale]),
                                    reference=Path(self.reference or REFERENCE[self.scale]))
 

@@ -81,6 +81,19 @@ def test_relaunch_resubmits_only_the_failed_run_which_trains_as_one_ddp_job_of_t
     assert (job.parent / job.name.replace("submitted.pkl", "1_log.err")).is_file()  # the second task's log
 
 
+def test_inline_side_by_side_trains_each_run_as_alone_and_names_a_failure(tmp_path):
+    """Three runs two at a time in worker processes: the metrics of the same runs one after another in this
+    process; seed 1's broken last.pth fails it alone, named by its last line."""
+    broken = run_dir(tmp_path / "side", tiny(1)) / CHECKPOINT
+    broken.parent.mkdir(parents=True)
+    broken.write_text("not a checkpoint")
+    side = run_trainings([tiny(0), tiny(1), tiny(2)], tmp_path / "side", Launcher(parallel=2))
+    alone = run_trainings([tiny(0), tiny(2)], tmp_path / "alone")
+    assert [o.finished for o in side] == [True, False, True]
+    assert "CheckpointError" in side[1].error and CHECKPOINT in side[1].error and side[1].log is None
+    assert [learned(o) for o in (side[0], side[2])] == [learned(o) for o in alone]
+
+
 def tiny_vit(**kwargs) -> "timm.models.VisionTransformer":
     """TINY's model built by a function, as an analysis builds a variant no name describes."""
     return timm.create_model("vit_tiny_patch16_224", img_size=8, num_classes=10, **kwargs)
@@ -141,6 +154,8 @@ def test_slurm_jobs_ask_for_the_flags_resources(fake_slurm, tmp_path):
     (["--gpus-per-job", "2"], "--gpus-per-job needs --launcher local or slurm"),
     (["--launcher", "slurm"], "--launcher slurm needs Slurm's sbatch and srun on PATH"),
     (["--launcher", "cluster"], "invalid choice: 'cluster'"),
+    (["--launcher", "local", "--parallel", "2"], "--parallel must be 1 or more and applies to --launcher inline"),
+    (["--parallel", "0"], "--parallel must be 1 or more"),
 ])
 def test_impossible_launchers_are_one_line_errors(argv, message, capsys, monkeypatch, tmp_path):
     monkeypatch.setenv("PATH", str(tmp_path))  # no Slurm here

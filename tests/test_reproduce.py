@@ -3,6 +3,7 @@ beside the reference's."""
 from __future__ import annotations
 
 import dataclasses
+import os
 import subprocess
 from pathlib import Path
 
@@ -60,7 +61,7 @@ def test_each_step_runs_in_its_own_process_and_a_failure_stops_the_run(tmp_path,
 def test_unknown_step_names_the_valid_ones(tmp_path, capsys):
     with pytest.raises(SystemExit):
         reproduce.main(["--out", str(tmp_path), "--steps", "everything"])
-    assert "unknown step(s) everything at quick scale; valid: presets" in capsys.readouterr().err
+    assert "unknown step(s) everything at quick scale; valid: proxies, presets" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         reproduce.main(["--scale", "paper", "--out", str(tmp_path)])
     assert "--scale paper needs --data imagefolder:PATH" in capsys.readouterr().err
@@ -85,10 +86,10 @@ def test_every_step_budget_is_valid_settings(scale, tmp_path, monkeypatch):
 
     for module in (op_profile, head_similarity, taylor_prune, mhsa_ratio, prune_study, family, benchmark):
         monkeypatch.setattr(module, "run", refuse)
-    opts = reproduce.Settings(scale=scale, device="cpu")
+    opts = reproduce.Settings(scale=scale, device="cpu").resolved()
     for step in reproduce.STEPS:
-        if step.name == "presets":
-            continue  # no settings: the preset table at 224 px
+        if step.name in ("presets", "proxies"):
+            continue  # no settings: the preset table at 224 px, the zoo's proxies
         with pytest.raises(Asked) as asked:
             step.run(tmp_path, opts)
         settings = asked.value.args[0]
@@ -98,7 +99,16 @@ def test_every_step_budget_is_valid_settings(scale, tmp_path, monkeypatch):
         else:
             assert getattr(settings, "weights", None) in (None, reproduce.BUDGETS[scale]["weights"]), step.name
         assert Path(settings.out).is_relative_to(tmp_path), step.name  # nothing lands outside the run
+        assert getattr(settings, "parallel", opts.parallel) == opts.parallel, step.name  # the run's side by side
     assert reproduce.BUDGETS[scale]["weights"] in PROXY_BUDGETS
+
+
+def test_trainings_run_one_per_core_inline_and_one_at_a_time_with_another_launcher():
+    assert reproduce.Settings().resolved().parallel == len(os.sched_getaffinity(0))
+    assert reproduce.Settings(kind="local").resolved().parallel == 1
+    assert reproduce.Settings(parallel=1).resolved().parallel == 1
+    with pytest.raises(SystemExit):  # side by side is the inline launcher's
+        reproduce.main(["--launcher", "local", "--parallel", "2", "--steps", "presets"])
 
 
 def test_paper_scale_trains_the_papers_subnetworks_and_family_with_the_runs_launcher(tmp_path, monkeypatch):
@@ -111,7 +121,7 @@ def test_paper_scale_trains_the_papers_subnetworks_and_family_with_the_runs_laun
         monkeypatch.setattr(module, "run", asked.append)
     launcher = Launcher(kind="local", gpus_per_job=2, time_min=2880)
     opts = reproduce.Settings(scale="paper", device="cuda", data="imagefolder:/data/in1k",
-                              **dataclasses.asdict(launcher))
+                              **dataclasses.asdict(launcher)).resolved()
     for step in reproduce.STEPS:
         if step.name in ("mhsa_ratio", "family"):
             step.run(tmp_path, opts)
