@@ -161,8 +161,8 @@ def train_run(run: Run, folder: Path) -> None:
 
 
 def train_or_error(run: Run, folder: Path) -> Optional[str]:
-    """train_run in a worker process: None once trained, else the failure's last line (a traceback does not
-    travel back whole)."""
+    """train_run, and None once trained, else the failure's last line (which a worker process sends back whole,
+    where a traceback would not)."""
     try:
         train_run(run, folder)
     except Exception as error:  # the caller reports it and goes on with the runs that finished
@@ -307,16 +307,11 @@ def run_trainings(runs: Sequence[Union[Run, TrainConfig]], out: Path,
             failures[folder] = (error, job.paths.stderr)
 
     jobs = Path(out) / JOBS
-    if launcher.kind == "inline" and launcher.parallel > 1 and len(todo) > 1:
-        # Each run trains on its config's threads, so its result is the one it gets alone.
-        errors = side_by_side(train_or_error, todo, launcher.parallel)
+    if launcher.kind == "inline":
+        # Side by side, each run trains on its config's threads, so its result is the one it gets alone.
+        errors = (side_by_side(train_or_error, todo, launcher.parallel) if launcher.parallel > 1 and len(todo) > 1
+                  else [train_or_error(run, folder) for run, folder in todo])
         failures.update({folder: (error, None) for (_, folder), error in zip(todo, errors) if error is not None})
-    elif launcher.kind == "inline":
-        for run, folder in todo:
-            try:
-                train_run(run, folder)
-            except Exception as error:  # the caller reports it and goes on with the runs that finished
-                failures[folder] = (last_line(error), None)
     elif launcher.kind == "slurm":  # every job queued at once, but those an earlier launch queued: waited for
         queued = {folder: job for _, folder in todo if (job := queued_job(folder)) is not None}
         for folder, job in queued.items():
