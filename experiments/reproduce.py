@@ -164,7 +164,7 @@ def _taylor_prune(out: Path, opts: Settings) -> None:
         # evit's blocks hold too few of its MACs at 64 px for 50%: every group would sit at its floor.
         target = dict(target_macs=0.8) if kind == "evit" and opts.scale != "paper" else {}
         # The derived config is matched to M0's measured deploy throughput on the run's device, not its FLOPs.
-        taylor_prune.run(taylor_prune.Settings(model=model, out=out / "taylor_prune", attention_share=share,
+        taylor_prune.run(taylor_prune.Settings(model=model, out=out / "taylor_prune", attention_share_from=share,
                                                match="throughput", device=opts.device, **target,
                                                **_budget(opts, "taylor_prune")))
 

@@ -76,9 +76,11 @@ class Settings:
                         "by side, within 5%; none: widths unscaled)")
     mixer: str = option("cga", "allocation's attention: cga (V = C/H) or mhsa (V from the measured V ratio)",
                         choices=("cga", "mhsa"))
-    attention_share: Optional[str] = option(
+    # The flag's text (a number or a file); the allocation gets the share it names (read_attention_share).
+    attention_share_from: Optional[str] = option(
         None, "allocation's share of blocks with attention: a number in [0, 1], or an MHSA-proportion summary.csv "
-              "(analysis.mhsa_ratio) whose best evit share is taken (None: every block)")
+              "(analysis.mhsa_ratio) whose best evit share is taken (None: every block)",
+        flags=("--attention-share",))
     config_out: Optional[Path] = option(None, "where to write the allocation config (None: "
                                               "OUT/<model>_allocation.yaml)")
     threads: int = option(1, "torch CPU threads")
@@ -103,7 +105,7 @@ class Settings:
         if min(sizes) < 1 or not 0 < self.floor <= 1:
             raise UserError("--steps, --batches, --batch, --val-images and --latency-batch must be >= 1 and --floor in "
                             "(0, 1]")
-        read_attention_share(self.attention_share)
+        read_attention_share(self.attention_share_from)
         if self.finetune_teacher not in FINETUNE_TEACHERS:
             raise UserError(f"--finetune-teacher must be one of {', '.join(FINETUNE_TEACHERS)}; got "
                             f"{self.finetune_teacher!r}")
@@ -195,7 +197,7 @@ def run(settings: Settings) -> PruneResult:
     write_csv(result.stages.round(5), out / f"{stem}_stages.csv")
     measure = DeployThroughput(settings.device, settings.latency_batch)
     allocation = allocate(result.blocks, settings.preset, settings.match, name=f"{stem}_taylor", mixer=settings.mixer,
-                          attention_share=read_attention_share(settings.attention_share), measure=measure)
+                          attention_share=read_attention_share(settings.attention_share_from), measure=measure)
     s.update(allocation.summary, **(measure.fields() if settings.match == "throughput" else {}))
     write_csv(pd.DataFrame([s]).round(5), out / f"{stem}_summary.csv")
     config = allocation.config
