@@ -39,8 +39,10 @@ LAUNCHERS = ("inline", "local", "slurm")
 JOBS = "jobs"  # the folder under `out` with submitit's job folders
 JOB_RECORD = "job.json"  # in a run's folder: the Slurm job that trains it, so a re-launch waits for it
 # squeue's states of a job that will still run or is running (a requeued job goes back to PENDING).
+UNANSWERED = "UNANSWERED"  # queue_state when squeue could not be asked
 QUEUED_STATES = frozenset({"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED", "REQUEUE_FED",
-                           "REQUEUE_HOLD", "RESIZING", "SUSPENDED", "SIGNALING", "STAGE_OUT", "PREEMPTED"})
+                           "REQUEUE_HOLD", "RESIZING", "SUSPENDED", "SIGNALING", "STAGE_OUT", "PREEMPTED",
+                           UNANSWERED})
 
 
 @dataclass
@@ -242,15 +244,18 @@ def submit(todo: Sequence[tuple[Run, Path]], launcher: Launcher, jobs: Path) -> 
 
 
 def queue_state(job_id: str) -> Optional[str]:
-    """The job's state as squeue reports it (PENDING, RUNNING, COMPLETED, ...); None once squeue no longer knows
-    it (it forgets a job MinJobAge seconds after its end)."""
+    """The job's state as squeue reports it (PENDING, RUNNING, COMPLETED, ...); None once squeue says it no longer
+    knows the job (it forgets one MinJobAge seconds after its end); UNANSWERED when squeue itself failed (a busy or
+    restarting slurmctld), which counts as still queued: a job is never given up for a missed answer."""
     try:
         answer = subprocess.run(["squeue", "-h", "--states=all", "-j", job_id, "-o", "%T"], capture_output=True,
                                 text=True, timeout=60)
     except (OSError, subprocess.TimeoutExpired):
-        return None
+        return UNANSWERED
     states = answer.stdout.split()
-    return states[0] if answer.returncode == 0 and states else None
+    if answer.returncode == 0:
+        return states[0] if states else None
+    return None if "Invalid job id" in answer.stderr else UNANSWERED
 
 
 def queued_job(folder: Path) -> Optional[submitit.Job]:

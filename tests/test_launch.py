@@ -149,6 +149,19 @@ def test_slurm_jobs_ask_for_the_flags_resources(fake_slurm, tmp_path):
     assert isinstance(call.function, launch.TrainingJob) and call.args == todo[1]
 
 
+@pytest.mark.parametrize("stderr, expected", [
+    ("slurm_load_jobs error: Invalid job id specified", None),  # forgotten: the job ended long ago
+    ("slurm_load_jobs error: Unable to contact slurm controller (connect failure)", launch.UNANSWERED),
+])
+def test_a_failed_squeue_call_is_no_answer_not_a_forgotten_job(stderr, expected, tmp_path, monkeypatch):
+    squeue = tmp_path / "squeue"
+    squeue.write_text(f'#!/bin/sh\necho "{stderr}" >&2\nexit 1\n')
+    squeue.chmod(squeue.stat().st_mode | stat.S_IEXEC)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    assert launch.queue_state("123_0") == expected
+    assert (expected in launch.QUEUED_STATES) == (expected is not None)  # no answer: waited for, never resubmitted
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--launcher", "local", "--partition", "gpu"], "--partition apply to --launcher slurm only"),
     (["--gpus-per-job", "2"], "--gpus-per-job needs --launcher local or slurm"),
