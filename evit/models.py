@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import difflib
+import inspect
 import os
 from typing import Any, Optional
 
@@ -99,14 +100,30 @@ def resolve_model_name(name: str) -> str:
 
 def create_model(name: str, img_size: Optional[int] = None, **kwargs: Any) -> nn.Module:
     """Create a model from a short name, a proxy, an evit config file, or a timm name (kwargs go to timm);
-    `img_size` goes only to models that take one."""
-    if img_size is not None:
-        try:
-            return _create(name, img_size=img_size, **kwargs)
-        except TypeError as e:  # size-agnostic models (most CNNs) reject the argument, naming it; nothing else
-            if "img_size" not in str(e):
-                raise
+    `img_size` goes only to models whose constructor takes one (read from it: see takes_img_size)."""
+    if img_size is not None and takes_img_size(name, **kwargs):
+        kwargs["img_size"] = img_size
     return _create(name, **kwargs)
+
+
+def takes_img_size(name: str, **kwargs: Any) -> bool:
+    """Whether model `name`'s constructor has an img_size parameter (ViTs, Swin, LeViT, evit: their token grids
+    depend on it); size-agnostic models (most CNNs) have none. Read from the signatures along the class's
+    bases while each passes **kwargs on, on a meta-device skeleton; evit takes it as a config field."""
+    model = skeleton(name, **kwargs)
+    if isinstance(getattr(model, "config", None), evit.EfficientViTConfig):
+        return True
+    for cls in type(model).__mro__:
+        if cls is nn.Module:
+            break
+        if "__init__" not in vars(cls):
+            continue
+        parameters = inspect.signature(cls.__init__).parameters
+        if "img_size" in parameters:
+            return True
+        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+            break
+    return False
 
 
 def _create(name: str, **kwargs: Any) -> nn.Module:

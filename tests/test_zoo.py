@@ -117,3 +117,24 @@ def test_cli_lists_proxies(cache, capsys):
     main(["list"])
     out = capsys.readouterr().out
     assert all(name in out for name in PROXY_RECIPES) and "not trained" in out
+
+
+@pytest.mark.parametrize("name,takes", [("deit_tiny", True), ("swin_proxy", True), ("levit_128s", True),
+                                        ("evit_m0", True), ("resnet18", False), ("convnext_atto", False)])
+def test_img_size_goes_to_the_models_whose_constructor_takes_one(name, takes):
+    """Read from the constructor (LeViT's through **kwargs, evit's as a config field), so a CNN gets no argument it
+    would reject and a token-grid model is really built at the size asked for."""
+    from evit.models import takes_img_size
+
+    def shapes(model):
+        return {k: v.shape for k, v in [*model.named_parameters(), *model.named_buffers()]}
+
+    assert takes_img_size(name) is takes
+    model = create_model(name, img_size=64, num_classes=3).eval()
+    assert (shapes(model) != shapes(create_model(name, num_classes=3))) is takes  # pos embeds, biases, masks
+    assert model(torch.randn(1, 3, 64, 64)).shape == (1, 3)
+
+
+def test_a_constructor_error_other_than_the_size_is_raised_not_retried():
+    with pytest.raises(TypeError, match="no_such_argument"):
+        create_model("resnet18", img_size=64, no_such_argument=1)
