@@ -195,10 +195,11 @@ def measure_speed(model: nn.Module, img_size: int, peaks: tuple[float, float], b
 
 
 def speed_table(base: Base, shares: Sequence[float] = SHARES, mixer: str = "cga") -> pd.DataFrame:
-    """Throughput and memory-bound share per proportion, all judged by one roofline measured here."""
-    from analysis.op_profile import measure_peaks
+    """Throughput and memory-bound share per proportion, all judged by one roofline: the best seen on this machine."""
+    from analysis.op_profile import default_roofline_cache, roofline_peaks
 
-    peaks = measure_peaks("cpu")
+    roofline = roofline_peaks("cpu", default_roofline_cache())
+    peaks = (roofline.gflops, roofline.gbs)
     return pd.DataFrame([dict(share=share, **measure_speed(build_variant(base.family, share, mixer, base=base)[0],
                                                            base.img_size, peaks))
                          for share in shares])

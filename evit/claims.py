@@ -17,9 +17,16 @@ class Claim:
     verdict: str  # CONFIRMED, REFUTED or INCONCLUSIVE; MET or NOT_MET for a target
     evidence: str  # one sentence with the numbers
     numbers: dict[str, float] = field(default_factory=dict)  # the key numbers, by a short readable name
+    load: str = ""  # for a verdict on timings: the load they were measured under ('' on a quiet machine)
 
     def markdown(self) -> str:
-        return f"Claim: {self.claim} **{self.verdict}**: {self.evidence}"
+        load = f" ({self.load})" if self.load else ""
+        return f"Claim: {self.claim} **{self.verdict}**{load}: {self.evidence}"
+
+    @property
+    def verdict_and_load(self) -> str:
+        """The verdict, marked when its timings were measured under load (a busy machine may move it)."""
+        return f"{self.verdict} (under load)" if self.load else self.verdict
 
 
 def names(items: Iterable[str]) -> str:

@@ -3,6 +3,7 @@ device's queue drained before each clock read; the process's peak memory. Used b
 analyses that time models (op_profile, mhsa_ratio)."""
 from __future__ import annotations
 
+import os
 import platform
 import resource
 import time
@@ -23,6 +24,36 @@ def describe_machine(device: str, threads: int) -> str:
                    if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() \
             else platform.processor()
     return f"{hw}; {threads} thread(s); torch {torch.__version__}; python {platform.python_version()}"
+
+
+BUSY_CORES = 0.3  # other processes using more than this many cores' worth of CPU time: a machine under load
+
+
+def _busy_seconds() -> float:
+    """CPU seconds all processes have run (user, nice, system, irq, softirq, steal; not idle or iowait) since boot."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    busy = sum(fields[i] for i in (0, 1, 2, 5, 6, 7) if i < len(fields))
+    return busy / os.sysconf("SC_CLK_TCK")
+
+
+def other_load(seconds: float = 0.5) -> float | None:
+    """How many cores' worth of CPU time processes other than this one used over `seconds` (while this one sleeps,
+    its threads idle): 0 on a quiet machine, about 1 with a busy loop beside us. None where the kernel does not
+    say (no /proc/stat)."""
+    if not Path("/proc/stat").exists():
+        return None
+    ours = sum(os.times()[:2])
+    busy, start = _busy_seconds(), time.perf_counter()
+    time.sleep(seconds)
+    others = _busy_seconds() - busy - (sum(os.times()[:2]) - ours)
+    return max(0.0, others / (time.perf_counter() - start))
+
+
+def describe_load(cores: float | None) -> str:
+    """A line for a report: the load timings were measured under, or '' on a quiet machine (or unknown)."""
+    if cores is None or cores <= BUSY_CORES:
+        return ""
+    return f"measured under load: other processes used {cores:.1f} of {os.cpu_count()} cores as it started"
 
 
 def synchronizer(device: str) -> Callable[[], None]:

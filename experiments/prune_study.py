@@ -14,8 +14,10 @@ experiments.peer_pruning). Every method prunes the same unpruned weights from th
 --steps steps, keeping at least 10% of every group.
 
 Two operating points per model, each with an anchor pruned to its target and every other method matched to it by
-bisecting its own knob (our MAC target, our latency target, torch-pruning's pruning ratio), at most --probes
-prunings each:
+searching its own knob (our MAC target, our latency target, torch-pruning's pruning ratio) in a shrinking bracket,
+at most --probes prunings each: the first probe at the anchor's own fraction in the knob's units (its measured
+latency for our latency target, its MACs for the others), then the ratio interpolated between the bracket's ends,
+stopping within tolerance or once the bracket is narrower than the knob's resolution (`bisect`):
 - equal MACs: the anchor is our MAC target at --target-macs; the others stop within 1% of its MACs (counted alike
   for every model: analysis.taylor_prune.count_macs on a prepared copy, attention matmuls included);
 - equal latency: the anchor is our latency target at --target-latency; each probe is timed against the anchor
@@ -69,6 +71,9 @@ PEERS = dict(tp_global="global", tp_isomorphic="isomorphic")  # method -> experi
 POINTS = ("equal_macs", "equal_latency")
 ANCHORS = dict(equal_macs="macs", equal_latency="latency")  # the method pruned to each point's target
 MAC_TOLERANCE = 0.01  # a bisection to the anchor's MACs stops within 1% of them
+# Knobs closer than this prune alike but for noise: a latency target's steps stop within LATENCY_TOLERANCE of their
+# goals (the others: 1e-3, below a channel of the proxies' narrowest group).
+KNOB_RESOLUTION = dict(latency=LATENCY_TOLERANCE / 2)
 MAC_MATCH = 0.02  # within 2% of the anchor's MACs: equal MACs
 LATENCY_MATCH = 0.05  # within 5% of the anchor's latency, timed against it: equal latency
 LABELS = dict(macs="ours, MAC target", latency="ours, latency target", tp_global="torch-pruning, global",
@@ -165,14 +170,19 @@ class Match:
     probes: str    # 'knob:ratio' of every probe, in order
 
 
-def bisect(prune: Callable[[float], Pruned], ratio_of: Callable[[Pruned], float], probes: int, tolerance: float
-           ) -> Match:
-    """`prune(x)` at the knob x in (0, 1) whose `ratio_of` is 1 within `tolerance`, found by bisection (the ratio
-    rising with x) over at most `probes` prunings; the probe closest to 1 when none is that close."""
-    low, high = 0.0, 1.0
+def bisect(prune: Callable[[float], Pruned], ratio_of: Callable[[Pruned], float], probes: int, tolerance: float,
+           start: float = 0.5, resolution: float = 1e-3) -> Match:
+    """`prune(x)` at the knob x in (0, 1) whose `ratio_of` is 1 within `tolerance` (the ratio rising with x), over
+    at most `probes` prunings, the first at `start` (a guess: the anchor's own fraction); the probe closest to 1
+    when none is that close. The knob is bracketed: the next probe interpolates the ratio linearly between the
+    bracket's ends once both are probed (kept off its outer eighths, so the bracket shrinks by at least that much),
+    the bracket's middle before. It stops too once the bracket is narrower than the knob's `resolution`: knobs
+    closer than that prune alike but for noise (a latency target meets each step within LATENCY_TOLERANCE), so
+    probing between them only redraws the noise."""
+    low, high = (0.0, None), (1.0, None)  # (knob, its ratio when probed)
     best, tried = None, []
+    knob = min(max(start, 1 / 16), 15 / 16)
     for _ in range(probes):
-        knob = (low + high) / 2
         result = prune(knob)
         ratio = ratio_of(result)
         tried.append(f"{knob:.4f}:{ratio:.3f}")
@@ -180,7 +190,15 @@ def bisect(prune: Callable[[float], Pruned], ratio_of: Callable[[Pruned], float]
             best = Match(result, knob, ratio, "")
         if abs(ratio - 1) <= tolerance:
             break
-        low, high = (knob, high) if ratio < 1 else (low, knob)
+        low, high = ((knob, ratio), high) if ratio < 1 else (low, (knob, ratio))
+        width = high[0] - low[0]
+        if width < resolution:
+            break
+        if low[1] is None or high[1] is None:
+            knob = (low[0] + high[0]) / 2
+        else:
+            guess = low[0] + (1 - low[1]) / (high[1] - low[1]) * width
+            knob = min(max(guess, low[0] + width / 8), high[0] - width / 8)
     return dataclasses.replace(best, probes=" ".join(tried))
 
 
@@ -192,15 +210,17 @@ def model_macs(model: nn.Module, example: torch.Tensor) -> float:
     return sum(tpr.count_macs(twin, example[:1]).values())
 
 
-def match_macs(prune: Callable[[float], Pruned], macs: float, example: torch.Tensor, probes: int) -> Match:
+def match_macs(prune: Callable[[float], Pruned], macs: float, example: torch.Tensor, probes: int,
+               start: float = 0.5, resolution: float = 1e-3) -> Match:
     """`prune` bisected to `macs` MACs per image, within MAC_TOLERANCE."""
-    return bisect(prune, lambda r: model_macs(r.model, example) / macs, probes, MAC_TOLERANCE)
+    return bisect(prune, lambda r: model_macs(r.model, example) / macs, probes, MAC_TOLERANCE, start, resolution)
 
 
 def match_latency(prune: Callable[[float], Pruned], anchor: nn.Module, timer: tpr.LatencyModel,
-                  images: torch.Tensor, probes: int) -> Match:
+                  images: torch.Tensor, probes: int, start: float = 0.5, resolution: float = 1e-3) -> Match:
     """`prune` bisected to `anchor`'s latency, each probe timed against `anchor` itself, within LATENCY_TOLERANCE."""
-    return bisect(prune, lambda r: timer.measure(anchor, r.model, images)[2], probes, LATENCY_TOLERANCE)
+    return bisect(prune, lambda r: timer.measure(anchor, r.model, images)[2], probes, LATENCY_TOLERANCE, start,
+                  resolution)
 
 
 # --- per model: pruned (or read back), timed, evaluated ---------------------------------------------------------
@@ -269,11 +289,18 @@ def prune_or_read(name: str, model: nn.Module, settings: Settings, latency: tpr.
         return Match(prune(ANCHORS[point])(target), target, 1.0, "")
 
     def matched(point: str, method: str) -> Match:
+        """`method` bisected to `point`'s anchor, its first probe at the anchor's own fraction in the knob's units:
+        its latency (timed) for our latency target, its MACs for the other knobs."""
         anchor_file, anchor_record = done[point, ANCHORS[point]]
+        anchor_model = pruned_model(str(anchor_file)).eval()
+        images = latency.images(batches())
+        start = (latency.measure(model, anchor_model, images)[2] if method == "latency"
+                 else anchor_record["macs_kept"])
+        resolution = KNOB_RESOLUTION.get(method, 1e-3)
         if point == "equal_macs":
-            return match_macs(prune(method), anchor_record["macs"], batches()[0][0], settings.probes)
-        return match_latency(prune(method), pruned_model(str(anchor_file)).eval(), latency,
-                             latency.images(batches()), settings.probes)
+            return match_macs(prune(method), anchor_record["macs"], batches()[0][0], settings.probes, start,
+                              resolution)
+        return match_latency(prune(method), anchor_model, latency, images, settings.probes, start, resolution)
 
     done: dict[tuple[str, str], tuple[Path, dict]] = {}
     for point in POINTS:

@@ -18,6 +18,7 @@ and key numbers beside those of the committed results of the scale (results/quic
 from __future__ import annotations
 
 import dataclasses
+import json
 import multiprocessing
 import os
 import time
@@ -32,16 +33,18 @@ from analysis import head_similarity, mhsa_ratio, op_profile, taylor_prune
 from analysis.taylor_prune import claims as pruning_claims
 from evit import PRESETS, EfficientViTConfig, get_preset, zoo
 from evit.builder import summary
-from evit.builder.io import markdown_table, save_figure, write_text
+from evit.builder.io import markdown_table, save_figure, write_json, write_text
 from evit.claims import Claim, names
 from evit.cli import UserError, option, parse_settings, run_cli
 from evit.launch import Launcher, side_by_side
+from evit.timing import describe_load, other_load
 from experiments import benchmark, family, prune_study
 
 RESULTS = Path("results")
 # OUT/.running/<step> exists from a step's start to its success: a step killed or failed part-way (some of its
 # outputs written, or all of them but a figure) is run again, however many of its outputs exist.
 RUNNING = ".running"
+LOAD_FILE = "machine_load.json"  # step -> cores' worth of CPU other processes used as it started (evit.timing)
 SCALES = ("quick", "standard", "paper")
 
 
@@ -238,15 +241,28 @@ class Section:
     """A part of the report, named as its step or a part of one. `read` gets back from a results folder what the
     section's claims are judged on (None when the folder lacks those results), `judge` turns it into the claims (the
     analysis's own function) and `render` into the section's markdown: its tables and figures, and the claims
-    where they belong."""
+    where they belong. `timed_in`: the step whose timings its verdicts rest on, marked when that step started on
+    a busy machine (the render passes the same mark to its claims)."""
     name: str
     read: Callable[[Path], Any]
     judge: Callable[[Any], list[Claim]]
     render: Callable[[Path, Any], str]
+    timed_in: Optional[str] = None
 
 
-def _claims_text(claims: list[Claim]) -> str:
-    return "".join(f"\n{claim.markdown()}\n" for claim in claims)
+def step_load(out: Path, step: Optional[str]) -> str:
+    """The load `step` was measured under in `out` (describe_load: '' when quiet, unknown or no step)."""
+    path = out / LOAD_FILE
+    loads = json.loads(path.read_text()) if step and path.is_file() else {}
+    return describe_load(loads.get(step))
+
+
+def _marked(claims: list[Claim], load: str) -> list[Claim]:
+    return [dataclasses.replace(claim, load=load) for claim in claims] if load else claims
+
+
+def _claims_text(claims: list[Claim], load: str = "") -> str:
+    return "".join(f"\n{claim.markdown()}\n" for claim in _marked(claims, load))
 
 
 def _figures(out: Path, step: str) -> str:
@@ -271,14 +287,18 @@ def _render_presets(out: Path, presets: pd.DataFrame) -> str:
 def _read_op_profile(out: Path) -> Optional[pd.DataFrame]:
     classes = _read_stacked(sorted((out / "op_profile").glob("*_classes.csv")),
                             lambda p: dict(setting="fused" if "_fused_" in p.name else "eager"))
-    return None if classes is None else op_profile.memory_bound_shares(classes)
+    if classes is None:
+        return None
+    shares = op_profile.memory_bound_shares(classes)
+    ridges = op_profile.read_rooflines(out / "op_profile")[["device", "setting", "ridge"]]
+    return shares.merge(ridges, on=["device", "setting"], how="left") if len(ridges) else shares
 
 
 def _render_op_profile(out: Path, shares: pd.DataFrame) -> str:
     return ("## Memory-bound operators (Fig. 2)\n\nShare of runtime per operator class and the share spent in "
             "memory-bound ops (arithmetic intensity below the measured roofline ridge); CPU: batch 16, 1 thread; "
             "`fused` = evit deploy mode (BN folded, traced).\n\n" + markdown_table(shares)
-            + _claims_text(op_profile.claims(shares)) + _figures(out, "op_profile"))
+            + _claims_text(op_profile.claims(shares), step_load(out, "op_profile")) + _figures(out, "op_profile"))
 
 
 def _read_head_similarity(out: Path) -> Optional[pd.DataFrame]:
@@ -316,7 +336,7 @@ def _render_taylor_prune(out: Path, blocks: pd.DataFrame) -> str:
 
 
 def _render_mhsa_ratio(out: Path, summary: pd.DataFrame) -> str:
-    return ("## MHSA proportion (Fig. 3)\n\n" + markdown_table(summary) + _claims_text(mhsa_ratio.claims(summary))
+    return ("## MHSA proportion (Fig. 3)\n\n" + markdown_table(summary) + _claims_text(mhsa_ratio.claims(summary), step_load(out, "mhsa_ratio"))
             + "\n![mhsa_ratio](mhsa_ratio/mhsa_ratio.png)\n")
 
 
@@ -340,7 +360,7 @@ def _render_prune_study(out: Path, summary: pd.DataFrame) -> str:
             "others bisected to it, each probe timed against it); every model fine-tuned with the same budget per "
             "seed. MACs are counted alike for every model (attention matmuls included); latencies are timed on this "
             "run's device against the unpruned model in both call orders, and against the point's anchor "
-            "(`*_vs_anchor`).\n\n" + markdown_table(summary[cols], ".3f") + _claims_text(prune_study.claims(summary))
+            "(`*_vs_anchor`).\n\n" + markdown_table(summary[cols], ".3f") + _claims_text(prune_study.claims(summary), step_load(out, "prune_study"))
             + "\n![prune_study](prune_study/prune_study.png)\n")
 
 
@@ -364,7 +384,7 @@ def _render_allocation(out: Path, derived: pd.DataFrame) -> str:
             f"(analysis.taylor_prune.allocate, scaled until {_allocation_match(out)}; attention in the "
             "MHSA-proportion study's best share of the blocks), trained with the family's budget for "
             f"{family.seeds_text(derived)} and timed the same way.\n\n" + markdown_table(derived[cols], ".2f")
-            + _claims_text(family.allocation_claims(derived)) + "\n![allocation](family/allocation.png)\n")
+            + _claims_text(family.allocation_claims(derived), step_load(out, "family")) + "\n![allocation](family/allocation.png)\n")
 
 
 def _allocation_match(out: Path) -> str:
@@ -411,7 +431,7 @@ def _render_peers(path: Path) -> str:
             + f"\n![{path.stem}](benchmark/{path.stem}.png)\n\n")
 
 
-def _render_fast_path(device: str, df: pd.DataFrame) -> str:
+def _render_fast_path(device: str, df: pd.DataFrame, load: str) -> str:
     on_gpu = device.startswith("cuda")
     claims = benchmark.fast_path_claims(df, device)  # only at the device's main batch, where the target is set
     amp = " under AMP" if on_gpu else ""
@@ -419,7 +439,7 @@ def _render_fast_path(device: str, df: pd.DataFrame) -> str:
     pivot = df.pivot(index="model", columns="variant", values="ratio_vs_timm_eager").reset_index()
     text = (f"## Fast path: evit.deploy vs timm's port ({device.replace('cpu', 'CPU')}, batch {df.batch.iloc[0]}{amp}"
             f"{threads})\n\nThroughput ratio to timm eager, same weights.\n\n" + markdown_table(pivot, ".2f")
-            + _claims_text(claims))
+            + _claims_text(claims, load))
     parity = df[df.variant == benchmark.DEPLOY_VARIANT].get("ratio_vs_onnxruntime", pd.Series(dtype=float))
     if parity.notna().any():  # ONNX Runtime is timed on CPU only (and older CSVs lack the column)
         text += (f"{'Beyond: ' if claims else ''}ONNX Runtime's throughput from PyTorch: evit.deploy / ORT = "
@@ -430,22 +450,23 @@ def _render_fast_path(device: str, df: pd.DataFrame) -> str:
 def _render_benchmark(out: Path, paths: list[Path]) -> str:
     peers = [path for path in paths if not path.name.startswith("fast_path")]
     return ("".join(_render_peers(path) for path in peers)
-            + "".join(_render_fast_path(device, table) for device, table in _fast_paths(paths)))
+            + "".join(_render_fast_path(device, table, step_load(out, "benchmark"))
+                      for device, table in _fast_paths(paths)))
 
 
 SECTIONS = (
     Section("presets", lambda out: _read_csv(out / "presets" / "presets.csv"), family.presets_claims,
             _render_presets),
-    Section("op_profile", _read_op_profile, op_profile.claims, _render_op_profile),
+    Section("op_profile", _read_op_profile, op_profile.claims, _render_op_profile, "op_profile"),
     Section("head_similarity", _read_head_similarity, head_similarity.claims, _render_head_similarity),
     Section("taylor_prune", _read_taylor_prune, pruning_claims.claims, _render_taylor_prune),
     Section("mhsa_ratio", lambda out: _read_csv(out / "mhsa_ratio" / "summary.csv"), mhsa_ratio.claims,
-            _render_mhsa_ratio),
-    Section("prune_study", _read_prune_study, prune_study.claims, _render_prune_study),
+            _render_mhsa_ratio, "mhsa_ratio"),
+    Section("prune_study", _read_prune_study, prune_study.claims, _render_prune_study, "prune_study"),
     Section("family", lambda out: _read_csv(out / "family" / "family.csv"), family.claims, _render_family),
     Section("allocation", lambda out: _read_csv(out / "family" / "allocation.csv"), family.allocation_claims,
-            _render_allocation),
-    Section("benchmark", _read_benchmark, _judge_fast_paths, _render_benchmark),
+            _render_allocation, "family"),
+    Section("benchmark", _read_benchmark, _judge_fast_paths, _render_benchmark, "benchmark"),
 )
 
 
@@ -453,7 +474,8 @@ SECTIONS = (
 
 def judge_folder(out: Path) -> dict[str, list[Claim]]:
     """The claims judged on the results in `out`, by report section; a section whose results it lacks is left out."""
-    return {section.name: section.judge(data) for section in SECTIONS if (data := section.read(out)) is not None}
+    return {section.name: _marked(section.judge(data), step_load(out, section.timed_in))
+            for section in SECTIONS if (data := section.read(out)) is not None}
 
 
 def beside_reference(out: Path, reference: Path) -> str:
@@ -469,7 +491,8 @@ def beside_reference(out: Path, reference: Path) -> str:
         return text or f"This folder holds no results to set beside the reference ({reference}).\n"
     run = [claim for section in compared for claim in ours[section]]
     ref = [claim for section in compared for claim in theirs[section]]
-    return (text + _side_by_side("claim", {c.claim: c.verdict for c in run}, {c.claim: c.verdict for c in ref})
+    return (text + _side_by_side("claim", {c.claim: c.verdict_and_load for c in run},
+                                {c.claim: c.verdict_and_load for c in ref})
             + "\n" + _side_by_side("number", _numbers(run), _numbers(ref)))
 
 
@@ -494,6 +517,12 @@ def write_report(out: Path, scale: str = "quick", reference: Optional[Path] = No
     parts += [section.render(out, data) for section in SECTIONS if (data := section.read(out)) is not None]
     parts.append("## This run beside the reference\n\n" + beside_reference(out, reference or REFERENCE[scale]))
     return write_text(out / "REPORT.md", "\n".join(parts))
+
+
+def record_load(out: Path, step: str, cores: Optional[float]) -> None:
+    """Keep the load `step` started under in OUT/machine_load.json (the report marks its timed verdicts by it)."""
+    path = out / LOAD_FILE
+    write_json(path, {**(json.loads(path.read_text()) if path.is_file() else {}), step: cores})
 
 
 def run_isolated(step: Step, args: Settings) -> None:
@@ -577,11 +606,14 @@ def run(settings: Settings) -> Path:
         if done and step.name not in forced:
             print(f"[reproduce] {step.name}: cached, skipped (--force {step.name} to redo)")
             continue
+        load = other_load()  # before the step's process starts: the other processes' share alone
         start = time.perf_counter()
-        print(f"[reproduce] {step.name} ...", flush=True)
+        print(f"[reproduce] {step.name} ...{' (' + describe_load(load) + ')' if describe_load(load) else ''}",
+              flush=True)
         running.parent.mkdir(parents=True, exist_ok=True)
         running.touch()
         run_isolated(step, args)
+        record_load(args.out, step.name, load)
         running.unlink()
         print(f"[reproduce] {step.name}: {time.perf_counter() - start:.0f} s", flush=True)
     report = write_report(args.out, args.scale, args.reference)
