@@ -8,7 +8,7 @@ distillation (`evit.train`, `evit.distillation`), the launcher (`evit.launch`), 
     model = timm.create_model('evit_m0', num_classes=10)
     model = timm.create_model('evit_custom', config=evit.get_preset('m4').replace(mixers='mhsa'))
     deployed = evit.fuse(model)                      # BN folded: same outputs, fewer ops
-    fastest = evit.deploy(model, example_batch)      # fused, channels-last, torch.compile (or trace)
+    fastest = evit.deploy(model, example_batch)      # fused, then the fastest path timed on this machine
 """
 from .builder import *  # noqa: F401,F403  (the builder's API is the package's: evit.fuse, evit.get_preset, ...)
 from .builder import __all__

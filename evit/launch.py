@@ -178,7 +178,12 @@ def side_by_side(function: Callable[..., Any], calls: Sequence[tuple], processes
     (forking a process that ran OpenMP can hang the child). A call's exception is raised here."""
     with multiprocessing.get_context("spawn").Pool(max(1, min(processes, len(calls)))) as pool:
         pending = [pool.apply_async(function, call) for call in calls]
-        return [result.get() for result in pending]
+        results = [result.get() for result in pending]
+        # Let the workers exit rather than the pool's exit terminating them: killed workers leak the pool's
+        # semaphores (the resource tracker's warning) and may still be exiting when the caller's next step starts.
+        pool.close()
+        pool.join()
+    return results
 
 
 class TrainingJob(submitit.helpers.Checkpointable):

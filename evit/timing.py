@@ -4,7 +4,6 @@ analyses that time models (op_profile, mhsa_ratio)."""
 from __future__ import annotations
 
 import os
-import platform
 import resource
 import time
 from dataclasses import dataclass, field
@@ -14,16 +13,7 @@ from typing import Callable
 import pandas as pd
 import torch
 
-
-def describe_machine(device: str, threads: int) -> str:
-    """The hardware and software timings depend on: GPU model or CPU model name, threads, torch and python."""
-    if device == "cuda":
-        hw = torch.cuda.get_device_name()
-    else:
-        hw = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() \
-            else platform.processor()
-    return f"{hw}; {threads} thread(s); torch {torch.__version__}; python {platform.python_version()}"
+from evit.builder.machine import describe_machine  # noqa: F401  (re-exported: the timing helpers' key)
 
 
 BUSY_CORES = 0.3  # other processes using more than this many cores' worth of CPU time: a machine under load

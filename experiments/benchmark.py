@@ -52,7 +52,14 @@ PAPER_CPU_M0 = {"trace": 228.4, "onnxruntime": 340.1}
 MAIN_BATCH = {"cpu": 16, "cuda": 2048}
 # The fast path's targets: evit.deploy's throughput over timm eager's at the device's main batch.
 FAST_PATH_TARGET = {"cpu": 1.5, "cuda": 1.3}
-DEPLOY_VARIANT = "evit.deploy (compile)"  # the fast path's row of the fast-path table
+DEPLOY_VARIANT = "evit.deploy (default)"  # the fast path's row of the fast-path table: backend 'auto'
+# The same row in tables made before evit.deploy chose its path by timing (compile was the default then).
+EARLIER_DEPLOY_VARIANT = "evit.deploy (compile)"
+
+
+def deploy_variant(backend: str) -> str:
+    """The fast-path table's name for evit.deploy with `backend`."""
+    return DEPLOY_VARIANT if backend == "auto" else f"evit.deploy ({backend})"
 
 
 def device_stem(device: str) -> str:
@@ -197,7 +204,9 @@ def fast_path_table(presets: tuple[str, ...] = tuple(f"m{i}" for i in range(6)),
                     on_preset: Optional[Callable[[pd.DataFrame], None]] = None) -> pd.DataFrame:
     """evit's deploy path against timm's port given the same weights: throughput ratios to timm eager, and
     the largest output difference to timm's float32 outputs (must stay <= 1e-4 without AMP; BatchNorm randomized
-    so that outputs are O(1)). `deploy_backends=("trace",)` skips compiling (about a minute per preset on CPU).
+    so that outputs are O(1)). `deploy_backends`: 'auto' (evit.deploy's default, row DEPLOY_VARIANT, with the
+    candidate it chose in `deploy_choice`) and the backends forced; `("trace",)` skips compiling (about a minute per
+    preset and compiled path on CPU).
     `amp` (default: on CUDA, as the paper measures GPUs) runs every variant under autocast; ONNX Runtime (its
     CPU build, float32) is timed on CPU without AMP only. `cuda_graphs` (CUDA only) adds evit.deploy replayed
     as CUDA graphs. `on_preset` gets the table so far after each preset (to save it: a run stopped midway keeps
@@ -215,9 +224,11 @@ def fast_path_table(presets: tuple[str, ...] = tuple(f"m{i}" for i in range(6)),
         ours.load_state_dict(evit.from_timm(reference.state_dict()))
         x = torch.randn(batch, 3, img_size, img_size, device=device)
         x_cl = x.contiguous(memory_format=torch.channels_last)
-        deployed = {f"evit.deploy ({b})": evit.deploy(ours, x, backend=b, amp=amp) for b in deploy_backends}
+        deployed = {deploy_variant(b): evit.deploy(ours, x, backend=b, amp=amp) for b in deploy_backends}
+        choices = {name: fast.deploy_choice.name for name, fast in deployed.items() if hasattr(fast, "deploy_choice")}
         if cuda_graphs:
-            deployed["evit.deploy (compile + CUDA graphs)"] = evit.deploy(ours, x, amp=amp, cuda_graphs=True)
+            deployed["evit.deploy (compile + CUDA graphs)"] = evit.deploy(ours, x, backend="compile", amp=amp,
+                                                                           cuda_graphs=True)
         with torch.inference_mode():
             expected = reference(x)
             diffs = {name: float((fast(x_cl).float() - expected).abs().max()) for name, fast in deployed.items()}
@@ -233,7 +244,8 @@ def fast_path_table(presets: tuple[str, ...] = tuple(f"m{i}" for i in range(6)),
         timings = time_interleaved(variants, batch, warmup_s, seconds, repeats, sync)
         base, largest_output = timings["timm eager"].throughput, float(expected.abs().max())
         rows += [dict(row, device=device, amp=amp, ratio_vs_timm_eager=row["throughput"] / base,
-                      max_abs_diff_vs_timm=diffs.get(row["variant"]), max_abs_output_timm=largest_output)
+                      max_abs_diff_vs_timm=diffs.get(row["variant"]), max_abs_output_timm=largest_output,
+                      deploy_choice=choices.get(row["variant"]))
                  for row in _variant_rows(f"evit_{preset}", batch, timings)]
         if on_preset:
             on_preset(pd.DataFrame(rows))
@@ -306,11 +318,16 @@ def lever_table(preset: str = "m0", batch: int = 16, img_size: int = 224, warmup
     return pd.DataFrame(rows)
 
 
+def default_variant(table: pd.DataFrame) -> str:
+    """The row of evit.deploy's default in a fast-path table (EARLIER_DEPLOY_VARIANT in tables made before)."""
+    return DEPLOY_VARIANT if (table.variant == DEPLOY_VARIANT).any() else EARLIER_DEPLOY_VARIANT
+
+
 def fast_path_claims(table: pd.DataFrame, device: str) -> list[Claim]:
     """The fast-path target, judged on a `fast_path_table` timed on `device` ('cpu', 'cuda_h100'); none unless it
-    has evit.deploy (compile) rows at the device's main batch, where the target is set."""
+    has evit.deploy's default rows at the device's main batch, where the target is set."""
     kind = "cuda" if device.startswith("cuda") else "cpu"
-    ratio = table[table.variant == DEPLOY_VARIANT].ratio_vs_timm_eager
+    ratio = table[table.variant == default_variant(table)].ratio_vs_timm_eager
     if ratio.empty or table.batch.iat[0] != MAIN_BATCH[kind]:
         return []
     target = FAST_PATH_TARGET[kind]
@@ -371,6 +388,8 @@ class Settings:
     fast_path: bool = option(False, "compare evit.deploy with timm's port (eager, official trace, ONNX Runtime) "
                              "for the evit presets among --models (all six by default) and print the ratios")
     with_compile: bool = option(False, "add torch.compile of timm's port to --fast-path")
+    deploy_backends: list[str] = option(list(evit.DEPLOY_BACKENDS), "evit.deploy backends of --fast-path, "
+                                        "comma-separated: auto (the default, its choice named), compile, trace")
     cuda_graphs: bool = option(False, "add evit.deploy replayed as CUDA graphs to --fast-path (CUDA only; small "
                                "batches)")
     levers: bool = option(False, "add evit.deploy's levers one at a time on the first evit preset among --models "
@@ -392,6 +411,10 @@ class Settings:
         unknown = [b for b in self.backends or () if b not in BACKENDS]
         if unknown:
             raise UserError(f"unknown backend(s) {', '.join(unknown)}; valid: {', '.join(BACKENDS)}")
+        unknown = [b for b in self.deploy_backends if b not in evit.DEPLOY_BACKENDS] or not self.deploy_backends
+        if unknown:
+            raise UserError(f"--deploy-backends must name at least one of {', '.join(evit.DEPLOY_BACKENDS)}; got "
+                            f"{','.join(self.deploy_backends)}")
         for model in self.models:
             check_model(model)
         if self.weights is not None:
@@ -436,10 +459,11 @@ def run(settings: Settings) -> pd.DataFrame:
                       out / f"fast_path_{stem}{batch_suffix}.csv")
 
         df = fast_path_table(presets or tuple(f"m{i}" for i in range(6)), main_batch, img_size,
-                             warmup, seconds, repeats, settings.with_compile, device=settings.device,
+                             warmup, seconds, repeats, settings.with_compile, tuple(settings.deploy_backends),
+                             device=settings.device,
                              cuda_graphs=settings.cuda_graphs, on_preset=save).assign(machine=machine)
         print(df[["model", "variant", "throughput", "ratio_vs_timm_eager", "ratio_vs_onnxruntime",
-                  "max_abs_diff_vs_timm"]].to_string(
+                  "max_abs_diff_vs_timm", "deploy_choice"]].to_string(
             index=False, float_format=lambda v: f"{v:.3g}"))
         return df
 

@@ -171,21 +171,24 @@ class Match:
 
 
 def bisect(prune: Callable[[float], Pruned], ratio_of: Callable[[Pruned], float], probes: int, tolerance: float,
-           start: float = 0.5, resolution: float = 1e-3) -> Match:
+           start: float = 0.5, resolution: float = 1e-3, match: float = 0.0) -> Match:
     """`prune(x)` at the knob x in (0, 1) whose `ratio_of` is 1 within `tolerance` (the ratio rising with x), over
     at most `probes` prunings, the first at `start` (a guess: the anchor's own fraction); the probe closest to 1
     when none is that close. The knob is bracketed: the next probe interpolates the ratio linearly between the
-    bracket's ends once both are probed (kept off its outer eighths, so the bracket shrinks by at least that much),
-    the bracket's middle before. It stops too once the bracket is narrower than the knob's `resolution`: knobs
-    closer than that prune alike but for noise (a latency target meets each step within LATENCY_TOLERANCE), so
-    probing between them only redraws the noise."""
+    bracket's ends once both are probed, else follows the secant through the last two probes, or after one scales
+    its knob by 1 / its ratio (a ratio proportional to the knob); always kept off the bracket's outer eighths, so
+    that it shrinks by at least that much. Once the bracket
+    is narrower than the knob's `resolution`, knobs in it prune alike but for noise (a latency target meets each
+    step within LATENCY_TOLERANCE): the search stops there if its closest probe is within `match` of 1 (the
+    study's bound for a match), else probes the bracket's middle again, each probe a new draw of that noise."""
     low, high = (0.0, None), (1.0, None)  # (knob, its ratio when probed)
-    best, tried = None, []
+    best, tried, probed = None, [], []
     knob = min(max(start, 1 / 16), 15 / 16)
     for _ in range(probes):
         result = prune(knob)
         ratio = ratio_of(result)
         tried.append(f"{knob:.4f}:{ratio:.3f}")
+        probed.append((knob, ratio))
         if best is None or abs(ratio - 1) < abs(best.ratio - 1):
             best = Match(result, knob, ratio, "")
         if abs(ratio - 1) <= tolerance:
@@ -193,12 +196,18 @@ def bisect(prune: Callable[[float], Pruned], ratio_of: Callable[[Pruned], float]
         low, high = ((knob, ratio), high) if ratio < 1 else (low, (knob, ratio))
         width = high[0] - low[0]
         if width < resolution:
-            break
-        if low[1] is None or high[1] is None:
+            if abs(best.ratio - 1) <= match:
+                break
             knob = (low[0] + high[0]) / 2
-        else:
+            continue
+        if low[1] is not None and high[1] is not None:
             guess = low[0] + (1 - low[1]) / (high[1] - low[1]) * width
-            knob = min(max(guess, low[0] + width / 8), high[0] - width / 8)
+        elif len(probed) >= 2 and probed[-1][1] != probed[-2][1]:  # the secant through the last two probes
+            (x0, r0), (x1, r1) = probed[-2:]
+            guess = x1 + (1 - r1) * (x1 - x0) / (r1 - r0)
+        else:
+            guess = knob / ratio
+        knob = min(max(guess, low[0] + width / 8), high[0] - width / 8)
     return dataclasses.replace(best, probes=" ".join(tried))
 
 
@@ -212,15 +221,17 @@ def model_macs(model: nn.Module, example: torch.Tensor) -> float:
 
 def match_macs(prune: Callable[[float], Pruned], macs: float, example: torch.Tensor, probes: int,
                start: float = 0.5, resolution: float = 1e-3) -> Match:
-    """`prune` bisected to `macs` MACs per image, within MAC_TOLERANCE."""
-    return bisect(prune, lambda r: model_macs(r.model, example) / macs, probes, MAC_TOLERANCE, start, resolution)
+    """`prune` bisected to `macs` MACs per image, within MAC_TOLERANCE (MAC_MATCH once the knob is resolved)."""
+    return bisect(prune, lambda r: model_macs(r.model, example) / macs, probes, MAC_TOLERANCE, start, resolution,
+                  MAC_MATCH)
 
 
 def match_latency(prune: Callable[[float], Pruned], anchor: nn.Module, timer: tpr.LatencyModel,
                   images: torch.Tensor, probes: int, start: float = 0.5, resolution: float = 1e-3) -> Match:
-    """`prune` bisected to `anchor`'s latency, each probe timed against `anchor` itself, within LATENCY_TOLERANCE."""
+    """`prune` bisected to `anchor`'s latency, each probe timed against `anchor` itself, within LATENCY_TOLERANCE
+    (LATENCY_MATCH once the knob is resolved)."""
     return bisect(prune, lambda r: timer.measure(anchor, r.model, images)[2], probes, LATENCY_TOLERANCE, start,
-                  resolution)
+                  resolution, LATENCY_MATCH)
 
 
 # --- per model: pruned (or read back), timed, evaluated ---------------------------------------------------------

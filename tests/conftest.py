@@ -8,3 +8,18 @@ def hide_gpus():
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("CUDA_VISIBLE_DEVICES", "")
         yield
+
+
+@pytest.fixture
+def busy_loop():
+    """A competing process: a Python busy loop, on whatever core the scheduler gives it (the other one of two),
+    for the test's duration."""
+    import subprocess
+    import sys
+    import time
+
+    process = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    time.sleep(0.3)  # started and spinning
+    yield process
+    process.kill()
+    process.wait()

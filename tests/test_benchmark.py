@@ -58,6 +58,7 @@ def test_cli_writes_csv_with_documented_columns(tmp_path):
     (["--models", "evit_m0", "--backends", "tensorrt"], "unknown backend(s) tensorrt"),
     (["--levers", "--device", "cuda"], "--levers measures the CPU inference path"),
     (["--fast-path", "--cuda-graphs"], "--cuda-graphs adds a --fast-path variant on the GPU"),
+    (["--fast-path", "--deploy-backends", "onnx"], "--deploy-backends must name at least one of auto, compile, trace; got onnx"),
 ])
 def test_cli_errors_are_one_clear_line(argv, message, tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
@@ -85,11 +86,21 @@ def test_onnxruntime_runs_models_with_fused_attention():
     assert model.blocks[0].attn.fused_attn  # restored after the export
 
 
-def test_fast_path_table_matches_timm_and_rates_against_onnxruntime():
+def test_fast_path_table_matches_timm_and_rates_against_onnxruntime(tmp_path, monkeypatch):
+    """The default's row names the candidate it chose (here among the traced ones: compiling takes minutes)."""
+    import evit.builder.fast_path as fast_path
+
+    monkeypatch.setenv("EVIT_CACHE", str(tmp_path))
+    monkeypatch.setattr(fast_path, "DEPLOY_CANDIDATES",
+                        {n: c for n, c in fast_path.DEPLOY_CANDIDATES.items() if c.backend == "trace"})
     df = benchmark.fast_path_table(("m0",), batch=2, img_size=64, warmup_s=0.0, seconds=0.05, repeats=1,
-                                   deploy_backends=("trace",))
-    assert list(df.variant) == ["timm eager", "timm BN-folded + trace (official)", "evit.deploy (trace)",
-                                benchmark.ONNX_VARIANT]
+                                   deploy_backends=("auto", "trace"))
+    assert list(df.variant) == ["timm eager", "timm BN-folded + trace (official)", benchmark.DEPLOY_VARIANT,
+                                "evit.deploy (trace)", benchmark.ONNX_VARIANT]
+    choice = df.set_index("variant").deploy_choice
+    assert choice[benchmark.DEPLOY_VARIANT] in ("trace", "trace, NCHW")
+    assert choice.drop(benchmark.DEPLOY_VARIANT).isna().all()
+    assert benchmark.fast_path_claims(df.assign(batch=16), "cpu")[0].numbers  # judged on the default's row
     deployed = df.set_index("variant").loc["evit.deploy (trace)"]
     assert deployed.max_abs_diff_vs_timm <= 1e-4 < deployed.max_abs_output_timm
     rows = df.set_index("variant")
@@ -122,3 +133,31 @@ def test_fast_path_table_under_amp_and_its_report_section(tmp_path):
 def test_gpu_results_are_named_by_the_gpu_model(name, stem, monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *_: name)
     assert benchmark.device_stem("cuda") == stem and benchmark.device_stem("cpu") == "cpu"
+
+
+@pytest.mark.timing
+def test_the_deploy_paths_ratio_to_timm_eager_keeps_its_side_of_one_beside_a_busy_core(request):
+    """evit.deploy's traced path against timm eager on the same weights, timed interleaved on a quiet machine and
+    beside a planted busy loop: the ratio may move, not cross 1."""
+    import timm
+
+    import evit
+
+    torch.set_num_threads(1)
+    reference = benchmark.randomize_batchnorm_(timm.create_model("efficientvit_m0").eval())
+    ours = timm.create_model("evit_m0").eval()
+    ours.load_state_dict(evit.from_timm(reference.state_dict()))
+    x = torch.randn(4, 3, 224, 224)
+    fast = evit.deploy(ours, x, backend="trace")
+    x_cl = x.contiguous(memory_format=torch.channels_last)
+
+    def ratio() -> float:
+        with torch.inference_mode():
+            t = timing.time_interleaved({"eager": lambda: reference(x), "deploy": lambda: fast(x_cl)}, 4, 0.3, 0.3,
+                                        5, lambda: None)
+        return t["deploy"].throughput / t["eager"].throughput
+
+    quiet = ratio()
+    request.getfixturevalue("busy_loop")
+    busy = ratio()
+    assert (quiet > 1) == (busy > 1), (quiet, busy)

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import collections
 import copy
+import json
 import math
+import time
 
 import pytest
 import timm
@@ -93,7 +95,7 @@ def test_fuse_merges_distillation_head_and_keeps_layernorm():
         torch.testing.assert_close(evit.fuse(ln)(x), ln(x), atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("backend", evit.DEPLOY_BACKENDS)
+@pytest.mark.parametrize("backend", ["compile", "trace"])  # 'auto' chooses among these: tested below
 def test_deploy_path_equals_unfused_model(backend):
     if backend == "trace":
         size, model = 224, timm.create_model("evit_m0", num_classes=10)
@@ -116,12 +118,62 @@ def test_deploy_path_equals_unfused_model(backend):
             torch.testing.assert_close(fast(x.contiguous(memory_format=torch.channels_last)), expected, atol=1e-4,
                                        rtol=0)
         torch.testing.assert_close(fast(x), expected, atol=1e-4, rtol=0)
-    with pytest.raises(ValueError, match="valid: compile, trace"):
+    with pytest.raises(ValueError, match="valid: auto, compile, trace"):
         evit.deploy(model, x, backend="onnx")
-    with pytest.raises(ValueError, match="cuda_graphs=True needs backend='compile' and a CUDA example_input"):
+    with pytest.raises(ValueError, match=r"cuda_graphs=True needs backend='compile' \(or 'auto'\) and a CUDA"):
         evit.deploy(model, x, backend=backend, cuda_graphs=True)
     with pytest.raises(ValueError, match="CUDA graphs do not exist on CPU"):
         evit.builder.fast_path.Compiled(model, cuda_graphs=True)
+
+
+class Slowed(nn.Module):
+    """A deployed path made slower by a planted sleep per call."""
+
+    def __init__(self, inner: nn.Module, seconds: float):
+        super().__init__()
+        self.inner, self.seconds = inner, seconds
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        time.sleep(self.seconds)
+        return self.inner(x)
+
+
+@pytest.mark.parametrize("slow_layout", [True, False])
+def test_auto_deploy_takes_the_candidate_timed_fastest_here_and_keeps_the_choice(slow_layout, tmp_path,
+                                                                              monkeypatch, capsys):
+    """One candidate planted 20 ms slower per call: 'auto' takes the other whichever it is, with the timings in
+    deploy_choice and printed; a second deploy of the same model and shape reads the choice from the cache and
+    builds only the winner; another input shape is timed anew. Outputs equal the unfused model's."""
+    from evit.builder import fast_path
+
+    real, builds = fast_path._build, []
+
+    def build(fused, example, candidate, amp, cuda_graphs):
+        builds.append(candidate)
+        built = real(fused, example, candidate, amp, cuda_graphs)
+        return Slowed(built, 0.02) if candidate.channels_last == slow_layout else built
+
+    monkeypatch.setattr(fast_path, "_build", build)
+    candidates = {n: evit.DEPLOY_CANDIDATES[n] for n in ("trace", "trace, NCHW")}
+    model = randomize_(evit.EfficientViT(evit.get_preset("m0").replace(depths=(1, 1, 1), mixers="cga", img_size=64,
+                                                                        num_classes=10)), seed=5)
+    x, cache = torch.randn(2, 3, 64, 64), tmp_path / "deploy.json"
+    fast = evit.deploy(model, x, cache=cache, candidates=candidates, timing_s=0.3, verbose=True)
+    expected_name = "trace, NCHW" if slow_layout else "trace"
+    choice = fast.deploy_choice
+    assert choice.name == expected_name and not choice.cached and set(choice.ms) == set(candidates)
+    assert max(choice.ms.values()) - min(choice.ms.values()) > 15  # the planted 20 ms
+    assert f"evit.deploy: {expected_name} (chosen now; ms per call: {expected_name} " in capsys.readouterr().out
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), model(x), atol=1e-4, rtol=0)
+    builds.clear()
+    again = evit.deploy(model, x, cache=cache, candidates=candidates, timing_s=0.3)
+    assert again.deploy_choice.cached and again.deploy_choice.name == expected_name
+    assert builds == [candidates[expected_name]] and again.deploy_choice.ms == choice.ms
+    builds.clear()
+    other = evit.deploy(model, torch.randn(1, 3, 64, 64), cache=cache, candidates=candidates, timing_s=0.3)
+    assert not other.deploy_choice.cached and len(builds) == 2
+    assert len(json.loads(cache.read_text())) == 2
 
 
 @pytest.mark.parametrize("kernel, stride, size", [(3, 1, 7), (3, 2, 14), (5, 1, 4), (3, 1, 5), (7, 1, 7), (5, 2, 9)])

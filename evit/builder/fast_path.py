@@ -1,28 +1,76 @@
-"""The fastest inference path measured here for an evit model (docs/benchmarks.md, performance section).
+"""The fastest inference path for an evit model on the machine it runs on (docs/benchmarks.md, performance).
 
-`deploy(model, example)` = `fuse` (BN folded, attention biases cached) + channels-last, then one of
+`deploy(model, example)` = `fuse` (BN folded, attention biases cached), then by default ('auto') the fastest of the
+candidates in DEPLOY_CANDIDATES, timed here on `example` (interleaved, a few seconds) and kept per machine, model
+and input shape in a JSON cache so that a later deploy builds only the winner:
 
-* 'compile' (default): 1x1 convs rewritten as channels-last matmuls, 3x3 depthwise convs as sums of shifted
+* 'compile': channels-last; 1x1 convs rewritten as channels-last matmuls, 3x3 depthwise convs as sums of shifted
   slices and 5x5/7x7 ones as reductions over unfolded windows, then torch.compile (inductor) with weight
-  freezing and the C++ wrapper;
-* 'trace': torch.jit.trace + freeze, ready at once.
+  freezing and the C++ wrapper ('compile, no rewrites': the same without the rewrites);
+* 'trace': channels-last, torch.jit.trace + freeze, ready at once ('trace, NCHW': contiguous memory).
+
+Each lever was kept for a gain measured on one CPU and costs on another (an Intel Xeon against an AMD EPYC):
+timing them where they run is what makes the default never slower than the best of them.
 """
 from __future__ import annotations
 
+import copy
+import hashlib
+import json
+import os
 import shutil
+import statistics
+import time
 import warnings
-from typing import Any, Optional
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from .efficientvit import fuse
+from .io import write_json
+from .machine import describe_machine
 
-__all__ = ["DEPLOY_BACKENDS", "Compiled", "DepthwiseTaps", "DepthwiseUnfold", "PointwiseLinear", "deploy",
-           "for_inductor", "trace"]
+__all__ = ["DEPLOY_BACKENDS", "DEPLOY_CANDIDATES", "Compiled", "DeployChoice", "DepthwiseTaps", "DepthwiseUnfold",
+           "PointwiseLinear", "deploy", "for_inductor", "trace"]
 
-DEPLOY_BACKENDS = ("compile", "trace")
+DEPLOY_BACKENDS = ("auto", "compile", "trace")
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One inference path: a backend, the memory format, and whether convs are rewritten for inductor."""
+    backend: str          # 'compile' | 'trace'
+    channels_last: bool
+    rewrites: bool        # for_inductor's conv rewrites (compile only)
+
+
+# What backend='auto' times, by name. 'compile' candidates need a C++ compiler (on CPU) and about a minute each to
+# build; the choice is cached, so that is paid once per machine, model and input shape.
+DEPLOY_CANDIDATES: dict[str, Candidate] = {
+    "compile": Candidate("compile", True, True),
+    "compile, no rewrites": Candidate("compile", True, False),
+    "trace": Candidate("trace", True, False),
+    "trace, NCHW": Candidate("trace", False, False),
+}
+
+
+@dataclass(frozen=True)
+class DeployChoice:
+    """What backend='auto' chose: the candidate's name, each candidate's median ms per call as timed here, whether
+    the choice was read from the cache (then `ms` is that earlier timing's), and the machine it was timed on."""
+    name: str
+    ms: dict[str, float]
+    cached: bool
+    machine: str
+
+    def describe(self) -> str:
+        timed = ", ".join(f"{n} {ms:.2f}" for n, ms in sorted(self.ms.items(), key=lambda kv: kv[1]))
+        return (f"evit.deploy: {self.name} ({'chosen earlier, cached' if self.cached else 'chosen now'}; ms per "
+                f"call: {timed}) on {self.machine}")
 
 
 class PointwiseLinear(nn.Module):
@@ -173,42 +221,125 @@ class Compiled(nn.Module):
 
 @torch.no_grad()
 def deploy(model: nn.Module, example_input: torch.Tensor, channels_last: bool = True,
-           backend: str = "compile", amp: bool = False, cuda_graphs: bool = False) -> nn.Module:
-    """The fastest inference path measured here: `fuse`, channels-last memory format (oneDNN's depthwise and
-    1x1 convs run faster on NHWC), then
+           backend: str = "auto", amp: bool = False, cuda_graphs: bool = False, verbose: bool = False,
+           cache: Optional[Path] = None, candidates: Optional[dict[str, Candidate]] = None,
+           timing_s: float = 3.0) -> nn.Module:
+    """The fastest inference path: `fuse`, then
 
-    * backend 'compile': 1x1 convs as channels-last matmuls, 3x3 depthwise convs as shifted sums and 5x5/7x7
-      ones as reductions over unfolded windows (`for_inductor`), torch.compile (inductor) with weight freezing
-      and the C++ wrapper, compiled here on `example_input` (~1 min on CPU; needs a C++ compiler, else falls
-      back to 'trace' with a warning);
-    * backend 'trace': torch.jit.trace + freeze, ready at once.
+    * backend 'auto' (default): the fastest of `candidates` (default DEPLOY_CANDIDATES: compile and trace, with and
+      without the conv rewrites or channels-last), each built on `example_input` and timed on it here, calls of
+      every candidate interleaved for about `timing_s` seconds in all, the median call compared. The choice and the
+      timings are kept in `cache` (a JSON file; default $EVIT_CACHE/deploy.json, else ~/.cache/evit/deploy.json)
+      under the machine (CPU or GPU model, threads, torch), the fused model's structure, the input's shape and
+      `amp`: a later deploy of the same builds the winner only. The result's `deploy_choice` (a DeployChoice)
+      says what was chosen and why; `verbose` prints it;
+    * backend 'compile': channels-last (if `channels_last`), 1x1 convs as channels-last matmuls, 3x3 depthwise
+      convs as shifted sums and 5x5/7x7 ones as reductions over unfolded windows (`for_inductor`), torch.compile
+      (inductor) with weight freezing and the C++ wrapper, compiled here on `example_input` (~1 min on CPU; needs a
+      C++ compiler, else falls back to 'trace' with a warning);
+    * backend 'trace': channels-last (if `channels_last`), torch.jit.trace + freeze, ready at once.
 
     On a GPU the model runs where `model` and `example_input` are, compiled with freezing only
     (`Compiled.CUDA_INDUCTOR_SETTINGS`). `amp`: run under torch.autocast (float16 on CUDA, bfloat16 on CPU), as the
     paper's GPU measurement does; outputs are then in that precision, no longer within 1e-4 of float32.
-    `cuda_graphs` (backend 'compile' on CUDA): each forward replays one CUDA graph, for small-batch latency.
+    `cuda_graphs` (compile on CUDA; with 'auto', only compile candidates are tried): each forward replays one CUDA
+    graph, for small-batch latency.
 
+    `channels_last` applies to a forced backend ('auto' times both memory formats where its candidates say so).
     The result is specialised to `example_input`'s spatial size (the window layout is fixed); other batch
-    sizes work (compile recompiles once per new size). Channels-last inputs run fastest; NCHW inputs give the
-    same outputs.
+    sizes work (compile recompiles once per new size). Channels-last inputs run fastest on channels-last paths;
+    NCHW inputs give the same outputs.
     """
     if backend not in DEPLOY_BACKENDS:
         raise ValueError(f"unknown deploy backend '{backend}'; valid: {', '.join(DEPLOY_BACKENDS)}")
-    if cuda_graphs and (backend != "compile" or example_input.device.type != "cuda"):
-        raise ValueError(f"cuda_graphs=True needs backend='compile' and a CUDA example_input, not backend "
-                         f"'{backend}' on {example_input.device.type}")
+    if cuda_graphs and (backend == "trace" or example_input.device.type != "cuda"):
+        raise ValueError(f"cuda_graphs=True needs backend='compile' (or 'auto') and a CUDA example_input, not "
+                         f"backend '{backend}' on {example_input.device.type}")
+    fused = fuse(model)
+    if backend != "auto":
+        return _build(fused, example_input, Candidate(backend, channels_last, backend == "compile"), amp,
+                      cuda_graphs)
+    chosen, built = _choose(fused, example_input, amp, cuda_graphs, cache, candidates or DEPLOY_CANDIDATES,
+                            timing_s)
+    if verbose:
+        print(chosen.describe())
+    built.deploy_choice = chosen
+    return built
+
+
+def _build(fused: nn.Module, example_input: torch.Tensor, candidate: Candidate, amp: bool, cuda_graphs: bool
+           ) -> nn.Module:
+    """`candidate`'s inference path for the fused model (a copy: the candidates of 'auto' share one fused model)."""
+    backend = candidate.backend
     if backend == "compile" and not have_cxx_compiler():
         warnings.warn("evit.deploy: no C++ compiler found for torch.compile; using backend='trace'")
         backend = "trace"
-    model = fuse(model)
-    if channels_last:
+    model = copy.deepcopy(fused)
+    if candidate.channels_last:
         model = model.to(memory_format=torch.channels_last)
         example_input = example_input.contiguous(memory_format=torch.channels_last)
     if backend == "trace":
         return torch.jit.freeze(trace(model, example_input, amp))
-    compiled = Compiled(for_inductor(model), amp=amp, cuda_graphs=cuda_graphs)
+    compiled = Compiled(for_inductor(model) if candidate.rewrites else model, amp=amp, cuda_graphs=cuda_graphs)
     compiled(example_input)  # compile now, not on the user's first call
     return compiled
+
+
+def default_cache() -> Path:
+    """Where deploy choices are kept: per user, not per project (a machine's choice serves every checkout)."""
+    return Path(os.environ.get("EVIT_CACHE") or Path.home() / ".cache" / "evit") / "deploy.json"
+
+
+def _cache_key(fused: nn.Module, example_input: torch.Tensor, amp: bool, cuda_graphs: bool,
+               names: list[str]) -> tuple[str, str]:
+    """(machine, key): what a timing depends on, the machine apart so that the cache file can say where."""
+    device = example_input.device.type
+    machine = describe_machine(device, torch.get_num_threads())
+    structure = repr(fused) + repr([(n, tuple(t.shape)) for n, t in fused.state_dict().items()])
+    parts = [machine, structure, tuple(example_input.shape), str(example_input.dtype), amp, cuda_graphs, names]
+    return machine, hashlib.sha256(repr(parts).encode()).hexdigest()[:16]
+
+
+def _choose(fused: nn.Module, example_input: torch.Tensor, amp: bool, cuda_graphs: bool, cache: Optional[Path],
+            candidates: dict[str, Candidate], timing_s: float) -> tuple[DeployChoice, nn.Module]:
+    """The fastest candidate, read from the cache or timed now, and its built path."""
+    names = [n for n, c in candidates.items()
+             if not (cuda_graphs and c.backend != "compile")
+             and not (c.backend == "compile" and not have_cxx_compiler())] or ["trace"]
+    path = Path(cache or default_cache())
+    machine, key = _cache_key(fused, example_input, amp, cuda_graphs, names)
+    table = json.loads(path.read_text()) if path.is_file() else {}
+    if key in table and table[key]["name"] in candidates:
+        entry = table[key]
+        return (DeployChoice(entry["name"], entry["ms"], True, machine),
+                _build(fused, example_input, candidates[entry["name"]], amp, cuda_graphs))
+    built = {n: _build(fused, example_input, candidates[n], amp, cuda_graphs) for n in names}
+    inputs = {n: example_input.contiguous(memory_format=torch.channels_last) if candidates[n].channels_last
+              else example_input.contiguous() for n in names}
+    ms = time_alternating({n: (lambda n=n: built[n](inputs[n])) for n in names}, timing_s,
+                          torch.cuda.synchronize if example_input.device.type == "cuda" else (lambda: None))
+    name = min(ms, key=ms.get)
+    write_json(path, {**table, key: dict(name=name, ms=ms, machine=machine)})
+    return DeployChoice(name, ms, False, machine), built[name]
+
+
+def time_alternating(calls: dict[str, Callable[[], object]], seconds: float, sync: Callable[[], None]
+                     ) -> dict[str, float]:
+    """Median ms per call of each callable, the callables called in turn (one call each per round, so that every
+    one sees the same load) for about `seconds` in all, after a warm-up call each."""
+    with torch.inference_mode():
+        for call in calls.values():
+            call()
+        sync()
+        samples: dict[str, list[float]] = {n: [] for n in calls}
+        end = time.perf_counter() + seconds
+        while time.perf_counter() < end or min(len(v) for v in samples.values()) < 5:
+            for name, call in calls.items():
+                start = time.perf_counter()
+                call()
+                sync()
+                samples[name].append(1000 * (time.perf_counter() - start))
+    return {n: statistics.median(v) for n, v in samples.items()}
 
 
 def trace(model: nn.Module, example_input: torch.Tensor, amp: bool = False) -> torch.jit.ScriptModule:
