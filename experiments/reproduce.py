@@ -1,7 +1,7 @@
 """One command for every analysis: op profiles, head similarity, Taylor pruning, MHSA proportion, the M0-M5
 family, benchmarks, figures, and a REPORT.md that sets each claim's verdict beside the committed reference's.
 
-    python -m experiments.reproduce                        # quick scale (~47 min on 2 cores) -> runs/quick/
+    python -m experiments.reproduce                        # quick scale (~29 min on 2 cores) -> runs/quick/
     python -m experiments.reproduce --force head_similarity    # redo one step (finished steps are skipped)
     python -m experiments.reproduce --scale standard       # the budgets behind results/ (about 1.5 h on 2 cores)
     python -m experiments.reproduce --scale paper --data imagefolder:/data/imagenet   # pretrained, GPU
@@ -64,7 +64,7 @@ PAPER_SCALE_MODELS = dict(deit="deit_tiny", swin="swin_tiny", evit="evit_m4")
 DEFAULT_OUT = {scale: Path("runs") / scale for scale in SCALES}
 REFERENCE = {"quick": RESULTS / "quick", "standard": RESULTS, "paper": RESULTS / "paper"}
 # What the steps run at each proxy scale. 'standard' made the committed results/ (about 1.5 h on 2 cores);
-# 'quick' runs in about 47 minutes from nothing (docs/reproduce.md): proxies on 5k images, fewer epochs, images
+# 'quick' runs in about 29 minutes from nothing (docs/reproduce.md): proxies on 5k images, fewer epochs, images
 # and variants, a subset of the benchmark's peers. Its numbers are indicative only, and its verdicts say so.
 BUDGETS = {
     "quick": dict(
@@ -549,7 +549,7 @@ class Settings(Launcher):
 
     parallel: Optional[int] = option(None, "inline: trainings side by side, one worker process each (None: one "
                                            "per core of this machine with --launcher inline, else 1)")
-    scale: str = option("quick", "quick: proxies on Fashion-MNIST with minutes of training, about 47 min on 2 cores "
+    scale: str = option("quick", "quick: proxies on Fashion-MNIST with minutes of training, about 29 min on 2 cores "
                                  "(runs/quick). standard: the proxy budgets behind results/ (about 1.5 h). paper: "
                                  "the paper's models with pretrained weights on ImageNet-format --data, on --device "
                                  "(default cuda)", choices=SCALES)
