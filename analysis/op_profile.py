@@ -434,8 +434,9 @@ def profile_model(model: nn.Module | str, batch: int = 16, img_size: Optional[in
     """Profile a model (or a model name, built with random weights) in eval mode on a random batch.
 
     fused: evit deploy mode (BN folded, channels-last, traced and frozen), for models with `fuse()`.
-    peaks: (GFLOP/s, GB/s) of the device; when not given, `roofline_peaks` with the machine's cache. example: the input (default: a random
-    `batch` x 3 x img_size x img_size image batch, img_size from the model's default config).
+    peaks: (GFLOP/s, GB/s) of the device; when not given, `roofline_peaks` with the machine's cache. example: the
+    input (default: a random `batch` x 3 x img_size x img_size image batch, img_size from the model's default
+    config).
     fused_attn: keep timm's fused attention (scaled_dot_product_attention). Off by default: q @ k^T, softmax
     and attn @ v then run as separate ops, as in the implementations the paper profiled.
     """
@@ -464,7 +465,10 @@ def profile_model(model: nn.Module | str, batch: int = 16, img_size: Optional[in
             run()
     work = count_work(run)
     times, calls = profile_times(run, iters, device, work.keys(), trace)
-    gflops, gbs = peaks or (lambda r: (r.gflops, r.gbs))(roofline_peaks(device, default_roofline_cache()))
+    if peaks is None:
+        roofline = roofline_peaks(device, default_roofline_cache())
+        peaks = (roofline.gflops, roofline.gbs)
+    gflops, gbs = peaks
     ridge = gflops / gbs  # FLOP per byte where the roofline turns from memory- to compute-bound
     signatures = signature_table(work, times, calls, ridge)
     ops = op_table(signatures, ridge)

@@ -337,7 +337,8 @@ def _render_taylor_prune(out: Path, blocks: pd.DataFrame) -> str:
 
 
 def _render_mhsa_ratio(out: Path, summary: pd.DataFrame) -> str:
-    return ("## MHSA proportion (Fig. 3)\n\n" + markdown_table(summary) + _claims_text(mhsa_ratio.claims(summary), step_load(out, "mhsa_ratio"))
+    return ("## MHSA proportion (Fig. 3)\n\n" + markdown_table(summary)
+            + _claims_text(mhsa_ratio.claims(summary), step_load(out, "mhsa_ratio"))
             + "\n![mhsa_ratio](mhsa_ratio/mhsa_ratio.png)\n")
 
 
@@ -361,7 +362,8 @@ def _render_prune_study(out: Path, summary: pd.DataFrame) -> str:
             "others bisected to it, each probe timed against it); every model fine-tuned with the same budget per "
             "seed. MACs are counted alike for every model (attention matmuls included); latencies are timed on this "
             "run's device against the unpruned model in both call orders, and against the point's anchor "
-            "(`*_vs_anchor`).\n\n" + markdown_table(summary[cols], ".3f") + _claims_text(prune_study.claims(summary), step_load(out, "prune_study"))
+            "(`*_vs_anchor`).\n\n" + markdown_table(summary[cols], ".3f")
+            + _claims_text(prune_study.claims(summary), step_load(out, "prune_study"))
             + "\n![prune_study](prune_study/prune_study.png)\n")
 
 
@@ -385,7 +387,8 @@ def _render_allocation(out: Path, derived: pd.DataFrame) -> str:
             f"(analysis.taylor_prune.allocate, scaled until {_allocation_match(out)}; attention in the "
             "MHSA-proportion study's best share of the blocks), trained with the family's budget for "
             f"{family.seeds_text(derived)} and timed the same way.\n\n" + markdown_table(derived[cols], ".2f")
-            + _claims_text(family.allocation_claims(derived), step_load(out, "family")) + "\n![allocation](family/allocation.png)\n")
+            + _claims_text(family.allocation_claims(derived), step_load(out, "family"))
+            + "\n![allocation](family/allocation.png)\n")
 
 
 def _allocation_match(out: Path) -> str:

@@ -58,7 +58,8 @@ def test_cli_writes_csv_with_documented_columns(tmp_path):
     (["--models", "evit_m0", "--backends", "tensorrt"], "unknown backend(s) tensorrt"),
     (["--levers", "--device", "cuda"], "--levers measures the CPU inference path"),
     (["--fast-path", "--cuda-graphs"], "--cuda-graphs adds a --fast-path variant on the GPU"),
-    (["--fast-path", "--deploy-backends", "onnx"], "--deploy-backends must name at least one of auto, compile, trace; got onnx"),
+    (["--fast-path", "--deploy-backends", "onnx"],
+     "--deploy-backends must name at least one of auto, compile, trace; got onnx"),
 ])
 def test_cli_errors_are_one_clear_line(argv, message, tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:

@@ -305,7 +305,10 @@ def _choose(fused: nn.Module, example_input: torch.Tensor, amp: bool, cuda_graph
     """The fastest candidate, read from the cache or timed now, and its built path."""
     names = [n for n, c in candidates.items()
              if not (cuda_graphs and c.backend != "compile")
-             and not (c.backend == "compile" and not have_cxx_compiler())] or ["trace"]
+             and not (c.backend == "compile" and not have_cxx_compiler())]
+    if not names:
+        raise ValueError(f"no deploy candidate of {', '.join(candidates)} runs here (compile needs a C++ compiler; "
+                         f"cuda_graphs needs a compile candidate)")
     path = Path(cache or default_cache())
     machine, key = _cache_key(fused, example_input, amp, cuda_graphs, names)
     table = json.loads(path.read_text()) if path.is_file() else {}
