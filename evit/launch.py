@@ -29,7 +29,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from evit.builder.io import write_json
-from evit.cache_keys import key_of
+from evit.builder.cache_keys import key_of
 from evit.cli import UserError, option
 from evit.train import (FINAL, TrainConfig, check_inputs, fit, init_distributed, load_data, recipe as train_recipe,
                         resolve_img_size, seed_everything, train)

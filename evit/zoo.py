@@ -35,7 +35,7 @@ import torch
 import torch.nn as nn
 
 from evit.builder.io import CheckpointError, read_checkpoint
-from evit.cache_keys import key_of
+from evit.builder.cache_keys import key_of
 from evit.cli import UserError, run_cli
 from evit.distillation import is_teacher_file
 from evit.models import PROXY_MODELS, PROXY_NUM_CLASSES, create_model

@@ -56,7 +56,7 @@ from analysis.taylor_prune.prune import LATENCY_TOLERANCE
 from evit.builder.io import save_figure, torch_save, write_csv, write_json
 from experiments import peer_pruning
 from evit import launch
-from evit.cache_keys import key_of, tensors_key
+from evit.builder.cache_keys import key_of, tensors_key
 from evit.claims import CONFIRMED, INCONCLUSIVE, REFUTED, Claim
 from evit.cli import UserError, option, parse_settings, run_cli
 from evit.data import ServedBatches, build_datasets, load_batches, subset

@@ -32,7 +32,7 @@ from analysis.taylor_prune.builders import prepare
 from analysis.taylor_prune.groups import Group, prune_channels
 from analysis.taylor_prune.importance import Batches
 from evit.builder.io import write_json
-from evit.cache_keys import key_of
+from evit.builder.cache_keys import key_of
 from evit.timing import Timing, describe_machine, synchronizer, time_interleaved
 
 

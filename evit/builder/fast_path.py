@@ -15,7 +15,6 @@ timing them where they run is what makes the default never slower than the best 
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import os
 import shutil
@@ -30,6 +29,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .cache_keys import key_of
 from .efficientvit import fuse
 from .io import write_json
 from .machine import describe_machine
@@ -293,11 +293,10 @@ def default_cache() -> Path:
 def _cache_key(fused: nn.Module, example_input: torch.Tensor, amp: bool, cuda_graphs: bool,
                names: list[str]) -> tuple[str, str]:
     """(machine, key): what a timing depends on, the machine apart so that the cache file can say where."""
-    device = example_input.device.type
-    machine = describe_machine(device, torch.get_num_threads())
+    machine = describe_machine(example_input.device.type, torch.get_num_threads())
     structure = repr(fused) + repr([(n, tuple(t.shape)) for n, t in fused.state_dict().items()])
-    parts = [machine, structure, tuple(example_input.shape), str(example_input.dtype), amp, cuda_graphs, names]
-    return machine, hashlib.sha256(repr(parts).encode()).hexdigest()[:16]
+    return machine, key_of([machine, structure, tuple(example_input.shape), str(example_input.dtype), amp,
+                            cuda_graphs, names])
 
 
 def _choose(fused: nn.Module, example_input: torch.Tensor, amp: bool, cuda_graphs: bool, cache: Optional[Path],

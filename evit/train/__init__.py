@@ -37,7 +37,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 from tqdm import tqdm
 
 from evit.builder.io import CheckpointError, read_checkpoint, torch_save, write_csv, write_json
-from evit.cache_keys import file_key
+from evit.builder.cache_keys import file_key
 from evit.cli import UserError, option
 from evit.data import DataError, Datasets, build_datasets, check_data, check_fits, default_img_size, subset
 from evit.distillation import (DISTILLATION_SETTINGS, DISTILLATION_TYPES, TEACHER_HELP, TEACHER_WEIGHTS_HELP,

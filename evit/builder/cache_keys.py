@@ -1,6 +1,7 @@
 """Cache keys: one short hash of what determines a cached result, so that the same inputs find it again and any
 other input misses it. One formula for every cache of the project: trained proxies (`zoo`), training runs
-(`launch`), prunings (`prune_study`) and latency tables (`analysis.taylor_prune.latency`)."""
+(`launch`), prunings (`prune_study`), latency tables (`analysis.taylor_prune.latency`) and deploy choices
+(`fast_path`); in the builder because the deploy path, which may import nothing of the rest, keys its cache too."""
 from __future__ import annotations
 
 import hashlib
