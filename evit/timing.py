@@ -6,14 +6,13 @@ from __future__ import annotations
 import os
 import resource
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-import pandas as pd
 import torch
 
-from evit.builder.machine import describe_machine  # noqa: F401  (re-exported: the timing helpers' key)
+# In the builder, whose deploy path times its candidates; re-exported here, where the analyses look for them.
+from evit.builder.machine import Timing, describe_machine, synchronizer, time_interleaved  # noqa: F401
 
 
 BUSY_CORES = 0.3  # other processes using more than this many cores' worth of CPU time: a machine under load
@@ -44,53 +43,6 @@ def describe_load(cores: float | None) -> str:
     if cores is None or cores <= BUSY_CORES:
         return ""
     return f"measured under load: other processes used {cores:.1f} of {os.cpu_count()} cores as it started"
-
-
-def synchronizer(device: str) -> Callable[[], None]:
-    """What to call before reading a clock so that the device's queued work is counted."""
-    return torch.cuda.synchronize if device == "cuda" else (lambda: None)
-
-
-@dataclass
-class Timing:
-    throughput: float  # images / s, median over repeats
-    throughput_min: float
-    throughput_max: float
-    latency_ms: float  # median time of one iteration
-    window_ms: list[float] = field(default_factory=list)  # ms per iteration of each window, in the order run
-
-
-def time_interleaved(fns: dict[str, Callable[[], object]], batch: int, warmup_s: float, seconds: float,
-                     repeats: int, sync: Callable[[], None]) -> dict[str, Timing]:
-    """Warm each callable up, then `repeats` rounds in which each runs one window of about `seconds`;
-    throughput per window = batch * iterations / time. Interleaving makes ratios fair on a shared machine."""
-    for fn in fns.values():
-        end = time.perf_counter() + warmup_s
-        while True:
-            fn()
-            if time.perf_counter() >= end:
-                break
-    sync()
-    rates: dict[str, list[float]] = {k: [] for k in fns}
-    latencies: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(repeats):
-        for key, fn in fns.items():
-            iters, start = 0, time.perf_counter()
-            while True:
-                fn()
-                iters += 1
-                sync()
-                elapsed = time.perf_counter() - start
-                if elapsed >= seconds:
-                    break
-            rates[key].append(batch * iters / elapsed)
-            latencies[key].append(1000 * elapsed / iters)
-    out = {}
-    for key in fns:
-        r = pd.Series(rates[key])
-        out[key] = Timing(float(r.median()), float(r.min()), float(r.max()), float(pd.Series(latencies[key]).median()),
-                          latencies[key])
-    return out
 
 
 def time_callable(fn: Callable[[], object], batch: int, warmup_s: float, seconds: float, repeats: int,

@@ -18,12 +18,10 @@ import copy
 import json
 import os
 import shutil
-import statistics
-import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
 import torch.nn as nn
@@ -32,7 +30,7 @@ import torch.nn.functional as F
 from .cache_keys import key_of
 from .efficientvit import fuse
 from .io import write_json
-from .machine import describe_machine
+from .machine import describe_machine, synchronizer, time_interleaved
 
 __all__ = ["DEPLOY_BACKENDS", "DEPLOY_CANDIDATES", "Compiled", "DeployChoice", "DepthwiseTaps", "DepthwiseUnfold",
            "PointwiseLinear", "deploy", "for_inductor", "trace"]
@@ -228,7 +226,8 @@ def deploy(model: nn.Module, example_input: torch.Tensor, channels_last: bool = 
 
     * backend 'auto' (default): the fastest of `candidates` (default DEPLOY_CANDIDATES: compile and trace, with and
       without the conv rewrites or channels-last), each built on `example_input` and timed on it here, calls of
-      every candidate interleaved for about `timing_s` seconds in all, the median call compared. The choice and the
+      every candidate interleaved for about `timing_s` seconds in all (`time_interleaved`, windows of one call), the
+      median call compared. The choice and the
       timings are kept in `cache` (a JSON file; default $EVIT_CACHE/deploy.json, else ~/.cache/evit/deploy.json)
       under the machine (CPU or GPU model, threads, torch), the fused model's structure, the input's shape and
       `amp`: a later deploy of the same builds the winner only. The result's `deploy_choice` (a DeployChoice)
@@ -318,30 +317,17 @@ def _choose(fused: nn.Module, example_input: torch.Tensor, amp: bool, cuda_graph
     built = {n: _build(fused, example_input, candidates[n], amp, cuda_graphs) for n in names}
     inputs = {n: example_input.contiguous(memory_format=torch.channels_last) if candidates[n].channels_last
               else example_input.contiguous() for n in names}
-    ms = time_alternating({n: (lambda n=n: built[n](inputs[n])) for n in names}, timing_s,
-                          torch.cuda.synchronize if example_input.device.type == "cuda" else (lambda: None))
+    calls = {n: (lambda n=n: built[n](inputs[n])) for n in names}
+    sync = synchronizer(example_input.device.type)
+    with torch.inference_mode():
+        # Windows of one call each, every candidate in turn (so that each sees the same load), rounds enough to
+        # fill about `timing_s` after one round to see how long a round takes (its first calls warm up).
+        round_ms = sum(t.latency_ms for t in time_interleaved(calls, 1, 0.0, 0.0, 1, sync).values())
+        rounds = max(5, round(1000 * timing_s / max(round_ms, 1e-3)))
+        ms = {n: t.latency_ms for n, t in time_interleaved(calls, 1, 0.0, 0.0, rounds, sync).items()}
     name = min(ms, key=ms.get)
     write_json(path, {**table, key: dict(name=name, ms=ms, machine=machine)})
     return DeployChoice(name, ms, False, machine), built[name]
-
-
-def time_alternating(calls: dict[str, Callable[[], object]], seconds: float, sync: Callable[[], None]
-                     ) -> dict[str, float]:
-    """Median ms per call of each callable, the callables called in turn (one call each per round, so that every
-    one sees the same load) for about `seconds` in all, after a warm-up call each."""
-    with torch.inference_mode():
-        for call in calls.values():
-            call()
-        sync()
-        samples: dict[str, list[float]] = {n: [] for n in calls}
-        end = time.perf_counter() + seconds
-        while time.perf_counter() < end or min(len(v) for v in samples.values()) < 5:
-            for name, call in calls.items():
-                start = time.perf_counter()
-                call()
-                sync()
-                samples[name].append(1000 * (time.perf_counter() - start))
-    return {n: statistics.median(v) for n, v in samples.items()}
 
 
 def trace(model: nn.Module, example_input: torch.Tensor, amp: bool = False) -> torch.jit.ScriptModule:
