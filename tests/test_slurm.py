@@ -86,7 +86,8 @@ def test_mhsa_ratio_on_slurm_gives_the_inline_accuracies(tmp_path, monkeypatch):
 def test_a_job_requeued_mid_training_resumes_from_its_last_checkpoint(tmp_path):
     """`scontrol requeue` once the first epoch's last.pth is written (the planted point): the job runs again,
     resumes there, and ends with the metrics of a run never interrupted."""
-    cfg = dataclasses.replace(TINY, epochs=8, img_size=32, model_kwargs=dict(TINY.model_kwargs, embed_dim=64, depth=2))
+    # Epochs enough that the requeue (signal, KillWait) lands before the last one: with 8 the job once finished first
+    cfg = dataclasses.replace(TINY, epochs=16, img_size=32, model_kwargs=dict(TINY.model_kwargs, embed_dim=64, depth=2))
     folder = run_dir(tmp_path / "slurm", cfg)
     outcome = []
     launching = threading.Thread(target=lambda: outcome.extend(run_trainings([cfg], tmp_path / "slurm", SLURM)))
